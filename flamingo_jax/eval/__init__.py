@@ -1,0 +1,1 @@
+"""Few-shot evaluation: prompts, RICES, decoding, close-ended scoring and metrics."""

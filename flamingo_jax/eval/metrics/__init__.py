@@ -1,0 +1,1 @@
+"""Evaluation metrics (VQA accuracy, CIDEr-D) in pure Python/numpy."""

@@ -1,0 +1,183 @@
+"""Flamingo assembly: NFNet -> Perceiver Resampler -> decoder LM with gated cross-attention.
+
+Shapes: B batch, N media items per sequence, F frames, H, W pixels, T tokens, R latents, Dr resampler width,
+Dv vision width, V+E vocabulary (original + extra tokens).
+
+`make_model(model_config)` returns pure functions over one params tree (top-level modules `vision_encoder`,
+`perceiver_resampler`, `lm`):
+
+    init(rng, images [B,N,F,H,W,3], tokens [B,T]) -> params
+    forward(params, rng, images, tokens, media_index, token_mask, is_training) -> logits [B,T,V+E]
+    encode_media(params, rng, images [B,N,F,H,W,3]) -> visual [B,N,R,Dr]
+    lm_forward(params, rng, tokens, visual, media_index, token_mask, cache, lm_only) -> (logits, cache)
+    vision_features(params, rng, images [B,H,W,3]) -> pooled [B,Dv]   (RICES, contrastive checks)
+
+The size table `SIZES` gives the paper's 3B/9B/80B (Table 4 / App. B.1.1), the real SmolLM2-135M LM shape
+used on these machines, and a `tiny` size for tests.
+"""
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from flamingo_jax.models import gated_xattn
+from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import nfnet
+from flamingo_jax.models import perceiver_resampler as resampler_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _paper_lm(num_layers: int, dim: int, num_heads: int) -> dict:
+  """The paper's frozen Chinchilla-family LM shape (GELU MLP, LayerNorm, 32k vocab, untied).
+
+  Chinchilla spends 13*D^2 parameters per layer: 4*D^2 attention, 8*D^2 MLP and D^2 for the
+  Transformer-XL relative-position projection. This implementation uses parameter-free RoPE instead, so
+  the MLP is made 4.5*D wide to keep each layer at 13*D^2 and the LM at the paper's size.
+  """
+  return dict(vocab_size=32000, dim=dim, num_layers=num_layers, num_heads=num_heads,
+              num_kv_heads=num_heads, head_dim=dim // num_heads, ffw_hidden=int(4.5 * dim),
+              mlp="gelu", norm="layer", norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False,
+              max_seq_len=2048)
+
+
+_PAPER_RESAMPLER = dict(dim=1536, depth=6, num_latents=64, num_heads=16, head_dim=128, ffw_mult=4,
+                        max_frames=8)
+
+SIZES = {
+    # Unit tests: every shape small; 5 layers with xattn every 2 exercises the tail group.
+    "tiny": dict(
+        vision_variant="test", image_size=32,
+        lm=dict(vocab_size=64, dim=32, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=8,
+                ffw_hidden=64, mlp="swiglu", norm="rms", norm_eps=1e-5, rope_theta=10000.0,
+                tie_embeddings=True, max_seq_len=256),
+        xattn=dict(every=2, num_heads=2, head_dim=16, ffw_mult=4),
+        resampler=dict(dim=24, depth=2, num_latents=4, num_heads=2, head_dim=12, ffw_mult=4,
+                       max_frames=4)),
+    # SmolLM2-135M(-Instruct): the real frozen LM here. xattn before layers 0, 4, ..., 28 (8 blocks).
+    "smollm2": dict(
+        vision_variant="F0", image_size=64,
+        lm=dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                ffw_hidden=1536, mlp="swiglu", norm="rms", norm_eps=1e-5, rope_theta=100000.0,
+                tie_embeddings=True, max_seq_len=8192),
+        xattn=dict(every=4, num_heads=8, head_dim=64, ffw_mult=4),
+        resampler=dict(dim=576, depth=6, num_latents=64, num_heads=8, head_dim=64, ffw_mult=4,
+                       max_frames=8)),
+    # Paper sizes: xattn every 1 / 4 / 7 layers; NFNet-F6 at 320 px; resampler 6 x 64 latents.
+    "3b": dict(vision_variant="F6", image_size=320, lm=_paper_lm(24, 2048, 16),
+               xattn=dict(every=1, num_heads=16, head_dim=128, ffw_mult=4),
+               resampler=_PAPER_RESAMPLER),
+    "9b": dict(vision_variant="F6", image_size=320, lm=_paper_lm(32, 4096, 32),
+               xattn=dict(every=4, num_heads=32, head_dim=128, ffw_mult=4),
+               resampler=_PAPER_RESAMPLER),
+    "80b": dict(vision_variant="F6", image_size=320, lm=_paper_lm(80, 8192, 64),
+                xattn=dict(every=7, num_heads=64, head_dim=128, ffw_mult=4),
+                resampler=_PAPER_RESAMPLER),
+}
+
+
+def model_config(size: str) -> ml_collections.ConfigDict:
+  """The model section of a config for one of `SIZES`."""
+  if size not in SIZES:
+    raise ValueError(f"Unknown model size {size!r}; expected one of {sorted(SIZES)}.")
+  s = SIZES[size]
+  return ml_collections.ConfigDict(dict(
+      size=size, vision_variant=s["vision_variant"], image_size=s["image_size"],
+      lm=dict(s["lm"], num_extra_tokens=2), xattn=dict(s["xattn"]), resampler=dict(s["resampler"]),
+      dtype="float32",        # compute dtype of matmuls ('bfloat16' on accelerators)
+      remat="none",           # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
+      freeze_vision=True,     # stop gradients at the vision encoder's output
+  ))
+
+
+@dataclasses.dataclass(frozen=True)
+class Configs:
+  lm: lm_lib.LMConfig
+  xattn: gated_xattn.XAttnConfig
+  resampler: resampler_lib.ResamplerConfig
+  vision_variant: str
+  dtype: Any
+  remat: str
+  freeze_vision: bool
+
+
+def parse_configs(cfg) -> Configs:
+  """Typed, hashable configs from a model ConfigDict (unknown keys raise)."""
+  res = resampler_lib.ResamplerConfig(**dict(cfg.resampler))
+  xattn = gated_xattn.XAttnConfig(media_dim=res.dim, **dict(cfg.xattn))
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
+  return Configs(lm=lm_lib.LMConfig.from_dict(cfg.lm), xattn=xattn, resampler=res,
+                 vision_variant=cfg.vision_variant, dtype=DTYPES[cfg.dtype], remat=cfg.remat,
+                 freeze_vision=cfg.freeze_vision)
+
+
+class _Flamingo:
+  """Holds the three Haiku modules; only used inside a transform."""
+
+  def __init__(self, c: Configs):
+    self.c = c
+    self.vision = nfnet.NFNet(c.vision_variant, dtype=c.dtype, name="vision_encoder")
+    self.resampler = resampler_lib.PerceiverResampler(c.resampler, dtype=c.dtype,
+                                                      name="perceiver_resampler")
+    self.lm = lm_lib.DecoderLM(c.lm, c.xattn, dtype=c.dtype, remat=c.remat, name="lm")
+
+  def vision_features(self, images):
+    """images [B, H, W, 3] -> pooled [B, Dv] (frozen encoder, eval mode)."""
+    return self.vision(images, is_training=False)["pooled"].astype(jnp.float32)
+
+  def encode_media(self, images):
+    """images [B, N, F, H, W, 3] in [0, 1] -> visual tokens [B, N, R, Dr]."""
+    b, n, f, h, w, ch = images.shape
+    grid = self.vision(images.reshape(b * n * f, h, w, ch), is_training=False)["grid"]
+    if self.c.freeze_vision:
+      grid = jax.lax.stop_gradient(grid)
+    _, gh, gw, dv = grid.shape
+    return self.resampler(grid.reshape(b, n, f, gh * gw, dv))
+
+  def forward(self, images, tokens, media_index, token_mask=None, is_training=False):
+    del is_training  # no dropout in Flamingo's trained parts; kept for a uniform signature
+    visual = self.encode_media(images)
+    logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask)
+    return logits
+
+  def lm_forward(self, tokens, visual=None, media_index=None, token_mask=None, cache=None,
+                 lm_only=False):
+    return self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask,
+                   cache=cache, lm_only=lm_only)
+
+
+class FlamingoModel(NamedTuple):
+  """Pure functions over one params tree (see the module docstring)."""
+  configs: Configs
+  init: Callable
+  forward: Callable
+  encode_media: Callable
+  lm_forward: Callable
+  vision_features: Callable
+
+  def init_cache(self, batch: int, max_len: int, num_media: int, dtype=jnp.float32) -> dict:
+    c = self.configs
+    return lm_lib.init_cache(c.lm, c.xattn, batch, max_len, num_media, c.resampler.num_latents, dtype)
+
+
+def make_model(model_cfg) -> FlamingoModel:
+  """Builds the transformed Flamingo functions from a model ConfigDict (see `model_config`)."""
+  c = parse_configs(model_cfg)
+
+  def template():
+    model = _Flamingo(c)
+
+    def init(images, tokens):
+      media_index = jnp.zeros(tokens.shape, jnp.int32)
+      return model.forward(images, tokens, media_index)
+
+    return init, (model.forward, model.encode_media, model.lm_forward, model.vision_features)
+
+  transformed = hk.multi_transform(template)
+  forward, encode_media, lm_forward, vision_features = transformed.apply
+  return FlamingoModel(configs=c, init=transformed.init, forward=forward, encode_media=encode_media,
+                       lm_forward=lm_forward, vision_features=vision_features)

@@ -1,0 +1,93 @@
+"""GATED XATTN-DENSE blocks (paper §2.2, Fig. 4), stacked on a leading block axis.
+
+    y = y + tanh(attn_gate) * XAttn(LN(y), media)     # a token sees only its phi media item
+    y = y + tanh(ffw_gate)  * FFW(LN(y))              # squared-ReLU MLP, 4x wide
+
+Both gates start at 0, so at initialisation the block is the identity and Flamingo is exactly its LM.
+
+Shapes: X blocks, B batch, T tokens, N media per sequence, R visual tokens per media item, M = N*R,
+D LM width, Dr media width, H heads, dh head dim.
+"""
+import dataclasses
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class XAttnConfig:
+  every: int = 4          # one block before every `every`-th LM layer, starting at layer 0
+  num_heads: int = 8
+  head_dim: int = 64
+  ffw_mult: int = 4
+  media_dim: int = 576    # Dr, the resampler's output width
+
+
+class GatedXAttnParams(hk.Module):
+  """Creates the stacked parameters of `num_blocks` blocks; returns them as a dict of arrays."""
+
+  def __init__(self, cfg: XAttnConfig, dim: int, num_blocks: int, name: str = "gated_xattn"):
+    super().__init__(name=name)
+    self.cfg, self.dim, self.num_blocks = cfg, dim, num_blocks
+
+  def __call__(self) -> dict:
+    c, d, x = self.cfg, self.dim, self.num_blocks
+    inner, hidden = c.num_heads * c.head_dim, c.ffw_mult * d
+    init = layers.truncated_normal_init
+    get = hk.get_parameter
+    return {
+        "attn_gate": get("attn_gate", [x], init=jnp.zeros),
+        "ffw_gate": get("ffw_gate", [x], init=jnp.zeros),
+        "attn_norm_scale": get("attn_norm_scale", [x, d], init=jnp.ones),
+        "attn_norm_bias": get("attn_norm_bias", [x, d], init=jnp.zeros),
+        "q": get("q", [x, d, inner], init=init(d)),
+        "k": get("k", [x, c.media_dim, inner], init=init(c.media_dim)),
+        "v": get("v", [x, c.media_dim, inner], init=init(c.media_dim)),
+        "o": get("o", [x, inner, d], init=init(inner)),
+        "ffw_norm_scale": get("ffw_norm_scale", [x, d], init=jnp.ones),
+        "ffw_norm_bias": get("ffw_norm_bias", [x, d], init=jnp.zeros),
+        "ffw_in": get("ffw_in", [x, d, hidden], init=init(d)),
+        "ffw_out": get("ffw_out", [x, hidden, d], init=init(hidden)),
+    }
+
+
+def media_kv(p: dict, visual: jax.Array, cfg: XAttnConfig, dtype):
+  """Keys and values of the media tokens for every block at once.
+
+  p: stacked params [X, ...]; visual: [B, N, R, Dr]. Returns k, v: [X, B, N*R, H, dh] (fp32).
+  Computed once per media set; reused for every decoding step.
+  """
+  b, n, r, dr = visual.shape
+  flat = visual.reshape(b, n * r, dr).astype(dtype)
+  def project(w):
+    out = jnp.einsum("bmi,xio->xbmo", flat, w.astype(dtype), preferred_element_type=jnp.float32)
+    return out.reshape(w.shape[0], b, n * r, cfg.num_heads, cfg.head_dim)
+  return project(p["k"]), project(p["v"])
+
+
+def media_owner(num_media: int, tokens_per_media: int) -> jax.Array:
+  """int32 [N*R]: the media item each flattened visual token belongs to."""
+  return jnp.repeat(jnp.arange(num_media, dtype=jnp.int32), tokens_per_media)
+
+
+def xattn_mask(media_index: jax.Array, owner: jax.Array) -> jax.Array:
+  """[B, T, N*R] bool: token t may see media token m iff m belongs to media item phi(t) (phi >= 0).
+
+  media_index: int [B, T]; owner: int [N*R] from `media_owner`."""
+  return (media_index[:, :, None] == owner[None, None, :]) & (media_index[:, :, None] >= 0)
+
+
+def gated_xattn_block(p: dict, y: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      cfg: XAttnConfig, dtype) -> jax.Array:
+  """One block. p: this block's params (no X axis); y: [B, T, D] fp32; k, v: [B, N*R, H, dh];
+  mask: [B, T, N*R]. Returns [B, T, D] fp32."""
+  b, t, _ = y.shape
+  h = layers.layer_norm(y, p["attn_norm_scale"], p["attn_norm_bias"])
+  q = layers.matmul(h, p["q"], dtype).reshape(b, t, cfg.num_heads, cfg.head_dim)
+  attn = layers.attention(q, k, v, mask, dtype).reshape(b, t, -1)
+  y = y + jnp.tanh(p["attn_gate"]) * layers.matmul(attn, p["o"], dtype)
+  h = layers.layer_norm(y, p["ffw_norm_scale"], p["ffw_norm_bias"])
+  return y + jnp.tanh(p["ffw_gate"]) * layers.squared_relu_mlp(h, p["ffw_in"], p["ffw_out"], dtype)

@@ -1,0 +1,119 @@
+"""Pure building blocks shared by the language model, cross-attention and resampler.
+
+Shapes: B batch, T query length, S key length, H heads (Hq query heads, Hkv key/value heads), dh head dim,
+D model width, F hidden width.
+
+Numerics: every matmul takes its inputs in the compute dtype (bf16 or fp32) and accumulates in fp32
+(`preferred_element_type`), which is also the fast path of XLA on CPUs with AMX. Norms, softmax and the
+residual stream stay in fp32.
+"""
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def matmul(x: Array, w: Array, dtype) -> Array:
+  """`x @ w` over the last axis of x, inputs cast to `dtype`, fp32 result."""
+  return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+  """RMSNorm in fp32. x: [..., D], scale: [D]."""
+  x = x.astype(jnp.float32)
+  var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float = 1e-5) -> Array:
+  """LayerNorm in fp32. x: [..., D], scale, bias: [D]."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def rope_angles(positions: Array, head_dim: int, theta: float):
+  """cos, sin tables [B, T, dh/2] for integer positions [B, T]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """Rotary embedding in the Hugging Face "rotate half" layout.
+
+  Feature i is paired with feature i + dh/2 of the same head (llama.cpp pairs 2i with 2i+1; the GGUF importer
+  permutes q/k back to this layout). x: [B, T, H, dh]; cos, sin: [B, T, dh/2]. Returns fp32.
+  """
+  x = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+  """Multi-head attention with grouped K/V heads and exact zeros for fully masked rows.
+
+  q: [B, T, Hq, dh]; k: [B, S, Hkv, dh]; v: [B, S, Hkv, dv]; mask: [B, T, S] bool (True = may attend).
+  Hq must be a multiple of Hkv. Softmax in fp32. A query row with no allowed key returns exactly 0 (a
+  softmax over an all-masked row would otherwise average all values).
+  Returns [B, T, Hq, dv] in fp32.
+  """
+  b, t, hq, dh = q.shape
+  hkv = k.shape[2]
+  groups = hq // hkv
+  q = q.reshape(b, t, hkv, groups, dh).astype(dtype)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  logits = logits * (dh ** -0.5)
+  allowed = mask[:, None, None, :, :]
+  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  any_allowed = jnp.any(mask, axis=-1)[:, None, None, :, None]
+  probs = jnp.where(any_allowed & allowed, probs, 0.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype),
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, hq, v.shape[-1])
+
+
+def swiglu_mlp(x: Array, gate: Array, up: Array, down: Array, dtype) -> Array:
+  """SiLU-gated MLP (Llama). x: [..., D]; gate, up: [D, F]; down: [F, D]."""
+  h = jax.nn.silu(matmul(x, gate, dtype)) * matmul(x, up, dtype)
+  return matmul(h, down, dtype)
+
+
+def gelu_mlp(x: Array, up: Array, down: Array, dtype) -> Array:
+  """GELU MLP (the paper's Chinchilla-family LM). x: [..., D]; up: [D, F]; down: [F, D]."""
+  return matmul(jax.nn.gelu(matmul(x, up, dtype)), down, dtype)
+
+
+def squared_relu_mlp(x: Array, w_in: Array, w_out: Array, dtype) -> Array:
+  """Squared-ReLU MLP (resampler and GATED XATTN-DENSE). x: [..., D]; w_in: [D, F]; w_out: [F, D]."""
+  return matmul(jnp.square(jax.nn.relu(matmul(x, w_in, dtype))), w_out, dtype)
+
+
+def causal_mask(token_mask: Array) -> Array:
+  """[B, T, T] mask: query t sees keys s <= t that are valid tokens. token_mask: [B, T] bool."""
+  t = token_mask.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  return causal[None] & token_mask[:, None, :]
+
+
+def positions_from_mask(token_mask: Array, offset: Optional[Array] = None) -> Array:
+  """Positions [B, T] counting valid tokens only (left padding gets position 0), plus an offset [B]."""
+  pos = jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1
+  pos = jnp.maximum(pos, 0)
+  if offset is not None:
+    pos = pos + offset[:, None]
+  return pos
+
+
+def truncated_normal_init(fan_in: int, scale: float = 1.0):
+  """Initialiser with std = scale / sqrt(fan_in); works for stacked shapes (fan_in given explicitly)."""
+  # 0.8796 is the std of a standard normal truncated at 2 sigma.
+  return hk.initializers.TruncatedNormal(stddev=scale / (fan_in ** 0.5) / 0.87962566)

@@ -1,0 +1,107 @@
+"""Perceiver Resampler (paper §2.1, Fig. 3): a variable number of visual features -> R latent tokens.
+
+Shapes: B batch, N media items, F frames, Lv visual tokens per frame, Dv vision width, Dr resampler width,
+R latents, K = F*Lv + R keys.
+
+    x = input_proj(features) + temporal_embed[f]     # [B, N, F*Lv, Dr]
+    latents = learned [R, Dr]
+    for each layer:  latents += Attn(q=latents, kv=concat(x, latents));  latents += FFW(latents)
+
+Only temporal position embeddings are learned (no spatial ones); when more frames than trained are given,
+they are linearly interpolated over time. Images are 1-frame videos.
+"""
+import dataclasses
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class ResamplerConfig:
+  dim: int = 576             # Dr
+  depth: int = 6
+  num_latents: int = 64      # R
+  num_heads: int = 8
+  head_dim: int = 64
+  ffw_mult: int = 4
+  max_frames: int = 8        # temporal embeddings learned (frames used in training)
+
+
+def interpolate_time(table: jax.Array, num_frames: int) -> jax.Array:
+  """Temporal embeddings for `num_frames` frames from a learned [Fmax, Dr] table.
+
+  Fewer frames take the first rows (an image is frame 0); more frames are linearly interpolated, with the
+  first and last rows kept at the ends.
+  """
+  fmax = table.shape[0]
+  if num_frames <= fmax:
+    return table[:num_frames]
+  where = jnp.linspace(0.0, fmax - 1.0, num_frames)
+  lo = jnp.floor(where).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, fmax - 1)
+  frac = (where - lo)[:, None]
+  return table[lo] * (1.0 - frac) + table[hi] * frac
+
+
+class PerceiverResampler(hk.Module):
+  """[B, N, F, Lv, Dv] visual features -> [B, N, R, Dr] media tokens."""
+
+  def __init__(self, cfg: ResamplerConfig, dtype=jnp.float32, name: str = "perceiver_resampler"):
+    super().__init__(name=name)
+    self.cfg, self.dtype = cfg, dtype
+
+  def __call__(self, features: jax.Array) -> jax.Array:
+    c, dtype = self.cfg, self.dtype
+    b, n, f, lv, dv = features.shape
+    x = features.astype(jnp.float32)
+    if dv != c.dim:
+      w_in = hk.get_parameter("input_proj", [dv, c.dim], init=layers.truncated_normal_init(dv))
+      x = layers.matmul(x, w_in, dtype)
+    temporal = hk.get_parameter("temporal_embed", [c.max_frames, c.dim],
+                                init=hk.initializers.TruncatedNormal(0.02))
+    x = x + interpolate_time(temporal, f)[None, None, :, None, :]
+    x = x.reshape(b * n, f * lv, c.dim)
+    latents = hk.get_parameter("latents", [c.num_latents, c.dim],
+                               init=hk.initializers.TruncatedNormal(0.02))
+    latents = jnp.broadcast_to(latents, (b * n, c.num_latents, c.dim)).astype(jnp.float32)
+
+    def layer(latents):
+      return _ResamplerLayer(c, dtype, name="layer")(latents, x)
+
+    latents = hk.layer_stack(c.depth, name="layers")(layer)(latents)
+    out = hk.LayerNorm(-1, True, True, name="final_norm")(latents)
+    return out.reshape(b, n, c.num_latents, c.dim)
+
+
+class _ResamplerLayer(hk.Module):
+  """One resampler layer: latents attend to concat(media, latents), then a squared-ReLU FFW."""
+
+  def __init__(self, cfg: ResamplerConfig, dtype, name: str):
+    super().__init__(name=name)
+    self.cfg, self.dtype = cfg, dtype
+
+  def __call__(self, latents: jax.Array, x: jax.Array) -> jax.Array:
+    """latents: [B', R, Dr]; x: [B', F*Lv, Dr] (B' = B*N). Returns [B', R, Dr]."""
+    c, dtype = self.cfg, self.dtype
+    inner = c.num_heads * c.head_dim
+    init = layers.truncated_normal_init
+    get = hk.get_parameter
+    media_n = hk.LayerNorm(-1, True, True, name="media_norm")(x)
+    lat_n = hk.LayerNorm(-1, True, True, name="latent_norm")(latents)
+    kv_in = jnp.concatenate([media_n, lat_n], axis=1)                  # [B', K, Dr]
+    bp, r, _ = latents.shape
+    q = layers.matmul(lat_n, get("q", [c.dim, inner], init=init(c.dim)), dtype)
+    k = layers.matmul(kv_in, get("k", [c.dim, inner], init=init(c.dim)), dtype)
+    v = layers.matmul(kv_in, get("v", [c.dim, inner], init=init(c.dim)), dtype)
+    split = lambda a: a.reshape(a.shape[0], a.shape[1], c.num_heads, c.head_dim)
+    mask = jnp.ones((bp, r, kv_in.shape[1]), bool)
+    attn = layers.attention(split(q), split(k), split(v), mask, dtype).reshape(bp, r, inner)
+    latents = latents + layers.matmul(attn, get("o", [inner, c.dim], init=init(inner)), dtype)
+    h = hk.LayerNorm(-1, True, True, name="ffw_norm")(latents)
+    hidden = c.ffw_mult * c.dim
+    return latents + layers.squared_relu_mlp(
+        h, get("ffw_in", [c.dim, hidden], init=init(c.dim)),
+        get("ffw_out", [hidden, c.dim], init=init(hidden)), dtype)

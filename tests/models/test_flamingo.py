@@ -1,0 +1,86 @@
+"""Acceptance tests of the assembled model: init == LM, phi causality, KV cache, video frames."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flamingo_jax.models import masking
+from tests.models import helpers
+
+IMAGE_POSITIONS = [[2, 6, 9], [0, 4, 8]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = helpers.tiny_model()
+  images, tokens = helpers.images_and_tokens(model)
+  image_id = model.configs.lm.vocab_size
+  tokens = helpers.place_images(tokens, image_id, IMAGE_POSITIONS)
+  params = model.init(jax.random.PRNGKey(0), images, tokens)
+  media_index = masking.media_index_from_tokens(tokens, image_id)
+  return model, params, images, tokens, media_index
+
+
+def test_init_equals_frozen_lm_for_any_images(setup):
+  model, params, images, tokens, media_index = setup
+  lm_logits, _ = model.lm_forward(params, None, tokens, lm_only=True)
+  for seed in range(3):
+    other = jax.random.uniform(jax.random.PRNGKey(seed + 10), images.shape)
+    logits = model.forward(params, None, other, tokens, media_index)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(lm_logits))
+
+
+def test_changing_image_j_leaves_earlier_positions_unchanged(setup):
+  model, params, images, tokens, media_index = setup
+  params = helpers.open_gates(params, jax.random.PRNGKey(1))
+  base = model.forward(params, None, images, tokens, media_index)
+  for j in range(images.shape[1]):
+    changed = images.at[:, j].set(jax.random.uniform(jax.random.PRNGKey(j), images.shape[2:]))
+    out = model.forward(params, None, changed, tokens, media_index)
+    for b, positions in enumerate(IMAGE_POSITIONS):
+      marker = positions[j]
+      np.testing.assert_allclose(out[b, :marker], base[b, :marker], atol=1e-6)
+      # From the marker on the logits do depend on image j (the gates are open).
+      assert np.abs(np.asarray(out[b, marker:] - base[b, marker:])).max() > 1e-4
+
+
+def test_tokens_before_first_image_unaffected_by_all_images(setup):
+  model, params, images, tokens, media_index = setup
+  params = helpers.open_gates(params, jax.random.PRNGKey(2))
+  base = model.forward(params, None, images, tokens, media_index)
+  other = model.forward(params, None, 1.0 - images, tokens, media_index)
+  np.testing.assert_array_equal(np.asarray(base[0, :2]), np.asarray(other[0, :2]))
+
+
+def test_cached_prefill_and_decode_match_full_forward(setup):
+  model, params, images, tokens, media_index = setup
+  params = helpers.open_gates(params, jax.random.PRNGKey(3))
+  full = model.forward(params, None, images, tokens, media_index)
+  visual = model.encode_media(params, None, images)
+  prompt = 10   # all three images are in the prompt
+  cache = model.init_cache(tokens.shape[0], 16, images.shape[1])
+  logits, cache = model.lm_forward(params, None, tokens[:, :prompt], visual, media_index[:, :prompt],
+                                   None, cache)
+  steps = [logits]
+  for t in range(prompt, tokens.shape[1]):
+    step, cache = model.lm_forward(params, None, tokens[:, t:t + 1], None, None, None, cache)
+    steps.append(step)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("frames", [8, 30])
+def test_video_frames_and_interpolated_temporal_embeddings(frames):
+  model = helpers.tiny_model()      # tiny resampler has max_frames=4: 8 and 30 frames interpolate
+  images, tokens = helpers.images_and_tokens(model, batch=1, num_media=1, frames=frames, seq=6)
+  params = model.init(jax.random.PRNGKey(0), images, tokens)
+  visual = model.encode_media(params, None, images)
+  c = model.configs.resampler
+  chex.assert_shape(visual, (1, 1, c.num_latents, c.dim))
+  chex.assert_tree_all_finite(visual)
+
+
+def test_encode_media_shapes_and_pooled_features(setup):
+  model, params, images, *_ = setup
+  pooled = model.vision_features(params, None, images[:, 0, 0])
+  assert pooled.shape[0] == images.shape[0] and pooled.ndim == 2
