@@ -1,31 +1,107 @@
-"""Flamingo (stage 2) config.
+"""Flamingo (stage 2) config: frozen LM + frozen vision encoder, trained resampler and xattn blocks.
 
     python -m flamingo_jax.summary --config configs/flamingo.py:size=80b
-    python -m flamingo_jax.train --config configs/flamingo.py:size=smollm2 --workdir runs/flamingo
+    python -m flamingo_jax.train --config configs/flamingo.py:size=tiny --workdir /tmp/flamingo_tiny
+    python -m flamingo_jax.train --config configs/flamingo.py:size=smollm2 --workdir runs/main/flamingo \
+        --config.init_from.vision=runs/main/contrastive
 
-`size` is one of tiny | smollm2 | 3b | 9b | 80b (flamingo_jax/models/flamingo.py: SIZES).
+Arguments: size = tiny | smollm2 | 3b | 9b | 80b (flamingo_jax/models/flamingo.py: SIZES); steps = total
+steps (0: the size's default); data = easy_vqa | synthetic | paper (default per size).
 """
 import ml_collections
 
+from configs import common
 from flamingo_jax.models import flamingo
 
-# Trainable parameters (paper §2.4): resampler, gated xattn blocks, the new token rows. Everything else
-# (NFNet, the LM's own weights) is frozen. Regexes over 'module/path/param'.
+# Trainable (paper §2.4): resampler, gated xattn blocks, the new token rows (<image>, <EOC>).
 TRAINABLE = (
     r"^perceiver_resampler/",
     r"^lm/gated_xattn/",
     r"^lm/extra_(embed|unembed)/",
 )
+# Frozen: the vision encoder and the LM's own weights, incl. the original embedding rows.
+FROZEN = (
+    r"^vision_encoder/",
+    r"^lm/(embed|layers|final_norm|unembed)/",
+)
+
+# Paper mixture (§2.4, App. B.1.2): lambda, batch, tokens, images per sequence, frames.
+PAPER_DATASETS = {
+    "m3w": (1.0, 256, 256, 5, 1),
+    "align": (0.2, 4096, 32, 1, 1),
+    "ltip": (0.2, 1024, 64, 1, 1),
+    "vtp": (0.03, 512, 32, 1, 8),
+}
+# Mesh per size for TPU v4/v5p slices: 'fsdp' shards params/optimizer state, 'tensor' splits heads/MLP.
+PAPER_MESH = {"3b": {"fsdp": -1}, "9b": {"fsdp": -1, "tensor": 4}, "80b": {"fsdp": -1, "tensor": 8}}
+
+
+def _paper_data(image_size: int) -> dict:
+  """User data through the generic JSONL builders (point `sources` at your files, e.g. on gs://)."""
+  kinds = {"m3w": ("interleaved", "interleaved_jsonl"), "align": ("pairs", "image_text_jsonl"),
+           "ltip": ("pairs", "image_text_jsonl"), "vtp": ("video", "video_text_jsonl")}
+  from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  datasets = {}
+  for name, (weight, batch, tokens, images, frames) in PAPER_DATASETS.items():
+    kind, builder = kinds[name]
+    datasets[name] = mixture.dataset_config(
+        kind=kind, builder=builder, weight=weight, batch_size=batch, max_tokens=tokens,
+        max_images=images, num_frames=frames, image_size=image_size, p_next=0.5 if kind == "interleaved" else 0.0,
+        builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}})
+  return dict(source="mixture", data_dir="gs://YOUR_BUCKET/tfds", prepare=False, num_parallel_calls=-1,
+              prefetch=2, datasets=datasets)
+
+
+def _easy_vqa_data(image_size: int) -> dict:
+  from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
+  cfg = mixture.easy_vqa_mixture_config(image_size=image_size).to_dict()
+  return dict(source="mixture", data_dir="runs/tfds", **cfg)
 
 
 def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
-  args = dict(kv.split("=", 1) for kv in arg.split(",") if kv)
-  unknown = set(args) - {"size"}
-  if unknown:
-    raise KeyError(f"Unknown config args {sorted(unknown)}; expected size=...")
-  size = args.get("size", "smollm2")
+  args = common.parse_args(arg, {"size": "smollm2", "steps": 0, "data": ""})
+  size = args["size"]
   config = ml_collections.ConfigDict()
+  config.objective = "flamingo"
   config.model = flamingo.model_config(size)
   config.trainable = list(TRAINABLE)
-  config.lock()
-  return config
+  config.frozen = list(FROZEN)
+  config.sharding = dict(rules="flamingo")
+  config.distributed = common.distributed()
+  image_size = config.model.image_size
+  paper = size in ("3b", "9b", "80b")
+  data = args["data"] or ("paper" if paper else "easy_vqa" if size == "smollm2" else "synthetic")
+
+  if paper:
+    config.model.dtype = "bfloat16"
+    config.model.remat = "dots"
+    config.mesh = dict(shape=PAPER_MESH[size])
+    config.optim = common.optim()
+    config.train = common.train(args["steps"] or 500_000, log_every=100, checkpoint_every=2000)
+    config.tokenizer = "hf:YOUR_LM_DIR/tokenizer.json"
+    config.init_from = dict(lm="hf:YOUR_LM_DIR", vision="gs://YOUR_BUCKET/runs/contrastive")
+  elif size == "smollm2":
+    # The main job on this 2-core CPU: real frozen SmolLM2-135M, easy-VQA mixture.
+    config.mesh = dict(shape={"data": -1})
+    config.optim = common.optim(lr=3e-4, warmup_steps=30, total_steps=args["steps"] or 300)
+    config.train = common.train(args["steps"] or 300, log_every=10, checkpoint_every=100)
+    config.tokenizer = "smollm2"
+    config.init_from = dict(lm="smollm2", vision="")
+  else:
+    config.mesh = dict(shape={"data": -1})
+    config.optim = common.optim(lr=1e-3, warmup_steps=2, total_steps=args["steps"] or 10)
+    config.train = common.train(args["steps"] or 10, log_every=1, checkpoint_every=5)
+    config.tokenizer = ""
+    config.init_from = dict(lm="", vision="")
+
+  if data == "synthetic":
+    config.data = common.synthetic_data(image_size, m3w=(1.0, 8, 16, 2, 1), pairs=(0.2, 8, 8, 1, 1),
+                                        vtp=(0.03, 8, 8, 1, 4))
+    config.tokenizer = ""
+  elif data == "easy_vqa":
+    config.data = _easy_vqa_data(image_size)
+  elif data == "paper":
+    config.data = _paper_data(image_size)
+  else:
+    raise KeyError(f"data must be easy_vqa, synthetic or paper; got {data!r}")
+  return common.finish(config)

@@ -1,8 +1,11 @@
 """Test set-up: 8 simulated host CPU devices, set before JAX is imported anywhere."""
 import os
 
+# Tests compile many small programs: cheaper XLA CPU back-end passes halve compile time, and tiny
+# shapes run fast without them. Subprocesses started by tests inherit the same flags.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow (tf.data) must never grab accelerators or the JAX devices.

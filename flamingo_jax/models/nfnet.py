@@ -71,6 +71,7 @@ def output_dim(variant: str) -> int:
 
 
 def scaled_gelu(x: jax.Array) -> jax.Array:
+  """GELU times gamma: unit output variance for N(0, 1) inputs."""
   return jax.nn.gelu(x) * _GELU_GAMMA
 
 
@@ -249,22 +250,25 @@ def block_schedule(variant: str, alpha: float = 0.2,
 class NFNet(hk.Module):
   """Normaliser-free ResNet (NFNet-F*) feature extractor, no classifier."""
 
-  def __init__(self, variant: str, *, dtype: Any = jnp.float32,
-               stochdepth_rate: float = 0.1, alpha: float = 0.2,
-               se_ratio: float = 0.5, name: str = 'vision_encoder'):
+  def __init__(self, variant: str, name: str = 'vision_encoder', *,
+               dtype: Any = jnp.float32, stochdepth_rate: float = 0.1,
+               alpha: float = 0.2, se_ratio: float = 0.5):
     """Builds the encoder.
 
     Args:
       variant: a key of NFNET_VARIANTS ('F0'..'F6', 'test').
+      name: module name (Flamingo restores the encoder by this path).
       dtype: compute dtype of the activations (fp32 or bf16). Parameters are
         fp32; weight standardisation and squeeze-excite run in fp32.
       stochdepth_rate: stochastic depth rate of the last block; block i of n
         uses stochdepth_rate * i / n. Applied only when is_training.
       alpha: residual branch scale.
       se_ratio: squeeze-excite bottleneck ratio.
-      name: module name (Flamingo restores the encoder by this path).
     """
     super().__init__(name=name)
+    if not 0.0 <= stochdepth_rate < 1.0:
+      raise ValueError(f'{name}: stochdepth_rate must be in [0, 1), got '
+                       f'{stochdepth_rate}.')
     self.variant = variant
     self.config = _variant(variant)
     self.dtype = dtype

@@ -1,0 +1,1 @@
+"""Pretrained LM weights in: GGUF (llama.cpp) and Hugging Face safetensors -> project params."""

@@ -1,0 +1,29 @@
+"""Entry point: `python -m flamingo_jax.train --config configs/flamingo.py:size=smollm2 --workdir DIR`.
+
+Any config field can be overridden from the command line, e.g. `--config.optim.lr=3e-5`; an unknown key
+is an error (the configs are locked).
+"""
+import os
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/flamingo.py:size=tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")   # tf.data only; accelerators belong to JAX
+  from flamingo_jax.train import loop  # pylint: disable=g-import-not-at-top
+  loop.train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

@@ -1,0 +1,189 @@
+"""The one training loop (both stages): data -> jitted sharded step -> metrics and Orbax checkpoints.
+
+Resume order: this workdir's latest checkpoint > `config.init_from` sources > fresh initialisation.
+SIGTERM (a TPU VM preemption notice) makes the loop save and exit cleanly at the next step boundary.
+Run it with `python -m flamingo_jax.train --config configs/<x>.py[:args] --workdir DIR`.
+"""
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax.data import global_batch
+from flamingo_jax.models import flamingo
+from flamingo_jax.parallel import mesh as mesh_lib
+from flamingo_jax.train import metrics_writer
+from flamingo_jax.train import objectives as objectives_lib
+from flamingo_jax.train import optimizer as optimizer_lib
+from flamingo_jax.train import partitioning
+from flamingo_jax.train import state as state_lib
+from flamingo_jax.train import step as step_lib
+from flamingo_jax.train import trainable as trainable_lib
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+def make_tokenizer(spec: str):
+  """'smollm2' | 'gguf:PATH' | 'hf:DIR/tokenizer.json' | '' (none: synthetic data)."""
+  if not spec:
+    return None
+  from flamingo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if spec == "smollm2":
+    return tokenizer_lib.Tokenizer.smollm2()
+  kind, _, path = spec.partition(":")
+  if kind == "gguf":
+    return tokenizer_lib.Tokenizer.from_gguf(path)
+  if kind == "hf":
+    return tokenizer_lib.Tokenizer.from_hf(path)
+  raise ValueError(f"config.tokenizer must be 'smollm2', 'gguf:PATH' or 'hf:PATH', got {spec!r}")
+
+
+def make_data(config, tokenizer, seed: int):
+  """The mixture iterator of the config (`config.data.source`: 'mixture' or 'synthetic')."""
+  lm = config.model.lm
+  if config.data.source == "synthetic":
+    from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    return synthetic.SyntheticMixture(
+        {k: dict(v) for k, v in config.data.datasets.items()}, vocab_size=lm.vocab_size,
+        image_id=lm.vocab_size, eoc_id=lm.vocab_size + 1, seed=seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+  if config.data.source == "mixture":
+    from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
+    if tokenizer is None:
+      raise ValueError("config.data.source='mixture' needs config.tokenizer")
+    if tokenizer.vocab_size != lm.vocab_size + lm.num_extra_tokens:
+      raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model "
+                       f"{lm.vocab_size} + {lm.num_extra_tokens} extra")
+    return mixture.make_mixture(config.data, tokenizer, config.data.data_dir, seed=seed)
+  raise ValueError(f"config.data.source must be 'mixture' or 'synthetic', got {config.data.source!r}")
+
+
+def _initial_params(config, objective, example, rng):
+  """Fresh params, then the `init_from` sources swapped in (LM weights, stage-1 vision encoder)."""
+  first = example[sorted(example)[0]]                  # any dataset's batch fixes the param shapes
+  small = jax.tree.map(lambda x: x[:1], first)
+  params = jax.jit(objective.init)(rng, small)
+  params = jax.device_get(params)
+  init_from = config.init_from
+  if init_from.lm:
+    from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
+    _, lm_params = pretrained.lm_source_params(init_from.lm, np.float32)
+    params = pretrained.merge_lm_params(params, lm_params)
+    logging.info("LM weights from %s", init_from.lm)
+  if init_from.vision:
+    params = checkpoint_lib.load_params_subset(init_from.vision, r"^vision_encoder/", params)
+    logging.info("vision encoder from %s", init_from.vision)
+  return params
+
+
+def _to_global(batches, mesh):
+  return {name: global_batch.host_to_global(b, mesh, partitioning.batch_spec(mesh))
+          for name, b in batches.items()}
+
+
+def _format_line(step, total, metrics, rate, examples_per_s, eta_s):
+  main = " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items()
+                  if k == "loss" or k.startswith("loss/"))
+  return (f"step {step}/{total} | {rate:.2f} steps/s {examples_per_s:.1f} ex/s | "
+          f"ETA {eta_s / 60:.1f} min | {main} | grad_norm={float(metrics['grad_norm']):.3f} "
+          f"skipped={int(metrics['skipped'])}")
+
+
+def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str, Any]:
+  """Runs (or resumes) training in `workdir`. Returns the last metrics as floats.
+
+  `stop_after`: leave the loop after this many steps of this call (tests of interrupted runs).
+  """
+  mesh_lib.maybe_initialize_distributed(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  mesh = mesh_lib.create_mesh(config.mesh.shape)
+  tokenizer = make_tokenizer(config.tokenizer)
+  special = [] if tokenizer is None else [tokenizer.image_id, tokenizer.eoc_id, tokenizer.bos_id,
+                                          tokenizer.eos_id]
+  objective = objectives_lib.make_objective(config, special)
+  data = make_data(config, tokenizer, config.train.seed)
+  example = next(data)
+  data.set_state({**data.get_state(), "step": 0})
+
+  # Abstract state first: shardings come from shapes, nothing is allocated twice.
+  rng = jax.random.PRNGKey(config.train.seed)
+  params = _initial_params(config, objective, example, rng)
+  train_p, frozen_p = trainable_lib.split(params, config.trainable, config.frozen)
+  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
+  optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
+  state = state_lib.create(train_p, frozen_p, optimizer, jax.random.fold_in(rng, 1))
+  state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
+  state = jax.device_put(state, state_sh)
+
+  ckpt = checkpoint_lib.Checkpointer(workdir, save_interval_steps=config.train.checkpoint_every,
+                                     max_to_keep=config.train.keep_checkpoints, config=config)
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(state_template=state)
+    data.set_state(data_state)
+    logging.info("resumed from %s at step %d", workdir, int(state.step))
+
+  datasets = {name: dict(weight=data.weights[name],
+                         micro_batches=int(config.train.micro_batches.get(name, 1)))
+              for name in data.weights}
+  schedule = optimizer_lib.learning_rate_schedule(config.optim)
+  step_fn = step_lib.make_train_step(objective, optimizer, datasets, schedule)
+  batch_sh = partitioning.batch_shardings(_to_global(example, mesh), mesh)
+  jitted = partitioning.jit_train_step(step_fn, state_sh, batch_sh)
+
+  writer = metrics_writer.MetricsWriter(workdir)
+  uninstall = checkpoint_lib.install_preemption_handler()
+  total = config.train.total_steps
+  start = int(state.step)
+  examples_per_step = sum(int(d.batch_size) for d in config.data.datasets.values())
+  last, t0, t_last, steps_done = {}, time.time(), time.time(), 0
+  try:
+    for step in range(start, total):
+      batches = _to_global(next(data), mesh)
+      state, metrics = jitted(state, batches)
+      steps_done += 1
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        for name, counts in data.metrics().items():
+          for key, value in counts.items():
+            metrics[f"data/{name}/{key}"] = float(value)
+        now = time.time()
+        rate = config.train.log_every / max(now - t_last, 1e-9)
+        t_last = now
+        eta = (total - done) / max(steps_done / max(now - t0, 1e-9), 1e-9)
+        logging.info(_format_line(done, total, metrics, rate, rate * examples_per_step, eta))
+        print(_format_line(done, total, metrics, rate, rate * examples_per_step, eta), flush=True)
+        writer.write(done, metrics)
+        last = metrics
+        if metrics["skipped"] and int(jax.device_get(state.consecutive_skipped)) >= \
+            config.train.max_consecutive_skips:
+          raise TrainingError(f"{int(state.consecutive_skipped)} consecutive non-finite steps at "
+                              f"step {done}; the last good state is in {workdir}")
+      preempted = checkpoint_lib.should_stop_all_hosts(checkpoint_lib.preemption_requested())
+      ckpt.save(done, state, data.get_state(), force=preempted or done == total)
+      if preempted:
+        logging.warning("SIGTERM: saved step %d, exiting", done)
+        break
+      if stop_after is not None and steps_done >= stop_after:
+        ckpt.save(done, state, data.get_state(), force=True)
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    uninstall()
+  if jax.process_index() == 0 and last:
+    with open(os.path.join(workdir, "last_metrics.json"), "w", encoding="utf-8") as f:
+      json.dump(last, f, indent=1)
+  return last

@@ -1,0 +1,104 @@
+"""Pluggable objectives of the one training loop: Flamingo next-token NLL and stage-1 contrastive.
+
+An objective knows its model and turns (params, one micro-batch, rng) into a weighted loss sum:
+
+    loss_sum(params, batch, rng) -> (sum [], weight [], metrics)
+
+The step divides the summed losses by the summed weights over micro-batches, so k micro-batches give
+exactly the gradient of the single large batch when the loss is a sum over tokens (Flamingo: the weight
+is the number of target tokens). The contrastive loss is a batch-level quantity (negatives come from the
+batch): its weight is 1 per micro-batch, so accumulation averages micro-batch losses.
+
+Batches follow docs/ARCHITECTURE.md ("Batches"): images [B,N,F,H,W,3], tokens/targets/loss_mask/
+media_index/token_mask [B,T].
+"""
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models import contrastive as contrastive_lib
+from flamingo_jax.models import flamingo
+
+
+def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
+  """Sum of masked next-token NLL and the token count, in fp32. logits [B,T,V]; targets, mask [B,T]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A model and its loss. `init(rng, batch) -> params`; `param_metrics(params) -> dict`."""
+  name: str
+  init: Callable[[jax.Array, dict], Any]
+  loss_sum: Callable[[Any, dict, jax.Array], tuple]
+  param_metrics: Callable[[Any], dict]
+
+
+def flamingo_objective(model_cfg) -> Objective:
+  model = flamingo.make_model(model_cfg)
+
+  def init(rng, batch):
+    return model.init(rng, batch["images"], batch["tokens"])
+
+  def loss_sum(params, batch, rng):
+    logits = model.forward(params, rng, batch["images"], batch["tokens"], batch["media_index"],
+                           batch["token_mask"], is_training=True)
+    total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
+    return total, count, {}
+
+  def param_metrics(params):
+    """tanh of every gate: how far each xattn block has opened (paper Fig. 6)."""
+    out = {}
+    block = params.get("lm/gated_xattn", {})
+    for gate in ("attn_gate", "ffw_gate"):
+      if gate in block:
+        values = jnp.tanh(block[gate].astype(jnp.float32))
+        for i in range(values.shape[0]):
+          out[f"gate/{gate.split('_')[0]}_{i}"] = values[i]
+    return out
+
+  return Objective("flamingo", init, loss_sum, param_metrics)
+
+
+def contrastive_objective(model_cfg, special_ids=()) -> Objective:
+  """Stage 1: NFNet + text tower on image-text pairs. Uses the pairs batch format; the text tower reads
+  the caption tokens only (token_mask without the ids in `special_ids`, e.g. <image>, <EOC>, BOS, EOS)."""
+  model = contrastive_lib.make_contrastive_model(model_cfg, dtype=flamingo.DTYPES[model_cfg.dtype])
+  special = jnp.asarray(list(special_ids) or [-1], jnp.int32)
+
+  def inputs(batch):
+    images = batch["images"][:, 0, 0]                                   # [B, H, W, 3]
+    tokens = batch["tokens"]
+    text_mask = batch["token_mask"] & ~jnp.isin(tokens, special)
+    valid = jnp.any(text_mask, axis=1) & batch["media_mask"][:, 0]
+    return images, tokens, text_mask, valid
+
+  def init(rng, batch):
+    images, tokens, text_mask, _ = inputs(batch)
+    return model.init(rng, images, tokens, text_mask, False)
+
+  def loss_sum(params, batch, rng):
+    images, tokens, text_mask, valid = inputs(batch)
+    out = model.apply(params, rng, images, tokens, text_mask, True)
+    loss, metrics = contrastive_lib.contrastive_loss(
+        out["image_embed"], out["text_embed"], out["logit_scale"], valid,
+        label_smoothing=model_cfg.label_smoothing)
+    return loss, jnp.ones((), jnp.float32), {k: v for k, v in metrics.items() if k != "loss"}
+
+  def param_metrics(params):
+    return {}
+
+  return Objective("contrastive", init, loss_sum, param_metrics)
+
+
+def make_objective(config, special_ids=()) -> Objective:
+  if config.objective == "flamingo":
+    return flamingo_objective(config.model)
+  if config.objective == "contrastive":
+    return contrastive_objective(config.model, special_ids)
+  raise ValueError(f"config.objective must be 'flamingo' or 'contrastive', got {config.objective!r}")

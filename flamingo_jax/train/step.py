@@ -1,0 +1,105 @@
+"""One training step: a batch from every dataset, micro-batch accumulation, one optimiser update.
+
+    grads = sum_m lambda_m * (sum over micro-batches of d loss_sum_m) / (sum of weights_m)
+
+(paper §2.4: every step sees all datasets; not round-robin). Micro-batches run under `lax.scan`; the
+clipping of the optimiser chain sees the accumulated gradient. A non-finite loss or gradient skips the
+whole update: params and optimiser state stay bit-identical and the skip counters move.
+"""
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flamingo_jax.train import objectives as objectives_lib
+from flamingo_jax.train import state as state_lib
+from flamingo_jax.train import trainable as trainable_lib
+
+
+def split_micro(batch: dict, k: int) -> dict:
+  """[B, ...] -> [k, B/k, ...] taking every k-th example, so each micro-batch spans all data shards."""
+  def one(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch size {x.shape[0]} is not divisible by {k} micro-batches")
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree.map(one, batch)
+
+
+def tree_all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(objective: objectives_lib.Objective, optimizer: optax.GradientTransformation,
+                    datasets: Mapping[str, dict], schedule=None):
+  """Builds `train_step(state, batches) -> (state, metrics)`.
+
+  Args:
+    objective: the model's loss.
+    optimizer: over the trainable params.
+    datasets: {name: {'weight': lambda_m, 'micro_batches': k}} for every dataset of the mixture.
+    schedule: the learning-rate schedule, only for the `train/lr` metric.
+  """
+  names = sorted(datasets)
+
+  def dataset_grads(params, frozen, batch, rng, k):
+    def loss_fn(p, micro, r):
+      total, weight, metrics = objective.loss_sum(trainable_lib.merge(p, frozen), micro, r)
+      return total, (weight, metrics)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = split_micro(batch, k)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+
+    def body(carry, xs):
+      g_acc, l_acc, w_acc = carry
+      mb, i = xs
+      (loss, (weight, metrics)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+      g_acc = jax.tree.map(jnp.add, g_acc, g)
+      return (g_acc, l_acc + loss, w_acc + weight), metrics
+
+    (g_sum, l_sum, w_sum), metrics = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)), (micro, jnp.arange(k)))
+    w = jnp.maximum(w_sum, 1e-9)
+    return jax.tree.map(lambda g: g / w, g_sum), l_sum / w, jax.tree.map(jnp.mean, metrics)
+
+  def train_step(state: state_lib.TrainState, batches: Mapping[str, dict]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads = jax.tree.map(jnp.zeros_like, state.params)
+    total_loss = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for i, name in enumerate(names):
+      spec = datasets[name]
+      g, loss, m = dataset_grads(state.params, state.frozen, batches[name],
+                                 jax.random.fold_in(rng, i), spec["micro_batches"])
+      grads = jax.tree.map(lambda acc, x: acc + spec["weight"] * x, grads, g)
+      total_loss = total_loss + spec["weight"] * loss
+      metrics[f"loss/{name}"] = loss
+      for key, value in m.items():
+        metrics[f"{name}/{key}"] = value
+
+    finite = jnp.isfinite(total_loss) & tree_all_finite(grads)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    skipped = (~finite).astype(jnp.int32)
+    new_state = state._replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        skipped=state.skipped + skipped,
+        consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1))
+    metrics.update({
+        "loss": total_loss,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_state.params),
+        "skipped": new_state.skipped,
+        "update_skipped": skipped,
+    })
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    metrics.update(objective.param_metrics(new_state.params))
+    return new_state, metrics
+
+  return train_step
