@@ -11,6 +11,8 @@ Dv vision width, V+E vocabulary (original + extra tokens).
     encode_media(params, rng, images [B,N,F,H,W,3]) -> visual [B,N,R,Dr]
     lm_forward(params, rng, tokens, visual, media_index, token_mask, cache, lm_only) -> (logits, cache)
     vision_features(params, rng, images [B,H,W,3]) -> pooled [B,Dv]   (RICES, contrastive checks)
+    forward_features(params, rng, features [B,N,F,Lv,Dv], tokens, media_index, token_mask) -> logits
+        (precomputed frozen-vision features: resampler + LM only)
 
 The size table `SIZES` gives the paper's 3B/9B/80B (Table 4 / App. B.1.1), the real SmolLM2-135M LM shape
 used on these machines, and a `tiny` size for tests.
@@ -144,6 +146,12 @@ class _Flamingo:
     logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask)
     return logits
 
+  def forward_features(self, features, tokens, media_index, token_mask=None):
+    """Precomputed frozen vision features [B, N, F, Lv, Dv] -> logits (resampler + LM only)."""
+    visual = self.resampler(features)
+    logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask)
+    return logits
+
   def lm_forward(self, tokens, visual=None, media_index=None, token_mask=None, cache=None,
                  lm_only=False):
     return self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask,
@@ -158,6 +166,7 @@ class FlamingoModel(NamedTuple):
   encode_media: Callable
   lm_forward: Callable
   vision_features: Callable
+  forward_features: Callable
 
   def init_cache(self, batch: int, max_len: int, num_media: int, dtype=jnp.float32) -> dict:
     c = self.configs
@@ -175,9 +184,11 @@ def make_model(model_cfg) -> FlamingoModel:
       media_index = jnp.zeros(tokens.shape, jnp.int32)
       return model.forward(images, tokens, media_index)
 
-    return init, (model.forward, model.encode_media, model.lm_forward, model.vision_features)
+    return init, (model.forward, model.encode_media, model.lm_forward, model.vision_features,
+                  model.forward_features)
 
   transformed = hk.multi_transform(template)
-  forward, encode_media, lm_forward, vision_features = transformed.apply
+  forward, encode_media, lm_forward, vision_features, forward_features = transformed.apply
   return FlamingoModel(configs=c, init=transformed.init, forward=forward, encode_media=encode_media,
-                       lm_forward=lm_forward, vision_features=vision_features)
+                       lm_forward=lm_forward, vision_features=vision_features,
+                       forward_features=forward_features)

@@ -1,0 +1,176 @@
+"""Training-step benchmark at the SmolLM2 shape, against this machine's matmul peak and flamingo-pytorch.
+
+    .venv/bin/python benchmarks/train_step.py [--dtype bfloat16|float32] [--steps 5] [--peer]
+
+Shape (benchmarks/README.md): frozen LM dim 576, 30 layers, 9 heads (3 kv), vocab 49152, xattn every 4,
+resampler 6 x 64 latents, 64 precomputed visual tokens per image (width 576, the vision encoder is frozen
+and its features are taken as given, as in the peer's `image_embeds` path), batch 4 x 128 tokens x 4 images,
+trainable = resampler + xattn (+ the two new token rows). Prints step time, text tokens/s, peak RSS,
+achieved FLOP/s (XLA's cost analysis of the compiled step) and its fraction of the dense-matmul FLOP/s
+measured in the same run. `--peer` also times lucidrains' flamingo-pytorch 0.1.2 (torch 2.13 CPU) in a
+separate venv (created on first use in /tmp/fj_peer_venv) at the same shape and prints the ratio.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from configs import flamingo as flamingo_config  # noqa: E402
+from flamingo_jax.models import flamingo  # noqa: E402
+from flamingo_jax.train import objectives  # noqa: E402
+from flamingo_jax.train import partitioning  # noqa: E402
+from flamingo_jax.train import state as state_lib  # noqa: E402
+from flamingo_jax.train import step as step_lib  # noqa: E402
+from flamingo_jax.train import trainable  # noqa: E402
+
+B, T, N, LV = 4, 128, 4, 64
+PEER_VENV = "/tmp/fj_peer_venv"
+
+
+def matmul_peak(dtype, n=4096, reps=10) -> float:
+  """Median GFLOP/s of an n x n matmul (bf16 inputs accumulate in fp32, XLA's fast CPU path)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
+def batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  vocab = cfg.lm.vocab_size
+  tokens = rng.integers(0, vocab, size=(B, T + 1)).astype(np.int32)
+  for i in range(N):
+    tokens[:, i * (T // N)] = vocab                     # one <image> marker per chunk of 32 tokens
+  media_index = (np.cumsum(tokens[:, :-1] == vocab, axis=1) - 1).astype(np.int32)
+  return dict(features=rng.standard_normal((B, N, 1, LV, cfg.resampler.dim)).astype(np.float32),
+              tokens=tokens[:, :-1], targets=tokens[:, 1:], media_index=media_index,
+              token_mask=np.ones((B, T), bool), loss_mask=np.ones((B, T), np.float32))
+
+
+def feature_objective(model) -> objectives.Objective:
+  def init(rng, b):
+    return model.init(rng, jnp.zeros((1, N, 1, 64, 64, 3)), b["tokens"][:1])
+
+  def loss_sum(params, b, rng):
+    logits = model.forward_features(params, rng, b["features"], b["tokens"], b["media_index"],
+                                    b["token_mask"])
+    total, count = objectives.token_nll(logits, b["targets"], b["loss_mask"])
+    return total, count, {}
+
+  return objectives.Objective("features", init, loss_sum, lambda p: {})
+
+
+def run_jax(dtype: str, steps: int) -> dict:
+  cfg = flamingo.model_config("smollm2")
+  cfg.dtype = dtype
+  cfg.vision_variant = "test"            # not run: features are precomputed
+  with cfg.unlocked():
+    cfg.resampler.dim = 576
+  model = flamingo.make_model(cfg)
+  objective = feature_objective(model)
+  b = batch(cfg)
+  params = jax.jit(objective.init)(jax.random.PRNGKey(0), b)
+  train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
+  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[dtype])
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
+  state = state_lib.create(train_p, frozen_p, opt, jax.random.PRNGKey(1))
+  step = jax.jit(step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}),
+                 donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, {"m3w": b}).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  state, m = compiled(state, {"m3w": b})
+  jax.block_until_ready(m["loss"])
+  times = []
+  for i in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, {"m3w": batch(cfg, i + 1)})
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  return dict(step_s=step_s, compile_s=compile_s, flops=flops, gflops_per_s=flops / step_s / 1e9,
+              tokens_per_s=B * T / step_s, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+              loss=float(m["loss"]))
+
+
+PEER_SCRIPT = r"""
+import json, resource, sys, time, torch
+from flamingo_pytorch import FlamingoPaLM
+torch.set_num_threads(2)
+steps, bf16 = int(sys.argv[1]), sys.argv[2] == "bfloat16"
+model = FlamingoPaLM(num_tokens=49152, dim=576, depth=30, heads=9, dim_head=64, cross_attn_every=4,
+                     perceiver_num_latents=64, perceiver_depth=6)
+for name, p in model.named_parameters():
+    p.requires_grad = ("perceiver" in name) or ("gated_attn" in name) or ("cross_attn" in name)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+B, T, N = 4, 128, 4
+def one():
+    text = torch.randint(0, 49152, (B, T + 1))
+    embeds = torch.randn(B, N, 64, 576)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(text[:, :-1], image_embeds=embeds)
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 49152), text[:, 1:].reshape(-1))
+    loss.backward(); opt.step(); opt.zero_grad()
+one()
+times = []
+for _ in range(steps):
+    t0 = time.perf_counter(); one(); times.append(time.perf_counter() - t0)
+times.sort()
+print(json.dumps(dict(step_s=times[len(times) // 2],
+                      peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)))
+"""
+
+
+def run_peer(dtype: str, steps: int) -> dict:
+  python = os.path.join(PEER_VENV, "bin", "python")
+  if not os.path.exists(python):
+    subprocess.run([sys.executable, "-m", "venv", PEER_VENV], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0", "flamingo-pytorch==0.1.2",
+                    "einops", "einops-exts"], check=True)
+  out = subprocess.run([python, "-c", PEER_SCRIPT, str(steps), dtype], check=True, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--peer", action="store_true")
+  args = parser.parse_args()
+  peak = matmul_peak(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+  ours = run_jax(args.dtype, args.steps)
+  print(f"matmul peak ({args.dtype} in, fp32 acc), this run: {peak:8.1f} GFLOP/s")
+  print(f"flamingo_jax step ({args.dtype}):  {ours['step_s']:.3f} s  | {ours['tokens_per_s']:.0f} text tok/s | "
+        f"compile {ours['compile_s']:.1f} s | peak RSS {ours['peak_rss_gb']:.2f} GB")
+  print(f"  step FLOPs (XLA cost analysis) {ours['flops'] / 1e9:.0f} GFLOP -> {ours['gflops_per_s']:.0f} GFLOP/s "
+        f"= {ours['gflops_per_s'] / peak:.0%} of the measured matmul peak")
+  if args.peer:
+    peer = run_peer(args.dtype, args.steps)
+    print(f"flamingo-pytorch 0.1.2 step ({'bf16 autocast' if args.dtype == 'bfloat16' else 'fp32'}): "
+          f"{peer['step_s']:.3f} s | peak RSS {peer['peak_rss_gb']:.2f} GB")
+    print(f"speed-up vs flamingo-pytorch: {peer['step_s'] / ours['step_s']:.2f}x ; "
+          f"peak RSS ratio (ours/peer): {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
