@@ -5,7 +5,7 @@
 
 Its `vision_encoder/...` params are then restored, frozen, into Flamingo via
 `--config.init_from.vision=<this workdir>` of configs/flamingo.py.
-Arguments: size = tiny | smollm2 (the CPU main job: NFNet-F0, easy-VQA captions) | f6 (the paper: NFNet-F6,
+Arguments: size = tiny | smollm2 (the CPU main job: NFNet 'nano', easy-VQA captions) | f6 (the paper: NFNet-F6,
 ALIGN + LTIP pairs); steps = total steps (0: default).
 """
 import ml_collections
@@ -17,7 +17,7 @@ _TEXT = {
     "smollm2": dict(vocab_size=49154, dim=256, num_layers=4, num_heads=4, max_len=64),
     "f6": dict(vocab_size=32002, dim=768, num_layers=12, num_heads=12, max_len=64),   # BERT-base-like
 }
-_VISION = {"tiny": ("test", 32), "smollm2": ("F0", 64), "f6": ("F6", 288)}
+_VISION = {"tiny": ("test", 32), "smollm2": ("nano", 64), "f6": ("F6", 288)}
 
 
 def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:

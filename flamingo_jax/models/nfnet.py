@@ -46,6 +46,13 @@ NFNET_VARIANTS: dict[str, dict[str, Any]] = {
         'train_imsize': train, 'test_imsize': test, 'drop_rate': drop,
         'group_width': 128, 'stem_width': [16, 32, 64],
     } for name, (train, test, drop) in _F_IMSIZES.items()},
+    # Small variant for CPU runs (the easy-VQA main job on 64 px images): F0's design, a quarter of
+    # its widths, one block per stage but the third.
+    'nano': {
+        'width': [64, 128, 384, 384], 'depth': [1, 1, 2, 1],
+        'train_imsize': 64, 'test_imsize': 64, 'drop_rate': 0.0,
+        'group_width': 32, 'stem_width': [16, 32, 32],
+    },
     # Tiny variant for unit tests.
     'test': {
         'width': [16, 32, 32, 32], 'depth': [1, 1, 1, 1],

@@ -1,0 +1,170 @@
+"""TFDS builder `easy_vqa`: the embedded default data, built offline from the installed package.
+
+The PyPI package `easy-vqa` ships `data/{train,test}/images/<id>.png` (64x64 RGB) and
+`data/{train,test}/questions.json` (`[question, answer, image_id]` triples); it is found with
+`importlib.resources`, never a fixed path. Facts, captions, documents and clips are derived
+deterministically (`easy_vqa_facts.py`). Configs (splits `train` and `test` each):
+
+* `captions`: image-text pairs `{image, image_path, image_missing, text, image_id, color, shape,
+  size}`, text like "a small blue rectangle"; one per image.
+* `vqa`: `{image, image_path, image_missing, question, answer, image_id}`; one per question.
+* `interleaved`: documents of 2-5 images `{text, images, image_paths, image_missing, image_ids}`, text
+  like "<image> This is a red circle. <image> Is there a triangle? No." (the `interleaved_jsonl` form).
+* `video`: 8-frame clips of a virtual camera move over one image (`easy_vqa_facts.clip_frames`)
+  `{frames, frame_paths, frame_missing, text, image_id, motion}`, text like
+  "the camera zooms in on a small red circle"; one per image.
+
+`easy_vqa_config(kind, max_examples=n)` builds only the first n examples of each split (images in id
+order, questions in file order, documents in their fixed order) under its own config name, for tests.
+"""
+import dataclasses
+import importlib.resources
+import io
+import json
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from flamingo_jax.data.builders import common
+from flamingo_jax.data.builders import easy_vqa_facts as facts_lib
+
+KINDS = ('captions', 'vqa', 'interleaved', 'video')
+SPLITS = ('train', 'test')
+PACKAGE = 'easy_vqa'
+
+
+@dataclasses.dataclass(eq=False)
+class EasyVqaConfig(tfds.core.BuilderConfig):
+  """kind: one of KINDS; max_examples: per split (None = all); num_frames: video clip length."""
+  kind: str = 'captions'
+  max_examples: int | None = None
+  num_frames: int = 8
+
+
+def easy_vqa_config(kind: str, max_examples: int | None = None,
+                    num_frames: int = 8) -> EasyVqaConfig:
+  """The config of `kind`, named e.g. `captions`, `captions_max64`, `video_f4_max8`."""
+  if kind not in KINDS:
+    raise ValueError(f'easy_vqa: unknown kind {kind!r}; expected one of {KINDS}')
+  name = kind
+  if kind == 'video' and num_frames != 8:
+    name += f'_f{num_frames}'
+  if max_examples is not None:
+    if max_examples < 1:
+      raise ValueError(f'easy_vqa: max_examples must be >= 1, got {max_examples}')
+    name += f'_max{max_examples}'
+  predefined = _PREDEFINED.get(name)
+  if predefined is not None:   # TFDS refuses a new config object named like a class-level one
+    return predefined
+  return EasyVqaConfig(name=name, kind=kind, max_examples=max_examples, num_frames=num_frames,
+                       description=f'easy-VQA {kind}')
+
+
+_PREDEFINED: dict = {}
+
+
+def package_root():
+  """The installed package's data folder (an importlib.resources Traversable)."""
+  return importlib.resources.files(PACKAGE) / 'data'
+
+
+def read_questions(split: str) -> list[tuple[str, str, int]]:
+  raw = json.loads((package_root() / split / 'questions.json').read_text())
+  return [(str(q), str(a), int(i)) for q, a, i in raw]
+
+
+def image_ids(split: str) -> list[int]:
+  folder = package_root() / split / 'images'
+  return sorted(int(p.name[:-4]) for p in folder.iterdir() if p.name.endswith('.png'))
+
+
+def _image_path(split: str, image_id: int) -> str:
+  return f'{PACKAGE}/data/{split}/images/{image_id}.png'
+
+
+def _image_bytes(split: str, image_id: int) -> bytes:
+  return (package_root() / split / 'images' / f'{image_id}.png').read_bytes()
+
+
+def _pixels(data: bytes) -> np.ndarray:
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert('RGB'))
+
+
+def _png(image: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, format='PNG')
+  return buf.getvalue()
+
+
+class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """easy-VQA as captions, VQA, interleaved documents or video clips (see the module docstring)."""
+
+  VERSION = tfds.core.Version(common.VERSION)
+  BUILDER_CONFIGS = [easy_vqa_config(k) for k in KINDS]
+  _PREDEFINED.update({c.name: c for c in BUILDER_CONFIGS})
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    kind = self.builder_config.kind
+    text = tfds.features.Text()
+    ident = tfds.features.Tensor(shape=(), dtype=np.int64)
+    features = {
+        'captions': {**common.image_features(), 'text': text, 'image_id': ident,
+                     'color': text, 'shape': text, 'size': text},
+        'vqa': {**common.image_features(), 'question': text, 'answer': text, 'image_id': ident},
+        'interleaved': {'text': text, **common.image_list_features('image'),
+                        'image_ids': tfds.features.Sequence(ident)},
+        'video': {**common.image_list_features('frame'), 'text': text, 'image_id': ident,
+                  'motion': text},
+    }[kind]
+    return tfds.core.DatasetInfo(
+        builder=self, description=f'easy-VQA ({kind}), derived from the PyPI package easy-vqa.',
+        features=tfds.features.FeaturesDict(features), homepage='https://github.com/vzhou842/easy-VQA')
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # the data ship with the installed package
+    return {split: self._generate_examples(split) for split in SPLITS}
+
+  def _generate_examples(self, split):
+    config = self.builder_config
+    limit = config.max_examples
+    questions = read_questions(split)
+    if config.kind == 'vqa':
+      for n, (q, a, i) in enumerate(questions[:limit]):
+        yield n, {'image': _image_bytes(split, i), 'image_path': _image_path(split, i),
+                  'image_missing': False, 'question': q, 'answer': a, 'image_id': i}
+      return
+    by_image: dict[int, list[tuple[str, str]]] = {}
+    for q, a, i in questions:
+      by_image.setdefault(i, []).append((q, a))
+    ids = image_ids(split)
+    groups = facts_lib.document_groups(ids, split)[:limit] if config.kind == 'interleaved' else None
+    wanted = sorted({i for g in groups for i in g}) if groups is not None else ids[:limit]
+    data = {i: _image_bytes(split, i) for i in wanted}
+    facts = {i: facts_lib.image_facts(_pixels(data[i]), by_image.get(i, ())) for i in wanted}
+
+    if config.kind == 'captions':
+      for i in wanted:
+        f = facts[i]
+        yield i, {'image': data[i], 'image_path': _image_path(split, i), 'image_missing': False,
+                  'text': f.caption, 'image_id': i, 'color': f.color, 'shape': f.shape,
+                  'size': f.size}
+    elif config.kind == 'interleaved':
+      for n, group in enumerate(groups):
+        yield n, {'text': facts_lib.document_text(group, facts, split),
+                  'images': [data[i] for i in group],
+                  'image_paths': [_image_path(split, i) for i in group],
+                  'image_missing': [False] * len(group), 'image_ids': list(group)}
+    elif config.kind == 'video':
+      for i in wanted:
+        motion = facts_lib.motion_of(i)
+        with Image.open(io.BytesIO(data[i])) as im:
+          frames = facts_lib.clip_frames(im.convert('RGB'), motion, config.num_frames)
+        yield i, {'frames': [_png(f) for f in frames],
+                  'frame_paths': [f'{_image_path(split, i)}#frame{t}' for t in range(len(frames))],
+                  'frame_missing': [False] * len(frames),
+                  'text': f'the camera {motion} {facts[i].caption}', 'image_id': i,
+                  'motion': motion}
+    else:
+      raise ValueError(f'easy_vqa: unknown kind {config.kind!r}; expected one of {KINDS}')

@@ -1,0 +1,106 @@
+"""Interleaved image-text documents (M3W-like): one document -> arrays of a batch row.
+
+Shapes: T max_tokens (256 in the paper), N max_images (5 in the paper), S image side; F=1.
+
+A stored document is a text with one `<image>` marker per image (see `builders/jsonl.py`). Its
+sequence: `<BOS>`, then the text chunks and images in order, with `<EOC>` closing every text chunk
+that is followed by an image and at the end, then `<EOS>`:
+  "A cat. <image> It sleeps." -> [BOS, A, cat, ., EOC, <image>, It, sleeps, ., EOC, EOS]
+(the text before the first marker is stripped; a chunk after a marker keeps its leading space, which
+is how a BPE tokenizer sees running text). Then:
+  1. token budget: the sequence is cut to its first T+1 ids (note 'truncated_tokens');
+  2. image budget: with more than N markers left, the sequence is cut right before the (N+1)-th
+     marker, so no token is left that would follow (and attend to) a dropped image
+     (note 'truncated_images');
+  3. trailing `<image>` markers (an image with no text after it) are removed.
+The kept images are the first ones, one per kept marker; padded media slots are zeros with
+media_mask False. Dropped: marker count != image count ('image_count_mismatch'), no image at all
+('no_image'), no image left after the cuts ('no_image_in_budget'), no text ('empty_text'), or a bad
+kept image (its reason). Images past the budget are never decoded. The paper's p_next (attend to
+the next image, per sequence) is drawn with probability `p_next` in training.
+"""
+from typing import Any, Mapping
+
+import numpy as np
+
+from flamingo_jax.data import preprocess
+from flamingo_jax.data import sequence
+from flamingo_jax.data.sequence import Dropped
+
+IMAGE_MARKER = '<image>'
+
+
+def document_sequence(text: str, tokenizer, *, max_len: int) -> tuple[list[int], bool]:
+  """(ids of the whole document or its first > max_len ids, whether it was longer than max_len)."""
+  chunks = text.split(IMAGE_MARKER)
+  seq = [tokenizer.bos_id]
+  closed = (tokenizer.bos_id, tokenizer.eoc_id, tokenizer.image_id)
+  for i, chunk in enumerate(chunks):
+    if i > 0:
+      if seq[-1] not in closed:
+        seq.append(tokenizer.eoc_id)
+      seq.append(tokenizer.image_id)
+    chunk = chunk.strip() if i == 0 else chunk.rstrip()
+    if chunk.strip():
+      seq += tokenizer.encode(chunk)
+    if len(seq) > max_len:
+      return seq, True
+  if seq[-1] not in closed:
+    seq.append(tokenizer.eoc_id)
+  seq.append(tokenizer.eos_id)
+  return seq, len(seq) > max_len
+
+
+def truncate(seq: list[int], *, image_id: int, max_len: int,
+             max_images: int) -> tuple[list[int], list[str]]:
+  """Applies the token budget, the image budget and removes trailing markers; returns notes."""
+  notes = []
+  if len(seq) > max_len:
+    seq = seq[:max_len]
+    notes.append('truncated_tokens')
+  markers = [t for t, token in enumerate(seq) if token == image_id]
+  if len(markers) > max_images:
+    seq = seq[:markers[max_images]]
+    notes.append('truncated_images')
+  while seq and seq[-1] == image_id:
+    seq = seq[:-1]
+  return seq, notes
+
+
+def process_document(example: Mapping[str, Any], rng: np.random.Generator | None, *, tokenizer,
+                     image_options: preprocess.ImageOptions, max_tokens: int, max_images: int,
+                     p_next: float = 0.0, **unused) -> tuple[dict[str, np.ndarray], int]:
+  """One document -> ({images [N,1,S,S,3], media_mask [N], text arrays [T]}, notes bits).
+
+  rng None = eval (no augmentation, no p_next). Raises Dropped for a bad example.
+  """
+  del unused  # text_template, num_frames
+  text = sequence.as_text(example['text'])
+  images = list(example['images'])
+  paths = [sequence.as_text(p) for p in example['image_paths']]
+  missing = [bool(m) for m in example['image_missing']]
+  where = paths[0] if paths else f'document "{text[:40]}"'
+  markers = text.count(IMAGE_MARKER)
+  if markers != len(images):
+    raise Dropped('image_count_mismatch', f'{where}: {markers} <image> markers, {len(images)} images')
+  if not images:
+    raise Dropped('no_image', where)
+  if not text.replace(IMAGE_MARKER, '').strip():
+    raise Dropped('empty_text', where)
+  full, _ = document_sequence(text, tokenizer, max_len=max_tokens + 1)
+  seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=max_tokens + 1,
+                        max_images=max_images)
+  kept = seq.count(tokenizer.image_id)
+  if kept == 0 or len(seq) < 2:
+    raise Dropped('no_image_in_budget', f'{where}: no image in the first {max_tokens + 1} ids')
+  size = image_options.size
+  out = np.zeros([max_images, 1, size, size, 3], np.float32)
+  for n in range(kept):
+    augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
+    out[n, 0] = preprocess.load_image(images[n], missing=missing[n], path=paths[n],
+                                      options=image_options, augment=augment)
+  attend_next = rng is not None and p_next > 0 and rng.random() < p_next
+  arrays = sequence.text_arrays(seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id,
+                                image_id=tokenizer.image_id, attend_next=attend_next)
+  media_mask = np.arange(max_images) < kept
+  return {'images': out, 'media_mask': media_mask, **arrays}, sequence.note_bits(*notes)
