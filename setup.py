@@ -18,6 +18,7 @@ setuptools.setup(
         "tensorflow-datasets>=4.9.10",
         # tfds 4.9.10 imports it for builders defined in packages but does not declare it.
         "importlib_resources",
+        "array_record",           # the TFDS file format the pipelines read by random access
         "orbax-checkpoint>=0.12.8",
         "ml_collections>=1.1.0",
         "numpy>=1.26",

@@ -33,7 +33,10 @@ PAPER_DATASETS = {
     "vtp": (0.03, 512, 32, 1, 8),
 }
 # Mesh per size for TPU v4/v5p slices: 'fsdp' shards params/optimizer state, 'tensor' splits heads/MLP.
-PAPER_MESH = {"3b": {"fsdp": -1}, "9b": {"fsdp": -1, "tensor": 4}, "80b": {"fsdp": -1, "tensor": 8}}
+# 80b: 'fsdp' and 'tensor' must divide the powers-of-two widths, so the factor 3 of the paper's 1536 chips
+# goes on 'data' (data=3, fsdp=64, tensor=8 there; `python -m flamingo_jax.plan` checks the memory).
+PAPER_MESH = {"3b": {"fsdp": -1}, "9b": {"fsdp": -1, "tensor": 4},
+              "80b": {"data": -1, "fsdp": 64, "tensor": 8}}
 
 
 def _paper_data(image_size: int) -> dict:

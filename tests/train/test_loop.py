@@ -103,6 +103,7 @@ def test_sigterm_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
   chex.assert_trees_all_equal(a["frozen"], b["frozen"])
 
 
+@pytest.mark.slow   # two more training processes; save atomicity under SIGKILL is in tests/test_checkpoint.py
 def test_sigkill_then_restart_resumes(uninterrupted, tmp_path):
   straight, _ = uninterrupted
   workdir = str(tmp_path / "run")
