@@ -1,0 +1,282 @@
+"""Text generation from Flamingo, or from its frozen LM at initialisation, with a KV cache.
+
+    python -m flamingo_jax.generate --config configs/flamingo.py:size=smollm2 \\
+        --prompt "The capital of France is" --max_new_tokens 8
+    python -m flamingo_jax.generate --config configs/flamingo.py:size=smollm2 --workdir RUN \\
+        --prompt "<image>Question: What shape is this? Answer:" --image shape.png --beam 3
+
+Params: without `--workdir`, Flamingo at initialisation with the LM from `--lm` (default
+`config.init_from.lm`) swapped in; its gates are 0, so it computes exactly the LM. With `--workdir`,
+the run's latest checkpoint (trainable and frozen params merged). A prompt without images needs only
+the `lm/...` params: the vision encoder is neither initialised, restored nor run.
+
+Prompt: plain text with one `<image>` marker per `--image` (PNG/JPEG, resized keeping the aspect
+ratio and padded to `config.model.image_size`, RGB in [0, 1]). BOS is prepended for a trained run
+(Flamingo's sequences start with it) or when the tokenizer asks for it. Decoding: greedy
+(`--beam 0`) or beam search (`--beam K`), both `eval/decoding.py` over the KV cache, jitted once per
+prompt length; it stops at `<EOC>`, EOS or the document separator. `<image>` is never generated;
+at initialisation `<EOC>` is not either (its embedding is untrained). Prints the continuation.
+Tokenizer: `config.tokenizer`, else the LM source's own (GGUF metadata, or `DIR/tokenizer.json`).
+"""
+import dataclasses
+import os
+import sys
+from typing import Optional, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from flamingo_jax import pretrained
+from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.eval import decoding
+from flamingo_jax.models import flamingo
+from flamingo_jax.models import masking
+
+# Batch axis of every leaf of the LM cache (`models/lm.py: init_cache`) for beam reordering.
+CACHE_BATCH_AXES = {"k": 1, "v": 1, "valid": 0, "index": None, "positions": 0, "last_media": 0,
+                    "xattn_k": 1, "xattn_v": 1, "xattn_owner": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  text: str              # the continuation, without the stop token
+  tokens: tuple          # generated ids, the stop token included
+  score: float           # summed log-prob (greedy) or the length-normalised beam score
+
+
+def load_images(paths: Sequence[str], size: int) -> Optional[np.ndarray]:
+  """float32 [1, N, 1, size, size, 3] in [0, 1] (None for no paths). Raises naming a bad file."""
+  if not paths:
+    return None
+  from flamingo_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (PIL)
+  from flamingo_jax.data import sequence  # pylint: disable=g-import-not-at-top
+  options = preprocess.ImageOptions(size=size)
+  out = []
+  for path in paths:
+    with open(path, "rb") as f:
+      data = f.read()
+    try:
+      out.append(preprocess.load_image(data, missing=False, path=path, options=options))
+    except sequence.Dropped as e:
+      raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
+  return np.stack(out)[None, :, None]
+
+
+def encode_prompt(tokenizer, prompt: str, num_images: int, add_bos: bool) -> list[int]:
+  """Token ids of the prompt (BOS first if `add_bos`). Raises on a marker/image count mismatch."""
+  ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+  markers = ids.count(tokenizer.image_id)
+  if markers != num_images:
+    raise ValueError(f"the prompt has {markers} <image> marker(s) but {num_images} image(s) "
+                     "were given: put one <image> in the prompt per --image")
+  if not ids:
+    raise ValueError("the prompt is empty")
+  return ids
+
+
+class Generator:
+  """Prompt (+ images) -> continuation with the KV cache; one compilation per prompt shape."""
+
+  def __init__(self, model_cfg, params, tokenizer, *, add_bos: bool = False,
+               banned_ids: Sequence[int] = ()):
+    """
+    Args:
+      model_cfg: `config.model`.
+      params: Flamingo params (the `lm/...` modules suffice for prompts without images).
+      tokenizer: `data/tokenizer.py: Tokenizer` with V + E ids.
+      add_bos: prepend `tokenizer.bos_id` to every prompt.
+      banned_ids: ids whose logits are -inf (never generated).
+    """
+    vocab = model_cfg.lm.vocab_size + model_cfg.lm.num_extra_tokens
+    if tokenizer.vocab_size != vocab:
+      raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, config.model.lm "
+                       f"{model_cfg.lm.vocab_size} + {model_cfg.lm.num_extra_tokens} extra")
+    self.model = flamingo.make_model(model_cfg)
+    self.params = jax.device_put(params)
+    self.tokenizer = tokenizer
+    self.add_bos = add_bos
+    self.max_len = int(model_cfg.lm.max_seq_len)
+    self.dtype = flamingo.DTYPES[model_cfg.dtype]
+    self.banned = tuple(sorted({int(i) for i in banned_ids}))
+    stops = {tokenizer.eoc_id, tokenizer.eos_id}
+    if not tokenizer.add_bos:  # then bos_id is the document separator: a document ends there
+      stops.add(tokenizer.bos_id)
+    self.stop_ids = tuple(sorted(stops - set(self.banned)))
+    cache = jax.eval_shape(lambda: self.model.init_cache(1, 1, 0))
+    self.cache_batch_axes = {k: a for k, a in CACHE_BATCH_AXES.items() if k in cache}
+    self._fns = {}  # max_new_tokens -> (prefill, decode_step): the same objects hit the jit cache
+
+  def functions(self, max_new_tokens: int):
+    """(prefill, decode_step) for `eval/decoding.py`; the cache has room for `max_new_tokens`."""
+    if max_new_tokens not in self._fns:
+      self._fns[max_new_tokens] = self._make_functions(max_new_tokens)
+    return self._fns[max_new_tokens]
+
+  def _make_functions(self, max_new_tokens):
+    model, banned, dtype = self.model, self.banned, self.dtype
+    image_id = self.tokenizer.image_id
+
+    def mask(logits):
+      return logits.at[..., banned].set(-jnp.inf) if banned else logits
+
+    def prefill(params, tokens, token_mask, images=None):
+      """tokens, token_mask [B,T]; images [B,N,1,H,W,3] or None -> (logits [B,T,V+E], cache)."""
+      b, t = tokens.shape
+      num_media = 0 if images is None else images.shape[1]
+      cache = model.init_cache(b, t + max_new_tokens, num_media, dtype)
+      visual = media_index = None
+      if images is not None:
+        visual = model.encode_media(params, None, images)
+        media_index = masking.media_index_from_tokens(tokens, image_id)
+      logits, cache = model.lm_forward(params, None, tokens, visual, media_index, token_mask,
+                                       cache, False)
+      return mask(logits), cache
+
+    def decode_step(params, tokens, cache):
+      """tokens [B,1] -> (logits [B,1,V+E], cache): keeps attending to the prompt's last image."""
+      logits, cache = model.lm_forward(params, None, tokens, None, None, None, cache, False)
+      return mask(logits), cache
+
+    return prefill, decode_step
+
+  def encode_prompt(self, prompt: str, num_images: int) -> list[int]:
+    return encode_prompt(self.tokenizer, prompt, num_images, self.add_bos)
+
+  def generate(self, prompt: str, images: Optional[np.ndarray] = None, *,
+               max_new_tokens: int = 32, beam: int = 0, alpha: float = 0.0,
+               params=None) -> Generation:
+    """Continues `prompt`.
+
+    Args:
+      prompt: text with one `<image>` per image.
+      images: float32 [1, N, 1, H, W, 3] in [0, 1] (see `load_images`), or None.
+      max_new_tokens: N.
+      beam: 0 = greedy; K >= 1 = beam search with K beams (K = 1, alpha = 0 equals greedy).
+      alpha: beam search length penalty exponent.
+      params: use these instead of the constructor's (same tree: reuses the compilation).
+    """
+    num_images = 0 if images is None else images.shape[1]
+    ids = self.encode_prompt(prompt, num_images)
+    if len(ids) + max_new_tokens > self.max_len:
+      raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed "
+                       f"config.model.lm.max_seq_len={self.max_len}")
+    tokens = jnp.asarray([ids], jnp.int32)
+    token_mask = jnp.ones(tokens.shape, bool)
+    prefill, decode_step = self.functions(max_new_tokens)
+    params = self.params if params is None else params
+    kw = dict(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
+              prefill_inputs=None if images is None else {"images": jnp.asarray(images)})
+    if beam <= 0:
+      out = decoding.greedy_decode(prefill, decode_step, params, tokens, token_mask, **kw)
+    else:
+      out = decoding.beam_search(prefill, decode_step, params, tokens, token_mask, num_beams=beam,
+                                 alpha=alpha, cache_batch_axes=self.cache_batch_axes, **kw)
+    out = jax.device_get(out)
+    new = [int(t) for t in out.tokens[0, :int(out.lengths[0])]]
+    text_ids = new[:-1] if new and new[-1] in self.stop_ids else new
+    return Generation(text=self.tokenizer.decode(text_ids), tokens=tuple(new),
+                      score=float(out.scores[0]))
+
+
+def make_tokenizer(config_tokenizer: str, lm_spec: str) -> tokenizer_lib.Tokenizer:
+  """`config.tokenizer` ('smollm2' | 'gguf:PATH' | 'hf:PATH/tokenizer.json'), else the LM's own."""
+  spec = config_tokenizer
+  if not spec:
+    kind, path = pretrained.parse_spec(lm_spec) if lm_spec else ("", "")
+    if kind == "gguf":
+      spec = f"gguf:{path}"
+    elif kind == "hf" and os.path.exists(os.path.join(path, "tokenizer.json")):
+      spec = f"hf:{os.path.join(path, 'tokenizer.json')}"
+    else:
+      raise ValueError(f"config.tokenizer is empty and the LM source {lm_spec!r} holds no "
+                       "tokenizer: pass --config.tokenizer=hf:PATH/tokenizer.json (or gguf:PATH)")
+  if spec == "smollm2":
+    return tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(
+        pretrained.parse_spec("smollm2")[1]))
+  kind, _, path = spec.partition(":")
+  if kind == "gguf":
+    return tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(path))
+  if kind == "hf":
+    return tokenizer_lib.Tokenizer.from_hf(path)
+  raise ValueError(f"tokenizer {spec!r}: expected 'smollm2', 'gguf:PATH' or 'hf:PATH'")
+
+
+def restore_params(model_cfg, workdir: str, text_only: bool) -> dict:
+  """The latest checkpoint's params (trainable and frozen merged) as numpy fp32."""
+  from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  if checkpoint_lib.latest_checkpoint_step(workdir) is None:
+    raise FileNotFoundError(f"--workdir {workdir}: no complete checkpoint under "
+                            f"{os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)}")
+  shapes = pretrained.param_shapes(model_cfg, text_only)
+  template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
+  return checkpoint_lib.load_params_subset(workdir, r"^lm/" if text_only else r".*", template,
+                                           kind="checkpoint")
+
+
+def run(config, *, prompt: str, image_paths: Sequence[str] = (), workdir: Optional[str] = None,
+        lm: Optional[str] = None, max_new_tokens: int = 32, beam: int = 0, alpha: float = 0.0,
+        seed: int = 0) -> Generation:
+  """What the command line does, minus the printing (see the module docstring).
+
+  With `workdir`, `lm` only names where the tokenizer comes from when `config.tokenizer` is empty.
+  """
+  model_cfg = config.model
+  lm_spec = lm or config.init_from.lm
+  if not workdir and not lm_spec:
+    raise ValueError("no params: pass --workdir RUN, or --lm (config.init_from.lm is empty)")
+  tokenizer = make_tokenizer(config.tokenizer, lm_spec)
+  add_bos = bool(workdir) or tokenizer.add_bos
+  encode_prompt(tokenizer, prompt, len(image_paths), add_bos)  # fail before the slow parts
+  images = load_images(image_paths, model_cfg.image_size)
+  text_only = images is None
+  if workdir:
+    params = restore_params(model_cfg, workdir, text_only)
+    banned = [tokenizer.image_id]
+  else:
+    params = pretrained.init_flamingo_with_lm(model_cfg, lm_spec, jax.random.PRNGKey(seed),
+                                              text_only=text_only)
+    banned = [tokenizer.image_id, tokenizer.eoc_id]
+  generator = Generator(model_cfg, params, tokenizer, add_bos=add_bos, banned_ids=banned)
+  return generator.generate(prompt, images, max_new_tokens=max_new_tokens, beam=beam, alpha=alpha)
+
+
+def _define_flags() -> dict:
+  """The command-line flags (defined only when run as a program: importing defines nothing)."""
+  return dict(
+      config=config_flags.DEFINE_config_file(
+          "config", None, "e.g. configs/flamingo.py:size=smollm2", lock_config=True),
+      workdir=flags.DEFINE_string("workdir", None, "Run to restore (latest checkpoint); default: "
+                                  "Flamingo at init == the frozen LM."),
+      prompt=flags.DEFINE_string("prompt", None, "Prompt text; one <image> marker per --image."),
+      image=flags.DEFINE_multi_string("image", None, "PNG/JPEG file (repeat for several)."),
+      max_new_tokens=flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most."),
+      beam=flags.DEFINE_integer("beam", 0, "0: greedy; K >= 1: beam search with K beams."),
+      alpha=flags.DEFINE_float("alpha", 0.0, "Beam search length penalty exponent."),
+      lm=flags.DEFINE_string("lm", None, "LM source without --workdir: smollm2 | gguf:PATH | "
+                             "hf:DIR | converted:DIR (default: config.init_from.lm)."),
+      seed=flags.DEFINE_integer("seed", 0, "Init seed of the (gated, inactive) Flamingo parts."),
+  )
+
+
+def main():
+  f = _define_flags()
+  flags.mark_flags_as_required(["config", "prompt"])
+
+  def _main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    out = run(f["config"].value, prompt=f["prompt"].value, image_paths=f["image"].value or (),
+              workdir=f["workdir"].value, lm=f["lm"].value,
+              max_new_tokens=f["max_new_tokens"].value, beam=f["beam"].value,
+              alpha=f["alpha"].value, seed=f["seed"].value)
+    print(out.text, flush=True)
+
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
