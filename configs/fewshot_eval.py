@@ -2,18 +2,20 @@
 
     python -m flamingo_jax.evaluate --config configs/fewshot_eval.py --workdir runs/main/flamingo \
         --config.data_dir=runs/main/tfds
-    python -m flamingo_jax.evaluate --config configs/fewshot_eval.py:tasks=easy_vqa,shots=0.4,seeds=1 \
+    python -m flamingo_jax.evaluate --config configs/fewshot_eval.py:shots=0.4,seeds=1 \
         --workdir runs/main/flamingo --config.num_queries=200 --config.selection='("random",)'
 
 Arguments (`:key=value,...`; lists separated by '.' since ',' separates the arguments):
   tasks  evaluators (flamingo_jax/eval/evaluators.py: EVALUATORS), default easy_vqa
   shots  e.g. 0.4.8.16 (the default; 32 is allowed)
   seeds  number of seeds 0..n-1 (default 3)
-  runlocal=True  a seconds-long smoke run (few queries, 0/2 shots, one seed, greedy)
+  runlocal=True  a quick smoke run (easy_vqa built from 200 records per split, 16 queries,
+                 0 and 2 shots, one seed, greedy)
 
 The run's own `config.json` gives the model and tokenizer. Without a checkpoint in `--workdir`, the
 Flamingo is evaluated at initialisation with the frozen LM of `lm` (its gates are 0: it computes the
-LM), which gives the baselines.
+LM), which gives the baselines. The default (4 shot counts x 2 selections x 3 seeds + the text-only
+runs, 500 questions each) takes hours on a 2-core CPU: `shots=0.4,seeds=1` for a quick look.
 """
 import ml_collections
 
@@ -27,11 +29,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                  "runlocal": False})
   config = ml_collections.ConfigDict()
   config.data_dir = "runs/tfds"              # TFDS data_dir of the easy_vqa builders
-  config.tasks = [t for t in args["tasks"].split(".") if t]
-  config.shots = [int(s) for s in args["shots"].split(".") if s]
-  config.num_queries = 500                   # test questions per task (fewer when the split is smaller)
-  config.seeds = list(range(args["seeds"]))  # support sampling / prompt order; mean and std over them
-  config.selection = ["random", "rices"]     # in-context example selection; 0-shot is always random
+  config.tasks = tuple(t for t in args["tasks"].split(".") if t)
+  config.shots = tuple(int(s) for s in args["shots"].split(".") if s)
+  config.num_queries = 500                   # test queries per task (all when the split is smaller)
+  config.seeds = tuple(range(args["seeds"]))  # support draws / prompt orders; mean, std over them
+  config.selection = ("random", "rices")     # in-context example selection; 0-shot is always random
   config.beam = 3                            # beam size of open-ended decoding (1 = greedy)
   config.length_penalty = 0.0                # GNMT alpha of beam search (0: summed log-prob)
   config.max_new_tokens = 8                  # open-ended VQA answers
@@ -42,30 +44,35 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.prompt_bucket = 32                  # prompts are left-padded to a multiple of this length
   config.num_prompts = 3                     # close-ended prompt ensembling: support permutations
   config.text_only_baseline = True           # the same prompts through the frozen LM, no images
+  config.text_only_format = "lm"             # 'lm': as plain text (<image> dropped, <EOC> -> a
+                                             # newline); 'flamingo': the identical token sequence
   config.video_frames = 16                   # > the 8 frames of training (temporal interpolation)
   config.lm = "auto"                         # LM when there is no checkpoint: 'auto' (the run's
                                              # init_from.lm, else 'smollm2'), 'none', or a spec
   config.model_size = "smollm2"              # model when the workdir has no config.json
   config.tokenizer = ""                      # '' = the run's config.tokenizer (else 'smollm2')
   config.seed = 0                            # init of the untrained parts when no checkpoint
-  # Per-task options (num_queries -1 = config.num_queries). JSONL files: {"image": path,
-  # "question": ..., "answers": [...]} or {"image": path, "captions": [...]}, paths relative to
-  # the file; `support` gives the in-context examples, `queries` the evaluated ones.
+  # Per-task options: num_queries (-1 = config.num_queries); easy_vqa: max_examples (-1 = all; else
+  # a small build of the first n records per split); JSONL files {"image": path, "question": ...,
+  # "answers": [...]} or {"image": path, "captions": [...]}, paths relative to the file: `support`
+  # gives the in-context examples, `queries` the evaluated ones.
   config.task_options = dict(
-      easy_vqa=dict(num_queries=-1),
-      easy_vqa_captions=dict(num_queries=-1),
-      easy_vqa_color=dict(num_queries=100),
-      easy_vqa_shape=dict(num_queries=100),
-      easy_vqa_video=dict(num_queries=100),
+      easy_vqa=dict(num_queries=-1, max_examples=-1),
+      easy_vqa_captions=dict(num_queries=-1, max_examples=-1),
+      easy_vqa_color=dict(num_queries=100, max_examples=-1),
+      easy_vqa_shape=dict(num_queries=100, max_examples=-1),
+      easy_vqa_video=dict(num_queries=100, max_examples=-1),
       jsonl_vqa=dict(num_queries=-1, support="", queries=""),
       jsonl_captions=dict(num_queries=-1, support="", queries=""),
   )
   if args["runlocal"]:
     config.num_queries = 16
-    config.shots = [0, 2]
-    config.seeds = [0]
+    config.shots = (0, 2)
+    config.seeds = (0,)
     config.beam = 1
     config.batch_size = 8
-    for options in config.task_options.values():
+    for name, options in config.task_options.items():
       options.num_queries = -1
+      if name.startswith("easy_vqa"):
+        options.max_examples = 200
   return common.finish(config)
