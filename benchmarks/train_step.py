@@ -76,19 +76,29 @@ def feature_objective(model) -> objectives.Objective:
   return objectives.Objective("features", init, loss_sum, lambda p: {})
 
 
-def run_jax(dtype: str, steps: int) -> dict:
+def model_config(dtype: str):
+  """The benchmark's model: SmolLM2 shape, resampler 6 x 64 at width 576, features precomputed."""
   cfg = flamingo.model_config("smollm2")
   cfg.dtype = dtype
   cfg.vision_variant = "test"            # not run: features are precomputed
   with cfg.unlocked():
     cfg.resampler.dim = 576
+  return cfg
+
+
+def optimizer():
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
+
+
+def run_jax(dtype: str, steps: int) -> dict:
+  cfg = model_config(dtype)
   model = flamingo.make_model(cfg)
   objective = feature_objective(model)
   b = batch(cfg)
   params = jax.jit(objective.init)(jax.random.PRNGKey(0), b)
   train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
   frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[dtype])
-  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
+  opt = optimizer()
   state = state_lib.create(train_p, frozen_p, opt, jax.random.PRNGKey(1))
   step = jax.jit(step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}),
                  donate_argnums=0)

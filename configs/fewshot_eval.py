@@ -9,6 +9,8 @@ Arguments (`:key=value,...`; lists separated by '.' since ',' separates the argu
   tasks  evaluators (flamingo_jax/eval/evaluators.py: EVALUATORS), default easy_vqa
   shots  e.g. 0.4.8.16 (the default; 32 is allowed)
   seeds  number of seeds 0..n-1 (default 3)
+  quick=True     the main job's look (launch/local.sh): 300 queries, 0 and 4 shots, random selection,
+                 one seed, greedy; a few minutes on the CPU
   runlocal=True  a quick smoke run (easy_vqa built from 200 records per split, 16 queries,
                  0 and 2 shots, one seed, greedy)
 
@@ -26,7 +28,7 @@ _TASKS = "easy_vqa"
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   args = common.parse_args(arg, {"tasks": _TASKS, "shots": "0.4.8.16", "seeds": 3,
-                                 "runlocal": False})
+                                 "runlocal": False, "quick": False})
   config = ml_collections.ConfigDict()
   config.data_dir = "runs/tfds"              # TFDS data_dir of the easy_vqa builders
   config.tasks = tuple(t for t in args["tasks"].split(".") if t)
@@ -65,6 +67,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       jsonl_vqa=dict(num_queries=-1, support="", queries=""),
       jsonl_captions=dict(num_queries=-1, support="", queries=""),
   )
+  if args["quick"]:
+    config.num_queries = 300
+    config.shots = (0, 4)
+    config.seeds = (0,)
+    config.selection = ("random",)
+    config.beam = 1
   if args["runlocal"]:
     config.num_queries = 16
     config.shots = (0, 2)

@@ -25,6 +25,7 @@ Resume order (`resolve_init`): this workdir's latest checkpoint > `init_from` so
 Params paths are Haiku's 'module/path/name' strings (see docs/ARCHITECTURE.md).
 """
 import json
+import os
 import re
 import signal
 import threading
@@ -123,7 +124,7 @@ class Checkpointer:
       raise ValueError(f'save_interval_steps must be >= 1, got {save_interval_steps}')
     if max_to_keep is not None and int(max_to_keep) < 1:
       raise ValueError(f'max_to_keep must be None or >= 1, got {max_to_keep}')
-    self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
+    self.directory = absolute_path(workdir) / CHECKPOINTS_DIR
     self._config = _config_json(config)
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
@@ -282,6 +283,12 @@ class InitPlan(NamedTuple):
   sources: tuple[InitSource, ...]   # the sources to load ('init_from' only)
 
 
+def absolute_path(path) -> epath.Path:
+  """`path` as an absolute epath (Orbax refuses relative paths); URLs such as gs://... unchanged."""
+  text = os.fspath(path)
+  return epath.Path(text if '://' in text else os.path.abspath(text))
+
+
 def _step_dir(root: epath.Path, step: Optional[int] = None) -> Optional[epath.Path]:
   """The directory of a complete `step` (default: the latest) under an Orbax manager `root`."""
   name_format = ocp.path.step.standard_name_format()
@@ -293,7 +300,7 @@ def _step_dir(root: epath.Path, step: Optional[int] = None) -> Optional[epath.Pa
 
 def latest_checkpoint_step(workdir) -> Optional[int]:
   """The latest complete step under WORKDIR/checkpoints (no manager, nothing created)."""
-  root = epath.Path(workdir) / CHECKPOINTS_DIR
+  root = absolute_path(workdir) / CHECKPOINTS_DIR
   step_dir = _step_dir(root) if root.exists() else None
   return None if step_dir is None else int(step_dir.name)
 
@@ -310,14 +317,14 @@ def resolve_init(workdir, init_from: Sequence[Mapping[str, Any]] = ()) -> InitPl
   sources = tuple(s if isinstance(s, InitSource) else InitSource.from_dict(s)
                   for s in (init_from or ()))
   for s in sources:
-    if not epath.Path(s.path).exists():
+    if not absolute_path(s.path).exists():
       raise FileNotFoundError(f'init_from path {s.path} does not exist')
   return InitPlan('init_from' if sources else 'fresh', None, sources)
 
 
 def _locate_params(path, kind: Optional[str], step: Optional[int]):
   """(pytree item directory, roots: key tuples of the {module: {name: array}} trees in it)."""
-  p = epath.Path(path)
+  p = absolute_path(path)
   if not p.exists():
     raise FileNotFoundError(f'params source {p} does not exist')
   run_root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).exists() else p

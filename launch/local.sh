@@ -23,6 +23,7 @@ echo "== stage 2: Flamingo training -> ${WORKDIR}/flamingo"
 
 echo "== evaluation -> ${WORKDIR}/flamingo/eval"
 # shellcheck disable=SC2086
-"${PY}" -m flamingo_jax.evaluate --config configs/fewshot_eval.py \
+"${PY}" -m flamingo_jax.evaluate --config configs/fewshot_eval.py:quick=True \
   --workdir "${WORKDIR}/flamingo" --config.data_dir="${WORKDIR}/tfds" ${FLAGS_EVAL:-}
-echo "== done: ${WORKDIR}/flamingo/eval/results.json"
+echo "== done: ${WORKDIR}/flamingo/eval/results.json (the full 0/4/8/16-shot, random + RICES sweep:"
+echo "   ${PY} -m flamingo_jax.evaluate --config configs/fewshot_eval.py:seeds=1 --workdir ${WORKDIR}/flamingo --config.data_dir=${WORKDIR}/tfds)"

@@ -87,6 +87,22 @@ def test_round_trip_bit_identical_with_data_and_config(tmp_path):
       ckpt.restore(state_template=state._replace(frozen={}))
 
 
+def test_relative_workdir_saves_restores_and_inits(tmp_path, monkeypatch):
+  # Orbax refuses relative paths; `launch/local.sh runs/main` passes one.
+  monkeypatch.chdir(tmp_path)
+  state = _state()
+  with checkpoint.Checkpointer('runs/rel', config={'a': 1}) as ckpt:
+    assert ckpt.save(7, state, {'step': 7}, force=True)
+    ckpt.wait()
+  assert checkpoint.latest_checkpoint_step('runs/rel') == 7
+  source = {'path': 'runs/rel', 'kind': 'checkpoint', 'select': '.*'}
+  assert checkpoint.resolve_init('runs/other', [source]).which == 'init_from'
+  with checkpoint.Checkpointer('runs/rel') as ckpt:
+    restored, data = ckpt.restore(state_template=state)
+  _assert_identical(restored, state)
+  assert data == {'step': 7}
+
+
 def test_interval_keep_policy_and_idempotent_save(tmp_path):
   state = _state()
   with checkpoint.Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2) as ckpt:

@@ -91,6 +91,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       lm=dict(s["lm"], num_extra_tokens=2), xattn=dict(s["xattn"]), resampler=dict(s["resampler"]),
       dtype="float32",        # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",           # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
+      scan_unroll=1,          # layer groups per scan iteration (>= number of groups: fully unrolled)
       freeze_vision=True,     # stop gradients at the vision encoder's output
   ))
 
@@ -104,6 +105,7 @@ class Configs:
   dtype: Any
   remat: str
   freeze_vision: bool
+  scan_unroll: int = 1
 
 
 def parse_configs(cfg) -> Configs:
@@ -114,7 +116,7 @@ def parse_configs(cfg) -> Configs:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
   return Configs(lm=lm_lib.LMConfig.from_dict(cfg.lm), xattn=xattn, resampler=res,
                  vision_variant=cfg.vision_variant, dtype=DTYPES[cfg.dtype], remat=cfg.remat,
-                 freeze_vision=cfg.freeze_vision)
+                 freeze_vision=cfg.freeze_vision, scan_unroll=int(cfg.get("scan_unroll", 1)))
 
 
 class _Flamingo:
@@ -125,7 +127,8 @@ class _Flamingo:
     self.vision = nfnet.NFNet(c.vision_variant, dtype=c.dtype, name="vision_encoder")
     self.resampler = resampler_lib.PerceiverResampler(c.resampler, dtype=c.dtype,
                                                       name="perceiver_resampler")
-    self.lm = lm_lib.DecoderLM(c.lm, c.xattn, dtype=c.dtype, remat=c.remat, name="lm")
+    self.lm = lm_lib.DecoderLM(c.lm, c.xattn, dtype=c.dtype, remat=c.remat,
+                               scan_unroll=c.scan_unroll, name="lm")
 
   def vision_features(self, images):
     """images [B, H, W, 3] -> pooled [B, Dv] (frozen encoder, eval mode)."""
