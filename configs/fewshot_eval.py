@@ -9,7 +9,7 @@ Arguments (`:key=value,...`; lists separated by '.' since ',' separates the argu
   tasks  evaluators (flamingo_jax/eval/evaluators.py: EVALUATORS), default easy_vqa
   shots  e.g. 0.4.8.16 (the default; 32 is allowed)
   seeds  number of seeds 0..n-1 (default 3)
-  quick=True     the main job's look (launch/local.sh): 300 queries, 0 and 4 shots, random selection,
+  quick=True     the main job's look (launch/local.sh): 200 queries, 0 and 4 shots, random selection,
                  one seed, greedy; a few minutes on the CPU
   runlocal=True  a quick smoke run (easy_vqa built from 200 records per split, 16 queries,
                  0 and 2 shots, one seed, greedy)
@@ -68,7 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       jsonl_captions=dict(num_queries=-1, support="", queries=""),
   )
   if args["quick"]:
-    config.num_queries = 300
+    config.num_queries = 200
     config.shots = (0, 4)
     config.seeds = (0,)
     config.selection = ("random",)

@@ -106,7 +106,7 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     config.model.resampler.num_latents = 16
     config.model.resampler.depth = 2
     config.mesh = dict(shape={"data": -1})
-    steps = args["steps"] or 130
+    steps = args["steps"] or 110
     config.optim = common.optim(lr=1e-3, warmup_steps=10, total_steps=steps)
     config.train = common.train(steps, log_every=10, checkpoint_every=50)
     config.tokenizer = "smollm2"

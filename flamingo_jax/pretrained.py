@@ -123,6 +123,30 @@ def check_lm_config(source_config: Mapping[str, Any], model_lm_config: Mapping[s
                      "\n(pick the matching config.model size or LM source)")
 
 
+def init_new_token_rows(params: Mapping[str, Mapping[str, Any]], end_id: int) -> dict:
+  """A copy of `params` whose new token rows start from the pretrained LM's own rows.
+
+  `<image>` (extra row 0) starts at the mean input embedding and `<EOC>` (extra row 1) at the row of
+  the LM's end token `end_id` (input and, when untied, output side), so at the start of training the
+  LM already predicts `<EOC>` where it would end a text. From random rows the new-token loss dominates
+  the first steps, and the trainable visual path learns an image-independent offset for it (on the
+  easy-VQA main job the resampler's output stopped varying with the image within 40 steps).
+  """
+  out = {module: dict(leaves) for module, leaves in params.items()}
+  table = np.asarray(params["lm/embed"]["embeddings"], np.float32)
+  extra = np.array(params["lm/extra_embed"]["embeddings"], np.float32)
+  extra[0] = table.mean(axis=0)
+  extra[1] = table[end_id]
+  out["lm/extra_embed"]["embeddings"] = extra.astype(np.asarray(params["lm/extra_embed"]["embeddings"]).dtype)
+  if "lm/extra_unembed" in params:
+    unembed = np.asarray(params["lm/unembed"]["w"], np.float32)
+    extra_out = np.array(params["lm/extra_unembed"]["w"], np.float32)
+    extra_out[:, 0] = unembed.mean(axis=1)
+    extra_out[:, 1] = unembed[:, end_id]
+    out["lm/extra_unembed"]["w"] = extra_out.astype(np.asarray(params["lm/extra_unembed"]["w"]).dtype)
+  return out
+
+
 def merge_lm_params(flamingo_params: Mapping[str, Mapping[str, Any]],
                     lm_params: Mapping[str, Mapping[str, Any]], *,
                     source_config: Optional[Mapping[str, Any]] = None,

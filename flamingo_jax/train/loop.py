@@ -7,7 +7,7 @@ Run it with `python -m flamingo_jax.train --config configs/<x>.py[:args] --workd
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from absl import logging
 import jax
@@ -66,8 +66,11 @@ def make_data(config, tokenizer, seed: int):
   raise ValueError(f"config.data.source must be 'mixture' or 'synthetic', got {config.data.source!r}")
 
 
-def _initial_params(config, objective, example, rng):
-  """Fresh params, then the `init_from` sources swapped in (LM weights, stage-1 vision encoder)."""
+def _initial_params(config, objective, example, rng, end_id=None):
+  """Fresh params, then the `init_from` sources swapped in (LM weights, stage-1 vision encoder).
+
+  With LM weights and the tokenizer's end id, the new token rows start from the LM's own rows
+  (`pretrained.init_new_token_rows`)."""
   first = example[sorted(example)[0]]                  # any dataset's batch fixes the param shapes
   small = jax.tree.map(lambda x: x[:1], first)
   params = jax.jit(objective.init)(rng, small)
@@ -77,6 +80,8 @@ def _initial_params(config, objective, example, rng):
     from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
     _, lm_params = pretrained.lm_source_params(init_from.lm, np.float32)
     params = pretrained.merge_lm_params(params, lm_params)
+    if end_id is not None and "lm/extra_embed" in params:
+      params = pretrained.init_new_token_rows(params, end_id)
     logging.info("LM weights from %s", init_from.lm)
   if init_from.vision:
     params = checkpoint_lib.load_params_subset(init_from.vision, r"^vision_encoder/", params)
@@ -84,9 +89,53 @@ def _initial_params(config, objective, example, rng):
   return params
 
 
-def _to_global(batches, mesh):
+def to_global(batches, mesh):
+  """{name: host batch} -> {name: global jax.Array batch} on `mesh` (batch axis over data/fsdp)."""
   return {name: global_batch.host_to_global(b, mesh, partitioning.batch_spec(mesh))
           for name, b in batches.items()}
+
+
+class Setup(NamedTuple):
+  """Everything a run steps with (`build`)."""
+  mesh: jax.sharding.Mesh
+  data: Any                 # the mixture iterator of this process's rows, at step 0
+  example: dict             # its first {dataset: host batch} (fixes shapes)
+  state: state_lib.TrainState   # initial state, placed with `state_shardings`
+  state_shardings: Any
+  step: Callable            # the jitted, sharded train step: (state, global batches) -> (state, metrics)
+
+
+def build(config, tokenizer=None) -> Setup:
+  """Mesh, data, initial state (fresh params + `init_from` sources) and the jitted step of a config.
+
+  The abstract shapes come from the data's first batch; the data iterator is rewound to step 0.
+  Collective under multi-host: every process calls it."""
+  mesh = mesh_lib.create_mesh(config.mesh.shape)
+  special = [] if tokenizer is None else [tokenizer.image_id, tokenizer.eoc_id, tokenizer.bos_id,
+                                          tokenizer.eos_id]
+  objective = objectives_lib.make_objective(config, special)
+  data = make_data(config, tokenizer, config.train.seed)
+  example = next(data)
+  data.set_state({**data.get_state(), "step": 0})
+
+  rng = jax.random.PRNGKey(config.train.seed)
+  params = _initial_params(config, objective, example, rng,
+                           None if tokenizer is None else tokenizer.eos_id)
+  train_p, frozen_p = trainable_lib.split(params, config.trainable, config.frozen)
+  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
+  optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
+  state = state_lib.create(train_p, frozen_p, optimizer, jax.random.fold_in(rng, 1))
+  state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
+  state = jax.device_put(state, state_sh)
+
+  datasets = {name: dict(weight=data.weights[name],
+                         micro_batches=int(config.train.micro_batches.get(name, 1)))
+              for name in data.weights}
+  schedule = optimizer_lib.learning_rate_schedule(config.optim)
+  step_fn = step_lib.make_train_step(objective, optimizer, datasets, schedule)
+  batch_sh = partitioning.batch_shardings(to_global(example, mesh), mesh)
+  jitted = partitioning.jit_train_step(step_fn, state_sh, batch_sh)
+  return Setup(mesh, data, example, state, state_sh, jitted)
 
 
 def _format_line(step, total, metrics, rate, examples_per_s, eta_s):
@@ -107,24 +156,8 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=1))
-  mesh = mesh_lib.create_mesh(config.mesh.shape)
-  tokenizer = make_tokenizer(config.tokenizer)
-  special = [] if tokenizer is None else [tokenizer.image_id, tokenizer.eoc_id, tokenizer.bos_id,
-                                          tokenizer.eos_id]
-  objective = objectives_lib.make_objective(config, special)
-  data = make_data(config, tokenizer, config.train.seed)
-  example = next(data)
-  data.set_state({**data.get_state(), "step": 0})
-
-  # Abstract state first: shardings come from shapes, nothing is allocated twice.
-  rng = jax.random.PRNGKey(config.train.seed)
-  params = _initial_params(config, objective, example, rng)
-  train_p, frozen_p = trainable_lib.split(params, config.trainable, config.frozen)
-  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
-  optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
-  state = state_lib.create(train_p, frozen_p, optimizer, jax.random.fold_in(rng, 1))
-  state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
-  state = jax.device_put(state, state_sh)
+  setup = build(config, make_tokenizer(config.tokenizer))
+  mesh, data, state, jitted = setup.mesh, setup.data, setup.state, setup.step
 
   ckpt = checkpoint_lib.Checkpointer(workdir, save_interval_steps=config.train.checkpoint_every,
                                      max_to_keep=config.train.keep_checkpoints, config=config)
@@ -132,14 +165,6 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
     state, data_state = ckpt.restore(state_template=state)
     data.set_state(data_state)
     logging.info("resumed from %s at step %d", workdir, int(state.step))
-
-  datasets = {name: dict(weight=data.weights[name],
-                         micro_batches=int(config.train.micro_batches.get(name, 1)))
-              for name in data.weights}
-  schedule = optimizer_lib.learning_rate_schedule(config.optim)
-  step_fn = step_lib.make_train_step(objective, optimizer, datasets, schedule)
-  batch_sh = partitioning.batch_shardings(_to_global(example, mesh), mesh)
-  jitted = partitioning.jit_train_step(step_fn, state_sh, batch_sh)
 
   writer = metrics_writer.MetricsWriter(workdir)
   uninstall = checkpoint_lib.install_preemption_handler()
@@ -149,7 +174,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
   last, t0, t_last, steps_done = {}, time.time(), time.time(), 0
   try:
     for step in range(start, total):
-      batches = _to_global(next(data), mesh)
+      batches = to_global(next(data), mesh)
       state, metrics = jitted(state, batches)
       steps_done += 1
       done = step + 1

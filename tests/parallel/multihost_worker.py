@@ -67,43 +67,14 @@ def run_step(config) -> dict:
   process): `loss`, `grad_norm`, `init/<param path>`, `new/<param path>`, `global/<dataset>/<key>` and
   `host<p>/<dataset>/<key>` for every process p.
   """
-  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.models import flamingo
-  from flamingo_jax.parallel import mesh as mesh_lib
-  from flamingo_jax.train import loop
-  from flamingo_jax.train import objectives as objectives_lib
-  from flamingo_jax.train import optimizer as optimizer_lib
-  from flamingo_jax.train import partitioning
-  from flamingo_jax.train import state as state_lib
-  from flamingo_jax.train import step as step_lib
-  from flamingo_jax.train import trainable as trainable_lib
-  # pylint: enable=g-import-not-at-top
+  from flamingo_jax.train import loop  # pylint: disable=g-import-not-at-top
 
-  # The same sequence as loop.train, minus checkpoints and metrics files.
-  mesh = mesh_lib.create_mesh(config.mesh.shape)
-  objective = objectives_lib.make_objective(config, [])
-  data = loop.make_data(config, None, config.train.seed)   # rows of this process only
-  example = next(data)
-  data.set_state({**data.get_state(), "step": 0})
-  rng = jax.random.PRNGKey(config.train.seed)
-  params = loop._initial_params(config, objective, example, rng)  # pylint: disable=protected-access
-  train_p, frozen_p = trainable_lib.split(params, config.trainable, config.frozen)
-  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
-  optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
-  state = state_lib.create(train_p, frozen_p, optimizer, jax.random.fold_in(rng, 1))
-  state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
-  state = jax.device_put(state, state_sh)
+  # The loop's own set-up (minus checkpoints and metrics files); the data holds this process's rows.
+  setup = loop.build(config)
+  state, data, jitted = setup.state, setup.data, setup.step
   init_params = _gather(state.params)
-
-  datasets = {name: dict(weight=data.weights[name],
-                         micro_batches=int(config.train.micro_batches.get(name, 1)))
-              for name in data.weights}
-  step_fn = step_lib.make_train_step(objective, optimizer, datasets,
-                                     optimizer_lib.learning_rate_schedule(config.optim))
   host_batches = next(data)
-  batches = loop._to_global(host_batches, mesh)  # pylint: disable=protected-access
-  batch_sh = partitioning.batch_shardings(batches, mesh)
-  jitted = partitioning.jit_train_step(step_fn, state_sh, batch_sh)
+  batches = loop.to_global(host_batches, setup.mesh)
   state, metrics = jitted(state, batches)
 
   out = {"loss": _gather(metrics["loss"]), "grad_norm": _gather(metrics["grad_norm"])}
