@@ -65,7 +65,6 @@ without 'fsdp' but, until the model constrains its activations, replicates them 
 import json
 import math
 import re
-import sys
 from typing import Any, Mapping, Optional
 
 from absl import app
@@ -321,22 +320,26 @@ def format_table(plan: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/flamingo.py:size=80b.")
-_DEVICES = flags.DEFINE_integer("devices", None, "Number of accelerator chips.")
-_HBM = flags.DEFINE_float("hbm_gib", 32.0, "Memory per chip in GiB (TPU v4: 32).")
-_MESH = flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=3,fsdp=64,tensor=8 (default: "
-                            "the config's mesh.shape).")
-_JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+def main() -> None:
+  """`python -m flamingo_jax.plan`; flags are defined here, not at import (other modules use --config)."""
+  config = config_flags.DEFINE_config_file("config", None,
+                                           "Config file, e.g. configs/flamingo.py:size=80b.")
+  devices = flags.DEFINE_integer("devices", None, "Number of accelerator chips.")
+  hbm = flags.DEFINE_float("hbm_gib", 32.0, "Memory per chip in GiB (TPU v4: 32).")
+  mesh_flag = flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=3,fsdp=64,tensor=8 "
+                                  "(default: the config's mesh.shape).")
+  as_json = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 
+  def _main(argv):
+    del argv
+    if config.value is None or devices.value is None:
+      raise app.UsageError("--config and --devices are required.")
+    mesh = parse_mesh(mesh_flag.value) if mesh_flag.value else None
+    plan = make_plan(config.value, devices.value, hbm.value, mesh)
+    print(json.dumps(plan, indent=1) if as_json.value else format_table(plan))
 
-def main(argv):
-  del argv
-  if _CONFIG.value is None or _DEVICES.value is None:
-    raise app.UsageError("--config and --devices are required.")
-  mesh = parse_mesh(_MESH.value) if _MESH.value else None
-  plan = make_plan(_CONFIG.value, _DEVICES.value, _HBM.value, mesh)
-  print(json.dumps(plan, indent=1) if _JSON.value else format_table(plan))
+  app.run(_main)
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  main()

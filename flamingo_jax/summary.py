@@ -4,7 +4,6 @@
 """
 import json
 import re
-import sys
 
 from absl import app
 from absl import flags
@@ -14,9 +13,6 @@ import numpy as np
 from ml_collections import config_flags
 
 from flamingo_jax.models import flamingo
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/flamingo.py:size=...).")
-_JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 
 # Component -> regex over '/'-joined parameter paths ('module/path/param').
 COMPONENTS = (
@@ -63,17 +59,25 @@ def count_by_component(params, trainable_patterns) -> dict:
   return counts
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  counts = count_by_component(param_shapes(config.model), list(config.trainable))
-  if _JSON.value:
-    print(json.dumps({"size": config.model.size, **counts}, indent=1))
-    return
-  print(f"Flamingo size={config.model.size}")
-  for name, n in counts.items():
-    print(f"  {name:16s} {n:>16,d}  ({n / 1e9:8.3f} B)")
+def main() -> None:
+  """`python -m flamingo_jax.summary`; flags are defined here, not at import (other modules use --config)."""
+  config_flag = config_flags.DEFINE_config_file("config", None,
+                                                "Config file (configs/flamingo.py:size=...).")
+  as_json = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+
+  def _main(argv):
+    del argv
+    config = config_flag.value
+    counts = count_by_component(param_shapes(config.model), list(config.trainable))
+    if as_json.value:
+      print(json.dumps({"size": config.model.size, **counts}, indent=1))
+      return
+    print(f"Flamingo size={config.model.size}")
+    for name, n in counts.items():
+      print(f"  {name:16s} {n:>16,d}  ({n / 1e9:8.3f} B)")
+
+  app.run(_main)
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  main()

@@ -325,3 +325,10 @@ def test_sigterm_sets_preemption_flag():
   assert signal.getsignal(signal.SIGTERM) == before
   checkpoint.install_preemption_handler()()  # installing clears the flag
   assert not checkpoint.preemption_requested()
+
+
+def test_absolute_path_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert str(checkpoint.absolute_path('gs://bucket/runs/80b')) == 'gs://bucket/runs/80b'
+  assert str(checkpoint.absolute_path('runs/main')) == str(tmp_path / 'runs' / 'main')
+  assert str(checkpoint.absolute_path(tmp_path)) == str(tmp_path)
