@@ -71,7 +71,9 @@ class PerceiverResampler(hk.Module):
     def layer(latents):
       return _ResamplerLayer(c, dtype, name="layer")(latents, x)
 
-    latents = hk.layer_stack(c.depth, name="layers")(layer)(latents)
+    # Unrolled: XLA:CPU runs a gradient inside a loop several times slower (benchmarks/README.md);
+    # the params stay stacked under `layers` either way.
+    latents = hk.layer_stack(c.depth, unroll=c.depth, name="layers")(layer)(latents)
     out = hk.LayerNorm(-1, True, True, name="final_norm")(latents)
     return out.reshape(b, n, c.num_latents, c.dim)
 
