@@ -18,6 +18,7 @@ from flamingo_jax.convert import hf_lm
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import masking
+from tests.convert import random_lm
 from tests.models import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,27 +33,11 @@ def _tiny_lm_config() -> dict:
   return lm
 
 
-def _random_lm(config: dict, seed=0) -> dict:
-  rng = np.random.default_rng(seed)
-  d, f, n, v = config["dim"], config["ffw_hidden"], config["num_layers"], config["vocab_size"]
-  q, kv = config["num_heads"] * config["head_dim"], config["num_kv_heads"] * config["head_dim"]
-  w = lambda *s: (rng.standard_normal(s) / np.sqrt(s[-2])).astype(np.float32)
-  return {
-      "lm/embed": {"embeddings": rng.standard_normal((v, d)).astype(np.float32)},
-      "lm/layers": {
-          "attn_norm": (1 + 0.1 * rng.standard_normal((n, d))).astype(np.float32),
-          "mlp_norm": (1 + 0.1 * rng.standard_normal((n, d))).astype(np.float32),
-          "q": w(n, d, q), "k": w(n, d, kv), "v": w(n, d, kv), "o": w(n, q, d),
-          "gate": w(n, d, f), "up": w(n, d, f), "down": w(n, f, d)},
-      "lm/final_norm": {"scale": np.ones(d, np.float32)},
-  }
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   """(config, 'hf:DIR', LM params, tokenizer, PNG path): DIR holds the LM and its tokenizer."""
   directory = tmp_path_factory.mktemp("tiny_lm")
-  lm_params = _random_lm(_tiny_lm_config())
+  lm_params = random_lm.random_params(_tiny_lm_config())
   hf_lm.save_hf_lm(str(directory), _tiny_lm_config(), lm_params)
   base = tokenizers.Tokenizer(tokenizers.models.WordLevel(
       {t: i for i, t in enumerate(WORDS)}, unk_token="<unk>"))

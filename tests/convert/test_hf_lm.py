@@ -13,6 +13,7 @@ import pytest
 from safetensors import numpy as st_numpy
 
 from tests.convert import reference_llama
+from tests.convert.random_lm import random_params
 from flamingo_jax.convert import __main__ as convert_main
 from flamingo_jax.convert import hf_lm
 from flamingo_jax.models import lm as lm_lib
@@ -21,26 +22,6 @@ TINY = dict(vocab_size=40, dim=16, num_layers=3, num_heads=4, num_kv_heads=2, he
             ffw_hidden=24, mlp='swiglu', norm='rms', norm_eps=1e-6, rope_theta=10000.0,
             tie_embeddings=True, max_seq_len=128)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def random_params(config, seed=0):
-  """Random project-layout LM params (numpy float32)."""
-  rng = np.random.default_rng(seed)
-  d, f, l, v = config['dim'], config['ffw_hidden'], config['num_layers'], config['vocab_size']
-  q, kv = config['num_heads'] * config['head_dim'], config['num_kv_heads'] * config['head_dim']
-  w = lambda *s: (rng.standard_normal(s) / np.sqrt(s[-2])).astype(np.float32)
-  params = {
-      'lm/embed': {'embeddings': rng.standard_normal((v, d)).astype(np.float32)},
-      'lm/layers': {
-          'attn_norm': (1 + 0.1 * rng.standard_normal((l, d))).astype(np.float32),
-          'mlp_norm': (1 + 0.1 * rng.standard_normal((l, d))).astype(np.float32),
-          'q': w(l, d, q), 'k': w(l, d, kv), 'v': w(l, d, kv), 'o': w(l, q, d),
-          'gate': w(l, d, f), 'up': w(l, d, f), 'down': w(l, f, d)},
-      'lm/final_norm': {'scale': (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)},
-  }
-  if not config['tie_embeddings']:
-    params['lm/unembed'] = {'w': w(d, v)}
-  return params
 
 
 def project_logits(config, params, tokens):
