@@ -1,7 +1,8 @@
 """Optimisers of the paper (App. B.1.2-3), as optax transformations over the trainable params only.
 
 Flamingo: AdamW, global-norm clipping at 1.0 on the accumulated gradient, weight decay 0.1 except the
-Perceiver Resampler (0), learning rate warmed up linearly from 0 over `warmup_steps` then constant.
+Perceiver Resampler (0), learning rate warmed up linearly from 0 over `warmup_steps` then constant. `lr_multipliers`, a list of
+(regex, factor), scales the step of the matching trainable params (e.g. the tanh gates on a short run).
 Contrastive: Adam(W) with adaptive gradient clipping (AGC, Brock et al. 2021) on the NFNet's parameters.
 """
 import re
@@ -41,4 +42,9 @@ def make_optimizer(cfg, trainable_params) -> optax.GradientTransformation:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=decay_mask))
+  for pattern, factor in cfg.get("lr_multipliers", ()):
+    mask = _path_mask(trainable_params, [pattern], value_if_match=True)
+    if not any(any(leaves.values()) for leaves in mask.values()):
+      raise ValueError(f"optim.lr_multipliers: {pattern!r} matches no trainable parameter")
+    parts.append(optax.masked(optax.scale(float(factor)), mask))
   return optax.chain(*parts)

@@ -1,0 +1,38 @@
+"""The optimiser from a config's `optim` section: per-parameter step multipliers."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import common
+from flamingo_jax.train import optimizer as optimizer_lib
+
+
+def _params():
+  return {"lm/gated_xattn": {"attn_gate": jnp.zeros([2]), "q": jnp.ones([2, 3])},
+          "perceiver_resampler": {"latents": jnp.ones([4, 3])}}
+
+
+def _updates(**optim):
+  cfg = ml_collections.ConfigDict(common.optim(lr=1e-2, warmup_steps=0, **optim))
+  params = _params()
+  opt = optimizer_lib.make_optimizer(cfg, params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  return updates
+
+
+def test_lr_multipliers_scale_only_the_matching_params():
+  plain = _updates()
+  scaled = _updates(lr_multipliers=[(r"_gate$", 30.0), (r"^perceiver_resampler/", 0.5)])
+  np.testing.assert_allclose(scaled["lm/gated_xattn"]["attn_gate"],
+                             30.0 * plain["lm/gated_xattn"]["attn_gate"], rtol=1e-6)
+  np.testing.assert_allclose(scaled["perceiver_resampler"]["latents"],
+                             0.5 * plain["perceiver_resampler"]["latents"], rtol=1e-6)
+  np.testing.assert_array_equal(scaled["lm/gated_xattn"]["q"], plain["lm/gated_xattn"]["q"])
+
+
+def test_lr_multiplier_matching_nothing_is_an_error():
+  with pytest.raises(ValueError, match="matches no trainable parameter"):
+    _updates(lr_multipliers=[(r"^no_such_module/", 2.0)])
