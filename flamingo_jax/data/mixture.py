@@ -28,6 +28,7 @@ Config schema (`ml_collections.ConfigDict`, see `dataset_config` and `easy_vqa_m
     image_size                S (square output; aspect kept, padded with pad_value)
     pad_value, flip, brightness, contrast, saturation      images (`preprocess.ImageOptions`)
     text_template             pairs/video text from the record's fields, e.g. '{text}'
+    loss_from                 pairs: the loss starts at this template field, e.g. 'answer' ('' = all)
     p_next                    per-sequence probability of attending to the next image (training)
     max_drop_ratio, drop_check_after                       bad-input bound (`pipeline.DataError`)
 """
@@ -48,7 +49,7 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
       'weight': 1.0, 'batch_size': 8, 'max_tokens': 32, 'max_images': 1, 'num_frames': 1,
       'image_size': 320, 'pad_value': (0.5, 0.5, 0.5), 'flip': True, 'brightness': 0.1,
       'contrast': 0.1, 'saturation': 0.1, 'text_template': '{text}', 'p_next': 0.0,
-      'max_drop_ratio': 0.05, 'drop_check_after': 200})
+      'loss_from': '', 'max_drop_ratio': 0.05, 'drop_check_after': 200})
   for key, value in overrides.items():
     if key not in config:
       raise KeyError(f'dataset_config: unknown key {key!r}; keys: {sorted(config)}')
@@ -61,7 +62,7 @@ def easy_vqa_mixture_config(max_examples: int | None = None,
   """The easy-VQA mixture: m3w (interleaved, 1.0), pairs (captions, 0.2), vqa (0.2), vtp (0.03).
 
   `vqa` is a second paired set (the paper has two, ALIGN and LTIP, 0.2 each) whose text is the
-  VQA prompt 'Question: {q} Answer: {a}'. Batch sizes are small for a CPU; `max_examples` builds
+  VQA prompt 'Question: {q} Answer: {a}', with the loss on the answer only (`loss_from`). Batch sizes are small for a CPU; `max_examples` builds
   only that many records per split (tests). The token budgets hold every easy-VQA sequence with the
   SmolLM2 tokenizer (longest: documents 62 ids, VQA 20, clips 15, captions 9); a byte-level
   tokenizer needs about 4x more.
@@ -77,7 +78,8 @@ def easy_vqa_mixture_config(max_examples: int | None = None,
                               batch_size=16, max_tokens=16, image_size=image_size),
       'vqa': dataset_config(kind='pairs', builder_kwargs=easy('vqa'), weight=0.2, batch_size=16,
                             max_tokens=24, image_size=image_size,
-                            text_template='Question: {question} Answer: {answer}'),
+                            text_template='Question: {question} Answer: {answer}',
+                            loss_from='answer'),
       'vtp': dataset_config(kind='video', builder_kwargs=easy('video'), weight=0.03,
                             batch_size=8, max_tokens=20, num_frames=8, image_size=image_size),
   }
@@ -95,7 +97,7 @@ def dataset_spec(name: str, config: ml_collections.ConfigDict, *, num_parallel_c
   return pipeline.DatasetSpec(
       name=name, kind=config.kind, batch_size=config.batch_size, max_tokens=config.max_tokens,
       max_images=config.max_images, num_frames=config.num_frames, image=image,
-      text_template=config.text_template, p_next=config.p_next,
+      text_template=config.text_template, p_next=config.p_next, loss_from=config.loss_from,
       max_drop_ratio=config.max_drop_ratio, drop_check_after=config.drop_check_after,
       num_parallel_calls=tf.data.AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls,
       prefetch=prefetch)

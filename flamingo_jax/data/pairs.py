@@ -7,6 +7,11 @@ The sequence is `<BOS><image>{text}<EOC><EOS>` (the paper's paired-data format),
 'Question: {question} Answer: {answer}'), stripped, and in training preceded by a space with
 p=0.5 (keyed by the example's rng). A text that does not fit in T+1 ids is dropped ('text_too_long')
 rather than cut, so that `<EOC>` always ends the real caption.
+
+`loss_from` (a template field, e.g. 'answer'; '' = everything): the loss covers only the text from that
+field on, plus `<EOC>`/`<EOS>` (VQA-style supervision: the question is given, the answer is predicted).
+It needs the ids of the text before the field to be a prefix of the whole text's ids; where the
+tokenizer merges across the boundary, the example keeps the full loss.
 """
 from typing import Any, Mapping
 
@@ -28,6 +33,19 @@ def fill_template(example: Mapping[str, Any], template: str, where: str) -> str:
   return text.strip()
 
 
+def prompt_length(example: Mapping[str, Any], template: str, field: str, tokenizer, *,
+                  leading_space: bool, text_ids: list[int], where: str) -> int:
+  """Number of leading ids of `text_ids` that come before `{field}` of the template (0 if unsure)."""
+  marker = '{' + field + '}'
+  if marker not in template:
+    raise KeyError(f'{where}: loss_from {field!r} is not a field of text_template {template!r}')
+  prefix = fill_template(example, template[:template.index(marker)], where)
+  if not prefix:
+    return 0
+  ids = tokenizer.encode((' ' if leading_space else '') + prefix)
+  return len(ids) if text_ids[:len(ids)] == ids and len(ids) < len(text_ids) else 0
+
+
 def caption_sequence(text: str, tokenizer, *, leading_space: bool, max_tokens: int,
                      where: str) -> list[int]:
   """`[BOS, <image>, *text ids, EOC, EOS]`, checked to fit T+1 ids and to hold no `<image>`."""
@@ -44,7 +62,7 @@ def caption_sequence(text: str, tokenizer, *, leading_space: bool, max_tokens: i
 
 def process_pair(example: Mapping[str, Any], rng: np.random.Generator | None, *, tokenizer,
                  image_options: preprocess.ImageOptions, max_tokens: int,
-                 text_template: str = '{text}', p_next: float = 0.0,
+                 text_template: str = '{text}', p_next: float = 0.0, loss_from: str = '',
                  **unused) -> tuple[dict[str, np.ndarray], int]:
   """One pair -> ({images [1,1,S,S,3], media_mask [1], text arrays [T]}, notes); rng None = eval.
 
@@ -62,4 +80,10 @@ def process_pair(example: Mapping[str, Any], rng: np.random.Generator | None, *,
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next
   arrays = sequence.text_arrays(seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id,
                                 image_id=tokenizer.image_id, attend_next=attend_next)
+  if loss_from:
+    # seq = [BOS, <image>, *text ids, ...]: target j is seq[j + 1], so the prompt's P ids are the
+    # targets 1..P (target 0, <image>, never has a loss).
+    length = prompt_length(example, text_template, loss_from, tokenizer,
+                           leading_space=leading_space, text_ids=seq[2:-2], where=path)
+    arrays['loss_mask'][:1 + length] = 0.0
   return {'images': image[None, None], 'media_mask': np.ones([1], bool), **arrays}, 0

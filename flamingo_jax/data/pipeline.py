@@ -78,6 +78,7 @@ class DatasetSpec:
   image: preprocess.ImageOptions = preprocess.ImageOptions()
   text_template: str = '{text}'
   p_next: float = 0.0          # per-sequence probability of attending to the next image (training)
+  loss_from: str = ''          # pairs: the loss starts at this template field ('' = all the text)
   max_drop_ratio: float = 0.05
   drop_check_after: int = 200  # examples seen before the drop ratio is checked
   num_parallel_calls: int = tf.data.AUTOTUNE  # AUTOTUNE = the CPU count (autotuning is off)
@@ -88,6 +89,8 @@ class DatasetSpec:
       raise ValueError(f'dataset {self.name!r}: kind {self.kind!r} not in {sorted(KINDS)}')
     if self.kind != 'interleaved' and self.max_images != 1:
       raise ValueError(f'dataset {self.name!r}: {self.kind} has one media item; max_images must be 1')
+    if self.loss_from and self.kind != 'pairs':
+      raise ValueError(f'dataset {self.name!r}: loss_from is for pairs, not {self.kind}')
     if self.kind != 'video' and self.num_frames != 1:
       raise ValueError(f'dataset {self.name!r}: {self.kind} images have num_frames=1')
     for key in ('batch_size', 'max_tokens', 'max_images', 'num_frames'):
@@ -134,7 +137,8 @@ class DatasetPipeline:
     self._process: Callable = functools.partial(
         KINDS[spec.kind], tokenizer=tokenizer, image_options=spec.image,
         max_tokens=spec.max_tokens, max_images=spec.max_images, num_frames=spec.num_frames,
-        text_template=spec.text_template, p_next=spec.p_next)
+        text_template=spec.text_template, p_next=spec.p_next,
+        **({'loss_from': spec.loss_from} if spec.loss_from else {}))
     self._empty = sequence.empty_example(
         max_tokens=spec.max_tokens, max_images=spec.max_images, num_frames=spec.num_frames,
         image_size=spec.image.size, pad_id=tokenizer.pad_id)

@@ -44,6 +44,23 @@ def test_pair_sequence_and_leading_space(media_dir, tokenizer):
   assert 8 < sum(spaces) < 32  # p = 0.5 in training only
 
 
+def test_pair_loss_from_answer(media_dir, tokenizer):
+  kw = dict(tokenizer=tokenizer, image_options=OPTS, max_tokens=24,
+            text_template='Q: {question} A: {answer}', loss_from='answer')
+  ex = _pair(media_dir, '', question=b'what?', answer=b'no')
+  for seed in [None, 0, 1, 2, 3, 4, 5]:  # eval, and training with and without the leading space
+    rng = lambda: None if seed is None else np.random.default_rng(seed)
+    out, _ = pairs.process_pair(ex, rng(), **kw)
+    on = out['loss_mask'] > 0
+    # ' no', <EOC>, <EOS>: the answer's 3 bytes and the two end tokens; the question is given.
+    assert on.sum() == 5 and tokenizer.decode(out['targets'][on][:3]) == ' no'
+    full, _ = pairs.process_pair(ex, rng(), **{**kw, 'loss_from': ''})
+    np.testing.assert_array_equal(full['tokens'], out['tokens'])
+    assert full['loss_mask'].sum() > on.sum()
+  with pytest.raises(KeyError, match="loss_from 'nope'"):
+    pairs.process_pair(ex, None, **{**kw, 'loss_from': 'nope'})
+
+
 def test_pair_template_and_bad_text(media_dir, tokenizer):
   kw = dict(tokenizer=tokenizer, image_options=OPTS, max_tokens=12)
   ex = _pair(media_dir, '', question=b'what?', answer=b'no')
