@@ -46,6 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.prompt_bucket = 32                  # prompts are left-padded to a multiple of this length
   config.num_prompts = 3                     # close-ended prompt ensembling: support permutations
   config.text_only_baseline = True           # the same prompts through the frozen LM, no images
+  config.text_only_shots = ()                # shots of the text-only runs (() = config.shots)
   config.text_only_format = "lm"             # 'lm': as plain text (<image> dropped, <EOC> -> a
                                              # newline); 'flamingo': the identical token sequence
   config.video_frames = 16                   # > the 8 frames of training (temporal interpolation)

@@ -155,7 +155,7 @@ def _settings(config):
     for selection in (["random"] if shots == 0 else list(config.selection)):
       yield selection, shots, False
   if config.text_only_baseline:
-    for shots in config.shots:
+    for shots in config.get("text_only_shots", ()) or config.shots:
       yield TEXT_ONLY, shots, True
 
 

@@ -138,3 +138,16 @@ def test_without_checkpoint_evaluates_the_init_model(tmp_path, data):
   r = results["tasks"]["jsonl_captions"]
   assert r["metric"] == "cider" and set(r) >= {"random", "rices"} and "text_only" not in r
   assert os.path.exists(os.path.join(workdir, "eval", "accuracy_vs_shots.png"))
+
+
+def test_settings_order_and_text_only_shots():
+  config = fewshot_eval.get_config("shots=0.4.8")
+  with config.unlocked():
+    config.selection = ("random", "rices")
+  runs = list(evaluate_lib._settings(config))
+  assert runs[:5] == [("random", 0, False), ("random", 4, False), ("rices", 4, False),
+                      ("random", 8, False), ("rices", 8, False)]
+  assert [r[1] for r in runs[5:]] == [0, 4, 8]
+  with config.unlocked():
+    config.text_only_shots = (4,)
+  assert [r for r in evaluate_lib._settings(config) if r[2]] == [("text_only", 4, True)]
