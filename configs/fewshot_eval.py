@@ -31,6 +31,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                  "runlocal": False, "quick": False})
   config = ml_collections.ConfigDict()
   config.data_dir = "runs/tfds"              # TFDS data_dir of the easy_vqa builders
+  config.output_subdir = "eval"              # results go to RUN/<output_subdir>/
   config.tasks = tuple(t for t in args["tasks"].split(".") if t)
   config.shots = tuple(int(s) for s in args["shots"].split(".") if s)
   config.num_queries = 500                   # test queries per task (all when the split is smaller)

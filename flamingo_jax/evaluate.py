@@ -16,7 +16,7 @@ prompts through the frozen LM alone: `lm_only=True`, no images). Writes, atomica
   RUN/eval/predictions/*.jsonl    one record per query: {task}_{selection}_{shots}shot_seed{s}
   RUN/eval/accuracy_vs_shots.png  metric vs shots, random and RICES, text-only baseline dashed
   RUN/eval/rices_cache/           support features of RICES
-and prints a table. Only process 0 writes.
+and prints a table. Only process 0 writes. `eval` is `config.output_subdir` (its default).
 """
 import json
 import os
@@ -184,7 +184,7 @@ def evaluate(config, workdir: str) -> dict:
     raise ValueError(f"config.selection must hold 'random'/'rices' (got {list(config.selection)}) "
                      f"and config.shots non-negative counts (got {list(config.shots)})")
   writer = jax.process_index() == 0
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = os.path.join(workdir, config.get("output_subdir", "eval"))
   run_config = load_run_config(workdir)
   model_cfg = run_config.model if run_config is not None else flamingo.model_config(
       config.model_size)
