@@ -17,7 +17,7 @@ The CPU seconds (all threads of the process) are less sensitive to other jobs on
 `--hf` runs transformers' `generate` (greedy, `use_cache` True and False, `torch.set_num_threads`)
 on the dequantised GGUF in another interpreter, since torch/transformers are not in this project's
 environment. Make one with:
-    python -m venv /tmp/hfbench && /tmp/hfbench/bin/pip install torch==2.13.0 transformers gguf
+    python -m venv /tmp/hfbench && /tmp/hfbench/bin/pip install torch==2.13.0 transformers gguf accelerate
 (`--hf_python` picks another interpreter). The HF worker imports nothing from this project.
 """
 import argparse
@@ -31,7 +31,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_HF_PYTHON = "/tmp/hfbench/bin/python"
 HF_VENV_HELP = ("python -m venv /tmp/hfbench && /tmp/hfbench/bin/pip install torch==2.13.0 "
-                "transformers gguf")
+                "transformers gguf accelerate")
 PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes "
           "Gutenberg combined movable metal type with an oil-based ink and a screw press.")
 
