@@ -137,13 +137,13 @@ def init_new_token_rows(params: Mapping[str, Mapping[str, Any]], end_id: int) ->
   extra = np.array(params["lm/extra_embed"]["embeddings"], np.float32)
   extra[0] = table.mean(axis=0)
   extra[1] = table[end_id]
-  out["lm/extra_embed"]["embeddings"] = extra.astype(np.asarray(params["lm/extra_embed"]["embeddings"]).dtype)
+  out["lm/extra_embed"]["embeddings"] = extra.astype(params["lm/extra_embed"]["embeddings"].dtype)
   if "lm/extra_unembed" in params:
     unembed = np.asarray(params["lm/unembed"]["w"], np.float32)
     extra_out = np.array(params["lm/extra_unembed"]["w"], np.float32)
     extra_out[:, 0] = unembed.mean(axis=1)
     extra_out[:, 1] = unembed[:, end_id]
-    out["lm/extra_unembed"]["w"] = extra_out.astype(np.asarray(params["lm/extra_unembed"]["w"]).dtype)
+    out["lm/extra_unembed"]["w"] = extra_out.astype(params["lm/extra_unembed"]["w"].dtype)
   return out
 
 

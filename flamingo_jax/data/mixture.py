@@ -62,8 +62,8 @@ def easy_vqa_mixture_config(max_examples: int | None = None,
   """The easy-VQA mixture: m3w (interleaved, 1.0), pairs (captions, 0.2), vqa (0.2), vtp (0.03).
 
   `vqa` is a second paired set (the paper has two, ALIGN and LTIP, 0.2 each) whose text is the
-  VQA prompt 'Question: {q} Answer: {a}', with the loss on the answer only (`loss_from`). Batch sizes are small for a CPU; `max_examples` builds
-  only that many records per split (tests). The token budgets hold every easy-VQA sequence with the
+  VQA prompt 'Question: {q} Answer: {a}', with the loss on the answer only (`loss_from`). Batch
+  sizes are small for a CPU; `max_examples` builds only that many records per split (tests). The token budgets hold every easy-VQA sequence with the
   SmolLM2 tokenizer (longest: documents 62 ids, VQA 20, clips 15, captions 9); a byte-level
   tokenizer needs about 4x more.
   """

@@ -91,6 +91,9 @@ class DatasetSpec:
       raise ValueError(f'dataset {self.name!r}: {self.kind} has one media item; max_images must be 1')
     if self.loss_from and self.kind != 'pairs':
       raise ValueError(f'dataset {self.name!r}: loss_from is for pairs, not {self.kind}')
+    if self.loss_from and '{' + self.loss_from + '}' not in self.text_template:
+      raise ValueError(f'dataset {self.name!r}: loss_from {self.loss_from!r} is not a field of '
+                       f'text_template {self.text_template!r}')
     if self.kind != 'video' and self.num_frames != 1:
       raise ValueError(f'dataset {self.name!r}: {self.kind} images have num_frames=1')
     for key in ('batch_size', 'max_tokens', 'max_images', 'num_frames'):
@@ -137,8 +140,7 @@ class DatasetPipeline:
     self._process: Callable = functools.partial(
         KINDS[spec.kind], tokenizer=tokenizer, image_options=spec.image,
         max_tokens=spec.max_tokens, max_images=spec.max_images, num_frames=spec.num_frames,
-        text_template=spec.text_template, p_next=spec.p_next,
-        **({'loss_from': spec.loss_from} if spec.loss_from else {}))
+        text_template=spec.text_template, p_next=spec.p_next, loss_from=spec.loss_from)
     self._empty = sequence.empty_example(
         max_tokens=spec.max_tokens, max_images=spec.max_images, num_frames=spec.num_frames,
         image_size=spec.image.size, pad_id=tokenizer.pad_id)

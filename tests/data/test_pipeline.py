@@ -125,3 +125,11 @@ def test_training_stream_is_deterministic_and_restartable(media_dir, data_dir, t
   texts = [tokenizer.decode(t[3:12]) for batch in batches for t in batch['tokens']]
   for e in range(3):
     assert len(set(texts[6 * e:6 * e + 6])) == 6
+
+
+def test_spec_rejects_a_loss_from_that_is_not_a_template_field():
+  with pytest.raises(ValueError, match="loss_from 'answer' is not a field of text_template"):
+    pipeline.DatasetSpec(name='vqa', kind='pairs', batch_size=2, max_tokens=8,
+                         text_template='Q: {question}', loss_from='answer')
+  with pytest.raises(ValueError, match='loss_from is for pairs, not video'):
+    pipeline.DatasetSpec(name='vtp', kind='video', batch_size=2, max_tokens=8, loss_from='text')
