@@ -57,19 +57,20 @@ def matmul_peak(dtype, n=4096, reps=10) -> float:
   return 2 * n ** 3 / float(np.median(times)) / 1e9
 
 
-def batch(cfg, seed=0):
+def batch(cfg, seed=0, b=B, t=T, n=N, lv=LV):
+  """Random tokens with n <image> markers evenly spaced, and [b, n, 1, lv, Dr] visual features."""
   rng = np.random.default_rng(seed)
   vocab = cfg.lm.vocab_size
-  tokens = rng.integers(0, vocab, size=(B, T + 1)).astype(np.int32)
-  for i in range(N):
-    tokens[:, i * (T // N)] = vocab                     # one <image> marker per chunk of 32 tokens
+  tokens = rng.integers(0, vocab, size=(b, t + 1)).astype(np.int32)
+  for i in range(n):
+    tokens[:, i * (t // n)] = vocab                     # one <image> marker per chunk of t/n tokens
   media_index = (np.cumsum(tokens[:, :-1] == vocab, axis=1) - 1).astype(np.int32)
-  return dict(features=rng.standard_normal((B, N, 1, LV, cfg.resampler.dim)).astype(np.float32),
+  return dict(features=rng.standard_normal((b, n, 1, lv, cfg.resampler.dim)).astype(np.float32),
               tokens=tokens[:, :-1], targets=tokens[:, 1:], media_index=media_index,
-              token_mask=np.ones((B, T), bool), loss_mask=np.ones((B, T), np.float32))
+              token_mask=np.ones((b, t), bool), loss_mask=np.ones((b, t), np.float32))
 
 
-def step_flops(cfg) -> dict:
+def step_flops(cfg, b=B, t=T, n=N, lv=LV) -> dict:
   """Matmul FLOPs of one training step at this shape, counted by hand from the model config.
 
   XLA's cost analysis counts a while-loop body once, so it under-counts scanned layers; this count
@@ -80,25 +81,27 @@ def step_flops(cfg) -> dict:
   halving), as XLA computes them; norms and element-wise work are left out.
   """
   lm, xa, rs = cfg.lm, cfg.xattn, cfg.resampler
-  tokens, media = B * T, B * N
+  tokens, media = b * t, b * n
   q, kv = lm.num_heads * lm.head_dim, lm.num_kv_heads * lm.head_dim
-  per_token = 2 * (lm.dim * q + 2 * lm.dim * kv + q * lm.dim + 3 * lm.dim * lm.ffw_hidden)
-  lm_fwd = (lm.num_layers * (tokens * per_token + B * 4 * T * T * q)
+  mlp_mats = 3 if lm.mlp == "swiglu" else 2
+  per_token = 2 * (lm.dim * q + 2 * lm.dim * kv + q * lm.dim + mlp_mats * lm.dim * lm.ffw_hidden)
+  lm_fwd = (lm.num_layers * (tokens * per_token + b * 4 * t * t * q)
             + 2 * tokens * lm.dim * lm.vocab_size)
   blocks = -(-lm.num_layers // xa.every)   # xattn blocks; keys/values from R latents per media item
   inner = xa.num_heads * xa.head_dim
   xa_fwd = blocks * (tokens * 2 * (2 * lm.dim * inner + 2 * lm.dim * xa.ffw_mult * lm.dim)
-                     + media * rs.num_latents * 2 * 2 * rs.dim * inner + B * 4 * T * N * rs.num_latents * inner)
-  r_inner, r_keys = rs.num_heads * rs.head_dim, LV + rs.num_latents
+                     + media * rs.num_latents * 2 * 2 * rs.dim * inner + b * 4 * t * n * rs.num_latents * inner)
+  r_inner, r_keys = rs.num_heads * rs.head_dim, lv + rs.num_latents
   rs_fwd = rs.depth * media * (
       rs.num_latents * 2 * (2 * rs.dim * r_inner + 2 * rs.dim * rs.ffw_mult * rs.dim)
       + r_keys * 2 * 2 * rs.dim * r_inner + 4 * rs.num_latents * r_keys * r_inner)
   return dict(forward=lm_fwd + xa_fwd + rs_fwd, step=2 * lm_fwd + 3 * (xa_fwd + rs_fwd))
 
 
-def feature_objective(model) -> objectives.Objective:
+def feature_objective(model, n=N) -> objectives.Objective:
+  """The Flamingo NLL on precomputed visual features (`forward_features`): resampler + LM only."""
   def init(rng, b):
-    return model.init(rng, jnp.zeros((1, N, 1, 64, 64, 3)), b["tokens"][:1])
+    return model.init(rng, jnp.zeros((1, n, 1, 64, 64, 3)), b["tokens"][:1])
 
   def loss_sum(params, b, rng):
     logits = model.forward_features(params, rng, b["features"], b["tokens"], b["media_index"],
