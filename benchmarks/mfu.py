@@ -81,7 +81,30 @@ def device_peak_gb() -> float:
   return stats.get("peak_bytes_in_use", 0) / 1e9
 
 
-def run(size: str, batch_size: int, remat: str, steps: int) -> dict:
+def timed(fn, args, steps: int) -> float:
+  """Seconds per call of a compiled `fn(*args)` (warm-up first, one sync at the end)."""
+  out = fn(*args)
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def breakdown(objective, state, batch, steps: int) -> dict:
+  """Seconds of the loss forward alone and of forward + backward (no optimizer), same shardings."""
+  def loss(p, f, b):
+    total, count, _ = objective.loss_sum(trainable.merge(p, f), b, jax.random.PRNGKey(0))
+    return total / count
+
+  forward = jax.jit(loss)
+  grad = jax.jit(jax.grad(loss))
+  args = (state.params, state.frozen, batch["m3w"])
+  return dict(forward_s=timed(forward, args, steps), forward_backward_s=timed(grad, args, steps))
+
+
+def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool = False) -> dict:
   """Builds, compiles and times the step; returns its figures."""
   tokens, images, visual = SHAPES[size]
   cfg = model_config(size, remat)
@@ -123,7 +146,8 @@ def run(size: str, batch_size: int, remat: str, steps: int) -> dict:
   loss = float(metrics["loss"])                         # the one sync
   step_s = (time.perf_counter() - t0) / steps
   flops = float(bench.step_flops(cfg, **shape)["step"])
-  return dict(size=size, batch=batch_size, tokens=tokens, images=images, visual_tokens=visual,
+  parts = breakdown(objective, state, batches[0], steps) if with_breakdown else {}
+  return dict(**parts,size=size, batch=batch_size, tokens=tokens, images=images, visual_tokens=visual,
               remat=remat, params_trained=n_train, params_frozen=n_frozen, compile_s=compile_s,
               step_s=step_s, tokens_per_s=batch_size * tokens / step_s, step_tflop=flops / 1e12,
               tflops_per_s=flops / step_s / 1e12, loss=loss, temp_gb=temp_gb,
@@ -138,6 +162,8 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--peak-tflops", type=float, default=989.0,
                       help="datasheet dense bf16 peak of one device (H100/H200 SXM: 989)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also time the loss forward alone and forward + backward without the optimizer")
   parser.add_argument("--out", default="", help="write the results as JSON here too")
   args = parser.parse_args()
   devices = jax.devices()
@@ -151,7 +177,7 @@ def main():
   for batch_size in [int(b) for b in args.batch.split(",")]:
     for remat in args.remat.split(","):
       try:
-        r = run(args.size, batch_size, remat, args.steps)
+        r = run(args.size, batch_size, remat, args.steps, args.breakdown)
       except Exception as e:  # pylint: disable=broad-except  (an OOM at one setting: report, go on)
         print(f"batch {batch_size} remat {remat}: FAILED {type(e).__name__}: {str(e)[:300]}",
               flush=True)
@@ -167,6 +193,9 @@ def main():
             f"{r['of_measured_matmul']:.1%}) | compile {r['compile_s']:.0f} s | XLA temp "
             f"{r['temp_gb']:.1f} GB, device peak so far {r['device_peak_gb']:.1f} GB | params {r['params_frozen'] / 1e9:.2f}B frozen + "
             f"{r['params_trained'] / 1e9:.2f}B trained | loss {r['loss']:.3f}", flush=True)
+      if args.breakdown:
+        print(f"  loss forward {r['forward_s'] * 1e3:.1f} ms, forward + backward "
+              f"{r['forward_backward_s'] * 1e3:.1f} ms, whole step {r['step_s'] * 1e3:.1f} ms", flush=True)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
