@@ -9,6 +9,10 @@ so compile time does not grow with depth. Xattn block x sits before layer x*ever
 Within a group the `every` layers are unrolled (a nested scan costs ~25% of the step on XLA:CPU), so the
 compiled program grows with `every` (at most 7 in the size table), never with L. `scan_unroll` > 1 also
 unrolls that many groups per loop iteration (MaxText's `scan_layers=False` when it covers all groups).
+Calls of fewer than `UNROLL_MIN_TOKENS` tokens (decoding steps) scan the groups, and the layers of the
+LM alone (no xattn: one group of L layers): an unrolled layer takes a static slice of the stacked
+weights, which XLA:CPU copies out into fresh buffers, all L layers' weights per call (~7x the time of
+a batch-1 step over the weights themselves); a scanned layer's dynamic slice stays cache-sized.
 
 Two LM families: Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU; SmolLM2) and the paper's
 Chinchilla-style GELU MLP with LayerNorm (3B/9B/80B sizes; RoPE stands in for its relative positions).
@@ -49,6 +53,10 @@ class LMConfig:
     if unknown:
       raise KeyError(f"Unknown LM config keys: {sorted(unknown)}")
     return cls(**d)
+
+
+# Below this many tokens per call (B*T), layers are scanned, never unrolled (see the module docstring).
+UNROLL_MIN_TOKENS = 256
 
 
 def num_xattn_blocks(num_layers: int, every: int) -> int:
@@ -264,6 +272,8 @@ class DecoderLM(hk.Module):
     every = self.xcfg.every if (self.xcfg and self.num_blocks) else c.num_layers
     n_groups, tail = c.num_layers // every, c.num_layers % every
     use_cache = cache is not None
+    unroll = x.shape[0] * x.shape[1] >= UNROLL_MIN_TOKENS    # static: decoding steps are scanned
+    unroll_group = unroll or every < c.num_layers              # a group of a few layers stays unrolled
 
     def group_fn(x, xs):
       p_block, p_group, kv_group, mk, mv = xs
@@ -274,7 +284,7 @@ class DecoderLM(hk.Module):
         p_layer, kv = layer_xs
         return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
 
-      return jax.lax.scan(layer_fn, x, (p_group, kv_group), unroll=True)
+      return jax.lax.scan(layer_fn, x, (p_group, kv_group), unroll=unroll_group)
 
     if self.remat != "none":
       policy = {"full": None,
@@ -299,7 +309,7 @@ class DecoderLM(hk.Module):
       px_main = px_tail = mk_main = mv_main = mk_tail = mv_tail = None
 
     x, kv_out = jax.lax.scan(group_fn, x, (px_main, p_main, kv_main, mk_main, mv_main),
-                             unroll=max(1, min(self.scan_unroll, n_groups)))
+                             unroll=max(1, min(self.scan_unroll, n_groups)) if unroll else 1)
     if use_cache:
       kv_out = jax.tree.map(lambda a: a.reshape((n_groups * every,) + a.shape[2:]), kv_out)
     if tail:

@@ -233,3 +233,18 @@ def test_remat_gives_the_same_logits_and_gradients(remat_reference, remat):
   np.testing.assert_allclose(logits_r, logits, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(grads_r, grads, rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(grads["lm/gated_xattn"]["attn_gate"])).max() > 0
+
+
+@pytest.mark.parametrize("every", [2, 5])
+def test_unrolled_and_scanned_layers_give_the_same_logits(monkeypatch, every):
+  """Training-size calls unroll the layers, decoding-size calls scan them: the same function."""
+  params = _random_params(_transform(every), seed=3)
+  visual = _visual(1, 2)
+  outputs = []
+  for min_tokens in (0, 10 ** 9):                 # always unrolled, never unrolled
+    monkeypatch.setattr(lm_lib, "UNROLL_MIN_TOKENS", min_tokens)
+    xcfg = _xattn(every)
+    fwd = hk.without_apply_rng(hk.transform(
+        lambda t, v, m: lm_lib.DecoderLM(LM, xcfg, scan_unroll=8, name="lm")(t, visual=v, media_index=m)))
+    outputs.append(fwd.apply(params, OTHER, visual, _phi(OTHER))[0])
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
