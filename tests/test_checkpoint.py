@@ -1,5 +1,5 @@
 """Tests of flamingo_jax.checkpoint: Orbax round trips, keep policy, async, resharding, init_from,
-a save killed by SIGKILL, and the SIGTERM preemption flag."""
+a save killed by SIGKILL."""
 import os
 import signal
 import subprocess
@@ -303,28 +303,6 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
   ckpt.save(2, {'w': np.zeros(3, np.float32)}, {'step': 2}, force=True)  # step 2 is writable again
   ckpt.close()
   assert sorted(os.listdir(ckpt_dir)) == ['1', '2']  # the killed save's temp dir was cleaned up
-
-
-def test_sigterm_sets_preemption_flag():
-  calls = []
-  before = signal.getsignal(signal.SIGTERM)
-  uninstall = checkpoint.install_preemption_handler(calls.append)
-  try:
-    assert not checkpoint.preemption_requested()
-    assert not checkpoint.should_stop_all_hosts(checkpoint.preemption_requested())
-    os.kill(os.getpid(), signal.SIGTERM)
-    for _ in range(100):  # the handler runs on the main thread at the next bytecode boundary
-      if checkpoint.preemption_requested():
-        break
-      time.sleep(0.01)
-    assert checkpoint.preemption_requested()
-    assert calls == [signal.SIGTERM]
-    assert checkpoint.should_stop_all_hosts(checkpoint.preemption_requested())
-  finally:
-    uninstall()
-  assert signal.getsignal(signal.SIGTERM) == before
-  checkpoint.install_preemption_handler()()  # installing clears the flag
-  assert not checkpoint.preemption_requested()
 
 
 def test_absolute_path_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from flamingo_jax.train import metrics_writer
 from flamingo_jax.train import objectives as objectives_lib
 from flamingo_jax.train import optimizer as optimizer_lib
 from flamingo_jax.train import partitioning
+from flamingo_jax.train import preemption
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import step as step_lib
 from flamingo_jax.train import trainable as trainable_lib
@@ -167,7 +168,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
     logging.info("resumed from %s at step %d", workdir, int(state.step))
 
   writer = metrics_writer.MetricsWriter(workdir)
-  uninstall = checkpoint_lib.install_preemption_handler()
+  uninstall = preemption.install_preemption_handler()
   total = config.train.total_steps
   start = int(state.step)
   examples_per_step = sum(int(d.batch_size) for d in config.data.datasets.values())
@@ -195,7 +196,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
             config.train.max_consecutive_skips:
           raise TrainingError(f"{int(state.consecutive_skipped)} consecutive non-finite steps at "
                               f"step {done}; the last good state is in {workdir}")
-      preempted = checkpoint_lib.should_stop_all_hosts(checkpoint_lib.preemption_requested())
+      preempted = preemption.should_stop_all_hosts(preemption.preemption_requested())
       ckpt.save(done, state, data.get_state(), force=preempted or done == total)
       if preempted:
         logging.warning("SIGTERM: saved step %d, exiting", done)
