@@ -1,6 +1,7 @@
 """TFDS builders: JSONL builders (formats, input errors) and easy_vqa (offline, small subsets)."""
 import io
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -142,11 +143,20 @@ def test_easy_vqa_captions_and_vqa(easy):
 
 
 def test_easy_vqa_interleaved_documents(easy):
+  parts = []
   for r in easy['interleaved'].as_data_source('train'):
     text = r['text'].decode()
     assert 2 <= len(r['images']) <= 5
     assert text.count('<image>') == len(r['images']) == len(r['image_ids'])
-    assert text.startswith('<image> ')
+    parts += [p.strip() for p in text.split('<image>')[1:]]
+  # Each image has a description or one of its questions in the VQA prompt's format.
+  questions = {(q, a) for q, a, _ in easy_vqa_lib.read_questions('train')}
+  for part in parts:
+    if part.startswith('This is a '):
+      continue
+    q, a = re.fullmatch(r'Question: (.+\?) Answer: (\S+)', part).groups()
+    assert (q, a) in questions
+  assert sum(p.startswith('Question: ') for p in parts) > len(parts) // 2
   # Deterministic: the same documents from the facts module.
   ids = easy_vqa_lib.image_ids('train')
   assert facts_lib.document_groups(ids, 'train') == facts_lib.document_groups(ids, 'train')

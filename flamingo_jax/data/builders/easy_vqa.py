@@ -9,7 +9,8 @@ deterministically (`easy_vqa_facts.py`). Configs (splits `train` and `test` each
   size}`, text like "a small blue rectangle"; one per image.
 * `vqa`: `{image, image_path, image_missing, question, answer, image_id}`; one per question.
 * `interleaved`: documents of 2-5 images `{text, images, image_paths, image_missing, image_ids}`, text
-  like "<image> This is a red circle. <image> Is there a triangle? No." (the `interleaved_jsonl` form).
+  like "<image> This is a red circle. <image>Question: is there a triangle? Answer: no" (the
+  `interleaved_jsonl` form; questions in the few-shot VQA prompt's own format, see `easy_vqa_facts`).
 * `video`: 8-frame clips of a virtual camera move over one image (`easy_vqa_facts.clip_frames`)
   `{frames, frame_paths, frame_missing, text, image_id, motion}`, text like
   "the camera zooms in on a small red circle"; one per image.
@@ -101,7 +102,11 @@ def _png(image: Image.Image) -> bytes:
 class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """easy-VQA as captions, VQA, interleaved documents or video clips (see the module docstring)."""
 
-  VERSION = tfds.core.Version(common.VERSION)
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'interleaved: 3 in 4 images carry a question, in the VQA prompt format.',
+  }
   BUILDER_CONFIGS = [easy_vqa_config(k) for k in KINDS]
   _PREDEFINED.update({c.name: c for c in BUILDER_CONFIGS})
 

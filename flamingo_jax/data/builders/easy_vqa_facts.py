@@ -106,10 +106,6 @@ def image_facts(pixels: np.ndarray, questions: Sequence[tuple[str, str]]) -> Fac
   return Facts(color=color, shape=shape, size=size_from_pixels(pixels), questions=tuple(questions))
 
 
-def _sentence(question: str, answer: str) -> str:
-  return f'{question[:1].upper()}{question[1:]} {answer[:1].upper()}{answer[1:]}.'
-
-
 def document_groups(image_ids: Sequence[int], split: str) -> list[list[int]]:
   """Image ids shuffled (by CRC32) and cut into documents of 2-5 images; a last single is dropped."""
   order = sorted(image_ids, key=lambda i: (zlib.crc32(f'{split}:{i}'.encode()), i))
@@ -122,18 +118,21 @@ def document_groups(image_ids: Sequence[int], split: str) -> list[list[int]]:
 
 
 def document_text(image_ids: Sequence[int], facts: dict[int, Facts], split: str) -> str:
-  """"<image> This is a red circle. <image> Is there a triangle? No." for the given images.
+  """"<image> This is a red circle. <image>Question: is there a triangle? Answer: no" for the images.
 
-  Per image: a description (1 in 2) or one of its questions with the answer (keyed by CRC32).
+  Per image (keyed by CRC32): one of its questions with the answer (3 in 4), written exactly as a
+  support example of the few-shot VQA prompt (`eval/prompting.py`: "<image>Question: {q} Answer:
+  {a}", its `<EOC>` added by the interleaved pipeline), else a description. So a document is, like a
+  web page of M3W, a run of images with text about each, and several in a row form a few-shot prompt.
   """
   parts = []
   for i in image_ids:
     f = facts[i]
-    if not f.questions or pick(2, split, 'kind', i) == 0:
-      parts.append(f'<image> This is {f.caption}.')
-    else:
+    if f.questions and pick(4, split, 'kind', i) != 0:
       q, a = f.questions[pick(len(f.questions), split, 'question', i)]
-      parts.append(f'<image> {_sentence(q, a)}')
+      parts.append(f'<image>Question: {q} Answer: {a}')
+    else:
+      parts.append(f'<image> This is {f.caption}.')
   return ' '.join(parts)
 
 
