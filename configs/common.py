@@ -15,12 +15,13 @@ def parse_args(arg: str, allowed: dict) -> dict:
 
 def optim(lr=1e-4, warmup_steps=5000, total_steps=500_000, weight_decay=0.1,
           no_decay=(r"^perceiver_resampler/",), grad_clip_norm=1.0, agc_clip=0.0,
-          agc_on=(r"^vision_encoder/",), lr_multipliers=()) -> dict:
+          agc_on=(r"^vision_encoder/",), lr_multipliers=(), decay="constant") -> dict:
   """The paper's AdamW: warm-up then constant; decay 0.1 except the resampler; clip 1.0.
 
   lr_multipliers: [(regex over 'module/param', factor)], a per-parameter step scale (none in the paper).
+  decay: the rate after warm-up, 'constant' (the paper) or 'cosine' (to 0 at `total_steps`).
   """
-  return dict(lr=lr, warmup_steps=warmup_steps, decay="constant", total_steps=total_steps,
+  return dict(lr=lr, warmup_steps=warmup_steps, decay=decay, total_steps=total_steps,
               b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, no_decay=list(no_decay),
               grad_clip_norm=grad_clip_norm, agc_clip=agc_clip, agc_on=list(agc_on),
               lr_multipliers=[list(m) for m in lr_multipliers])

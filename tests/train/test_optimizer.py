@@ -1,4 +1,4 @@
-"""The optimiser from a config's `optim` section: per-parameter step multipliers."""
+"""The optimiser from a config's `optim` section: schedule and per-parameter step multipliers."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,3 +36,19 @@ def test_lr_multipliers_scale_only_the_matching_params():
 def test_lr_multiplier_matching_nothing_is_an_error():
   with pytest.raises(ValueError, match="matches no trainable parameter"):
     _updates(lr_multipliers=[(r"^no_such_module/", 2.0)])
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine"])
+def test_learning_rate_schedule_warms_up_then_holds_or_decays_to_zero(decay):
+  cfg = ml_collections.ConfigDict(common.optim(lr=1e-3, warmup_steps=10, total_steps=110, decay=decay))
+  schedule = optimizer_lib.learning_rate_schedule(cfg)
+  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)
+  if decay == "constant":
+    np.testing.assert_allclose([schedule(60), schedule(110)], [1e-3, 1e-3], rtol=1e-6)
+  else:
+    np.testing.assert_allclose([schedule(60), schedule(110)], [5e-4, 0.0], rtol=1e-5, atol=1e-9)
+
+
+def test_unknown_decay_is_an_error():
+  with pytest.raises(ValueError, match="optim.decay"):
+    _updates(decay="linear")
