@@ -9,10 +9,11 @@ so compile time does not grow with depth. Xattn block x sits before layer x*ever
 Within a group the `every` layers are unrolled (a nested scan costs ~25% of the step on XLA:CPU), so the
 compiled program grows with `every` (at most 7 in the size table), never with L. `scan_unroll` > 1 also
 unrolls that many groups per loop iteration (MaxText's `scan_layers=False` when it covers all groups).
-Calls of fewer than `UNROLL_MIN_TOKENS` tokens (decoding steps) scan the groups, and the layers of the
-LM alone (no xattn: one group of L layers): an unrolled layer takes a static slice of the stacked
-weights, which XLA:CPU copies out into fresh buffers, all L layers' weights per call (~7x the time of
-a batch-1 step over the weights themselves); a scanned layer's dynamic slice stays cache-sized.
+Calls of fewer than `UNROLL_MIN_TOKENS` tokens (decoding steps) run one flat scan over the L layers
+instead, the xattn block before layer l applied under `lax.cond` (l % every == 0): an unrolled layer
+takes a static slice of the stacked weights, which XLA:CPU copies out into fresh buffers, all L layers'
+weights per call (~7x the time of a batch-1 step over the weights themselves), and a group's layers
+are such slices of the group's copy; a flat scan's one dynamic slice per layer stays cache-sized.
 
 Two LM families: Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU; SmolLM2) and the paper's
 Chinchilla-style GELU MLP with LayerNorm (3B/9B/80B sizes; RoPE stands in for its relative positions).
@@ -272,8 +273,9 @@ class DecoderLM(hk.Module):
     every = self.xcfg.every if (self.xcfg and self.num_blocks) else c.num_layers
     n_groups, tail = c.num_layers // every, c.num_layers % every
     use_cache = cache is not None
-    unroll = x.shape[0] * x.shape[1] >= UNROLL_MIN_TOKENS    # static: decoding steps are scanned
-    unroll_group = unroll or every < c.num_layers              # a group of a few layers stays unrolled
+    if x.shape[0] * x.shape[1] < UNROLL_MIN_TOKENS:     # static: decoding steps take the flat scan
+      return self._run_layers_flat(x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask,
+                                   cache, index, every)
 
     def group_fn(x, xs):
       p_block, p_group, kv_group, mk, mv = xs
@@ -284,12 +286,9 @@ class DecoderLM(hk.Module):
         p_layer, kv = layer_xs
         return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
 
-      return jax.lax.scan(layer_fn, x, (p_group, kv_group), unroll=unroll_group)
+      return jax.lax.scan(layer_fn, x, (p_group, kv_group), unroll=True)
 
-    if self.remat != "none":
-      policy = {"full": None,
-                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self.remat]
-      group_fn = jax.checkpoint(group_fn, policy=policy)
+    group_fn = self._maybe_remat(group_fn)
 
     def split(tree, n_main, size, axis0_total):
       """Leading axis [total] -> ([n_main, size, ...], tail [rest, ...])."""
@@ -309,7 +308,7 @@ class DecoderLM(hk.Module):
       px_main = px_tail = mk_main = mv_main = mk_tail = mv_tail = None
 
     x, kv_out = jax.lax.scan(group_fn, x, (px_main, p_main, kv_main, mk_main, mv_main),
-                             unroll=max(1, min(self.scan_unroll, n_groups)) if unroll else 1)
+                             unroll=max(1, min(self.scan_unroll, n_groups)))
     if use_cache:
       kv_out = jax.tree.map(lambda a: a.reshape((n_groups * every,) + a.shape[2:]), kv_out)
     if tail:
@@ -317,3 +316,31 @@ class DecoderLM(hk.Module):
       if use_cache:
         kv_out = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_], axis=0), kv_out, kv_tail_out)
     return x, kv_out
+
+  def _maybe_remat(self, fn):
+    if self.remat == "none":
+      return fn
+    policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self.remat]
+    return jax.checkpoint(fn, policy=policy)
+
+  def _run_layers_flat(self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache,
+                       index, every):
+    """One `lax.scan` over the L layers; block l // every runs before layer l when l % every == 0.
+
+    The same function as the grouped scan of `_run_layers` (tested), for small calls. Returns (x, (k, v)
+    stacked [L, ...] or None)."""
+    c, dtype = self.cfg, self.dtype
+
+    def layer_fn(x, xs):
+      layer, p_layer, kv = xs
+      if p_x is not None:
+        def block(x):
+          pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer // every, keepdims=False)
+          return gated_xattn.gated_xattn_block(jax.tree.map(pick, p_x), x, pick(media_k),
+                                               pick(media_v), xmask, self.xcfg, dtype)
+        x = jax.lax.cond(layer % every == 0, block, lambda x: x, x)
+      return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
+
+    kv = (cache["k"], cache["v"]) if cache is not None else None
+    return jax.lax.scan(self._maybe_remat(layer_fn), x,
+                        (jnp.arange(c.num_layers), p_layers, kv))

@@ -237,11 +237,11 @@ def test_remat_gives_the_same_logits_and_gradients(remat_reference, remat):
 
 @pytest.mark.parametrize("every", [2, 5])
 def test_unrolled_and_scanned_layers_give_the_same_logits(monkeypatch, every):
-  """Training-size calls unroll the layers, decoding-size calls scan them: the same function."""
+  """Training-size calls run the grouped scan, decoding-size calls the flat one: the same function."""
   params = _random_params(_transform(every), seed=3)
   visual = _visual(1, 2)
   outputs = []
-  for min_tokens in (0, 10 ** 9):                 # always unrolled, never unrolled
+  for min_tokens in (0, 10 ** 9):                 # always grouped (unrolled), always flat
     monkeypatch.setattr(lm_lib, "UNROLL_MIN_TOKENS", min_tokens)
     xcfg = _xattn(every)
     fwd = hk.without_apply_rng(hk.transform(
