@@ -56,7 +56,7 @@ class LMConfig:
     return cls(**d)
 
 
-# Below this many tokens per call (B*T), layers are scanned, never unrolled (see the module docstring).
+# Below this many tokens per call (B*T), the layers run as one flat scan (see the module docstring).
 UNROLL_MIN_TOKENS = 256
 
 
