@@ -9,8 +9,8 @@ so compile time does not grow with depth. Xattn block x sits before layer x*ever
 Within a group the `every` layers are unrolled (a nested scan costs ~25% of the step on XLA:CPU), so the
 compiled program grows with `every` (at most 7 in the size table), never with L. `scan_unroll` > 1 also
 unrolls that many groups per loop iteration (MaxText's `scan_layers=False` when it covers all groups).
-Calls of fewer than `UNROLL_MIN_TOKENS` tokens (decoding steps) run one flat scan over the L layers
-instead, the xattn block before layer l applied under `lax.cond` (l % every == 0): an unrolled layer
+Cached calls of fewer than `UNROLL_MIN_TOKENS` tokens (decoding steps) run one flat scan over the L
+layers instead, the xattn block before layer l applied under `lax.cond` (l % every == 0): an unrolled layer
 takes a static slice of the stacked weights, which XLA:CPU copies out into fresh buffers, all L layers'
 weights per call (~7x the time of a batch-1 step over the weights themselves), and a group's layers
 are such slices of the group's copy; a flat scan's one dynamic slice per layer stays cache-sized.
@@ -56,7 +56,8 @@ class LMConfig:
     return cls(**d)
 
 
-# Below this many tokens per call (B*T), the layers run as one flat scan (see the module docstring).
+# Cached calls (decoding) below this many tokens (B*T) run the layers as one flat scan (module docstring).
+# Never training: a gradient through a scan's dynamic weight slices is several times slower on XLA:CPU.
 UNROLL_MIN_TOKENS = 256
 
 
@@ -273,7 +274,7 @@ class DecoderLM(hk.Module):
     every = self.xcfg.every if (self.xcfg and self.num_blocks) else c.num_layers
     n_groups, tail = c.num_layers // every, c.num_layers % every
     use_cache = cache is not None
-    if x.shape[0] * x.shape[1] < UNROLL_MIN_TOKENS:     # static: decoding steps take the flat scan
+    if cache is not None and x.shape[0] * x.shape[1] < UNROLL_MIN_TOKENS:   # static: decoding steps
       return self._run_layers_flat(x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask,
                                    cache, index, every)
 

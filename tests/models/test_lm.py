@@ -236,15 +236,17 @@ def test_remat_gives_the_same_logits_and_gradients(remat_reference, remat):
 
 
 @pytest.mark.parametrize("every", [2, 5])
-def test_unrolled_and_scanned_layers_give_the_same_logits(monkeypatch, every):
-  """Training-size calls run the grouped scan, decoding-size calls the flat one: the same function."""
+def test_grouped_and_flat_layer_scans_give_the_same_logits_and_cache(monkeypatch, every):
+  """Cached calls (decoding) may run the flat scan, others the grouped one: the same function."""
   params = _random_params(_transform(every), seed=3)
   visual = _visual(1, 2)
+  xcfg = _xattn(every)
   outputs = []
-  for min_tokens in (0, 10 ** 9):                 # always grouped (unrolled), always flat
+  for min_tokens in (0, 10 ** 9):                 # always grouped (unrolled), always flat when cached
     monkeypatch.setattr(lm_lib, "UNROLL_MIN_TOKENS", min_tokens)
-    xcfg = _xattn(every)
+    cache = lm_lib.init_cache(LM, xcfg, 1, 16, num_media=2, tokens_per_media=R)
     fwd = hk.without_apply_rng(hk.transform(
-        lambda t, v, m: lm_lib.DecoderLM(LM, xcfg, scan_unroll=8, name="lm")(t, visual=v, media_index=m)))
-    outputs.append(fwd.apply(params, OTHER, visual, _phi(OTHER))[0])
-  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        lambda t, v, m, c: lm_lib.DecoderLM(LM, xcfg, scan_unroll=8, name="lm")(
+            t, visual=v, media_index=m, cache=c)))
+    outputs.append(fwd.apply(params, OTHER, visual, _phi(OTHER), cache))
+  chex.assert_trees_all_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
