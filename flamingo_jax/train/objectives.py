@@ -17,17 +17,45 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flamingo_jax.models import contrastive as contrastive_lib
 from flamingo_jax.models import flamingo
 
 
+@jax.custom_vjp
+def _masked_nll_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """sum(mask * (logsumexp(logits) - logits[target])); logits fp32 [B,T,V], targets int [B,T]."""
+  return _nll_forward(logits, targets, mask)[0]
+
+
+def _nll_forward(logits, targets, mask):
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  nll = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * mask), (logits, lse, nll, targets, mask)
+
+
+def _nll_backward(residuals, g):
+  # d/dlogits = softmax - onehot(target), written as one elementwise pass over [B,T,V]: no
+  # softmax, scatter or broadcast buffers of the vocabulary's size besides the gradient itself.
+  logits, lse, nll, targets, mask = residuals
+  onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+  d_logits = (jnp.exp(logits - lse[..., None]) - onehot) * (g * mask)[..., None]
+  d_targets = np.zeros(targets.shape, dtype=jax.dtypes.float0)
+  return d_logits.astype(logits.dtype), d_targets, g * nll
+
+
+_masked_nll_sum.defvjp(_nll_forward, _nll_backward)
+
+
 def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Sum of masked next-token NLL and the token count, in fp32. logits [B,T,V]; targets, mask [B,T]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  """Sum of masked next-token NLL and the token count, in fp32. logits [B,T,V]; targets, mask [B,T].
+
+  Its gradient is computed in one pass (a custom VJP), which keeps the step's peak memory to the
+  logits and their gradient (issue #8, benchmarks/README.md)."""
   mask = mask.astype(jnp.float32)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  total = _masked_nll_sum(logits.astype(jnp.float32), targets.astype(jnp.int32), mask)
+  return total, jnp.sum(mask)
 
 
 @dataclasses.dataclass(frozen=True)
