@@ -280,6 +280,9 @@ class DecoderLM(hk.Module):
 
     def group_fn(x, xs):
       p_block, p_group, kv_group, mk, mv = xs
+      if not isinstance(p_group, dict):   # a group index: its layers are read from the [L, ...] stack
+        p_group = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, p_group * every, every),
+                               p_layers)
       if p_block is not None:
         x = gated_xattn.gated_xattn_block(p_block, x, mk, mv, xmask, self.xcfg, dtype)
 
@@ -298,7 +301,10 @@ class DecoderLM(hk.Module):
       return main, rest
 
     kv = (cache["k"], cache["v"]) if use_cache else None
-    p_main, p_tail = split(p_layers, n_groups, every, c.num_layers)
+    # The main groups index the stacked weights inside the loop (a slice [:n_groups*every] taken
+    # outside would be a copy of the whole LM's weights on XLA:CPU); the tail is sliced (< every layers).
+    p_main = jnp.arange(n_groups, dtype=jnp.int32)
+    p_tail = jax.tree.map(lambda a: a[n_groups * every:], p_layers)
     kv_main, kv_tail = split(kv, n_groups, every, c.num_layers) if use_cache else (None, None)
     if p_x is not None:
       px_main = jax.tree.map(lambda a: a[:n_groups], p_x)
