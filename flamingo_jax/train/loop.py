@@ -18,6 +18,7 @@ from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax.data import global_batch
 from flamingo_jax.models import flamingo
 from flamingo_jax.parallel import mesh as mesh_lib
+from flamingo_jax.train import host_memory
 from flamingo_jax.train import metrics_writer
 from flamingo_jax.train import objectives as objectives_lib
 from flamingo_jax.train import optimizer as optimizer_lib
@@ -167,16 +168,21 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
     data.set_state(data_state)
     logging.info("resumed from %s at step %d", workdir, int(state.step))
 
-  writer = metrics_writer.MetricsWriter(workdir)
-  uninstall = preemption.install_preemption_handler()
   total = config.train.total_steps
   start = int(state.step)
+  if start < total:
+    # Compiled ahead of the loop (every batch has the example's shapes), then the heap the compiler
+    # freed is handed back, so the step's buffers do not come on top of it (host_memory.py).
+    step_fn = jitted.lower(state, to_global(setup.example, mesh)).compile()
+    host_memory.release_freed_memory()
+  writer = metrics_writer.MetricsWriter(workdir)
+  uninstall = preemption.install_preemption_handler()
   examples_per_step = sum(int(d.batch_size) for d in config.data.datasets.values())
   last, t0, t_last, steps_done = {}, time.time(), time.time(), 0
   try:
     for step in range(start, total):
       batches = to_global(next(data), mesh)
-      state, metrics = jitted(state, batches)
+      state, metrics = step_fn(state, batches)
       steps_done += 1
       done = step + 1
       if done % config.train.log_every == 0 or done == total:
