@@ -6,6 +6,8 @@ Hq/Hkv query/key-value heads, dh head dim, N media items, R visual tokens per it
 All L layers' parameters are stacked on a leading axis (`lm/layers`) and run by `lax.scan`, MaxText style,
 so compile time does not grow with depth. Xattn block x sits before layer x*every: the scan runs over
 `L // every` groups of (one block, `every` layers); when `every` does not divide L a tail group follows.
+A group reads its layers by a dynamic slice of the [L, ...] stack inside the loop: slicing the first
+`L // every * every` layers outside it would be a copy of the whole LM on XLA:CPU, kept for the backward.
 Within a group the `every` layers are unrolled (a nested scan costs ~25% of the step on XLA:CPU), so the
 compiled program grows with `every` (at most 7 in the size table), never with L. `scan_unroll` > 1 also
 unrolls that many groups per loop iteration (MaxText's `scan_layers=False` when it covers all groups).
