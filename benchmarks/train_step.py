@@ -27,6 +27,7 @@ import optax  # noqa: E402
 
 from configs import flamingo as flamingo_config  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
+from flamingo_jax.train import host_memory  # noqa: E402
 from flamingo_jax.train import objectives  # noqa: E402
 from flamingo_jax.train import partitioning  # noqa: E402
 from flamingo_jax.train import state as state_lib  # noqa: E402
@@ -38,10 +39,7 @@ PEER_VENV = "/tmp/fj_peer_venv"
 
 
 def peak_rss_gb() -> float:
-  """This process's RSS high-water mark (VmHWM; unlike ru_maxrss it is not inherited from a parent)."""
-  with open("/proc/self/status") as f:
-    kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-  return kb / 1e6
+  return host_memory.peak_rss_bytes() / 1e9
 
 
 def matmul_peak(dtype, n=4096, reps=10) -> float:
@@ -55,6 +53,16 @@ def matmul_peak(dtype, n=4096, reps=10) -> float:
     f(a, a).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2 * n ** 3 / float(np.median(times)) / 1e9
+
+
+def xla_memory_gb(compiled) -> dict:
+  """XLA's buffer assignment of the compiled step in GB: arguments, outputs, aliased (donated) bytes,
+  temporaries, and XLA's own peak estimate (NaN where the backend does not report it)."""
+  m = compiled.memory_analysis()
+  fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
+            "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes", "peak": "peak_memory_in_bytes"}
+  return {name: getattr(m, field, float("nan")) / 1e9 if m is not None else float("nan")
+          for name, field in fields.items()}
 
 
 def batch(cfg, seed=0, b=B, t=T, n=N, lv=LV):
@@ -143,8 +151,8 @@ def run_jax(dtype: str, steps: int, remat: str = "none") -> dict:
   compiled = step.lower(state, {"m3w": b}).compile()
   compile_s = time.perf_counter() - t0
   compile_peak_gb = peak_rss_gb()
-  memory = compiled.memory_analysis()
-  temp_gb = getattr(memory, "temp_size_in_bytes", 0) / 1e9 if memory is not None else float("nan")
+  host_memory.release_freed_memory()     # as the training loop does after compiling
+  memory = xla_memory_gb(compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = float(cost.get("flops", 0.0))
@@ -160,12 +168,12 @@ def run_jax(dtype: str, steps: int, remat: str = "none") -> dict:
   step_s = float(np.median(times))
   return dict(step_s=step_s, compile_s=compile_s, flops=flops, xla_flops=xla_flops, gflops_per_s=flops / step_s / 1e9,
               tokens_per_s=B * T / step_s, compile_peak_gb=compile_peak_gb,
-              peak_rss_gb=peak_rss_gb(), temp_gb=temp_gb,
+              peak_rss_gb=peak_rss_gb(), memory=memory,
               loss=float(m["loss"]))
 
 
 PEER_SCRIPT = r"""
-import json, sys, time, torch
+import ctypes, json, sys, time, torch
 from flamingo_pytorch import FlamingoPaLM
 torch.set_num_threads(2)
 steps, bf16 = int(sys.argv[1]), sys.argv[2] == "bfloat16"
@@ -186,6 +194,7 @@ def one():
         logits = model(text[:, :-1], images=embeds)
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 49152), text[:, 1:].reshape(-1))
     loss.backward(); opt.step(); opt.zero_grad()
+ctypes.CDLL("libc.so.6").malloc_trim(0)   # freed heap back to the OS before stepping, as ours does
 one()
 times = []
 for _ in range(steps):
@@ -223,8 +232,8 @@ def main():
   print(f"matmul peak ({args.dtype} in, fp32 acc), this run: {peak:8.1f} GFLOP/s")
   print(f"flamingo_jax step ({args.dtype}, remat {args.remat}):  {ours['step_s']:.3f} s  | "
         f"{ours['tokens_per_s']:.0f} text tok/s | compile {ours['compile_s']:.1f} s | peak RSS "
-        f"{ours['peak_rss_gb']:.2f} GB ({ours['compile_peak_gb']:.2f} GB when compiled; XLA temp buffers "
-        f"{ours['temp_gb']:.2f} GB)")
+        f"{ours['peak_rss_gb']:.2f} GB ({ours['compile_peak_gb']:.2f} GB when compiled)")
+  print("  XLA buffers of the step (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in ours["memory"].items()))
   print(f"  step FLOPs (hand count, step_flops) {ours['flops'] / 1e9:.0f} GFLOP -> "
         f"{ours['gflops_per_s']:.0f} GFLOP/s = {ours['gflops_per_s'] / peak:.0%} of the measured matmul peak "
         f"(XLA cost analysis: {ours['xla_flops'] / 1e9:.0f} GFLOP, loop bodies counted once)")
