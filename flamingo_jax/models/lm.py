@@ -282,9 +282,6 @@ class DecoderLM(hk.Module):
 
     def group_fn(x, xs):
       p_block, p_group, kv_group, mk, mv = xs
-      if not isinstance(p_group, dict):   # a group index: its layers are read from the [L, ...] stack
-        p_group = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, p_group * every, every),
-                               p_layers)
       if p_block is not None:
         x = gated_xattn.gated_xattn_block(p_block, x, mk, mv, xmask, self.xcfg, dtype)
 
@@ -294,7 +291,12 @@ class DecoderLM(hk.Module):
 
       return jax.lax.scan(layer_fn, x, (p_group, kv_group), unroll=True)
 
-    group_fn = self._maybe_remat(group_fn)
+    def indexed_group_fn(x, xs):
+      """A main group: its layers are a dynamic slice of the [L, ...] stack taken inside the
+      (rematerialised) group, so a backward re-reads them instead of keeping a copy."""
+      p_block, g, kv_group, mk, mv = xs
+      p_group = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, g * every, every), p_layers)
+      return group_fn(x, (p_block, p_group, kv_group, mk, mv))
 
     def split(tree, n_main, size, axis0_total):
       """Leading axis [total] -> ([n_main, size, ...], tail [rest, ...])."""
@@ -305,7 +307,7 @@ class DecoderLM(hk.Module):
     kv = (cache["k"], cache["v"]) if use_cache else None
     # The main groups index the stacked weights inside the loop (a slice [:n_groups*every] taken
     # outside would be a copy of the whole LM's weights on XLA:CPU); the tail is sliced (< every layers).
-    p_main = jnp.arange(n_groups, dtype=jnp.int32)
+    group_index = jnp.arange(n_groups, dtype=jnp.int32)
     p_tail = jax.tree.map(lambda a: a[n_groups * every:], p_layers)
     kv_main, kv_tail = split(kv, n_groups, every, c.num_layers) if use_cache else (None, None)
     if p_x is not None:
@@ -316,12 +318,13 @@ class DecoderLM(hk.Module):
     else:
       px_main = px_tail = mk_main = mv_main = mk_tail = mv_tail = None
 
-    x, kv_out = jax.lax.scan(group_fn, x, (px_main, p_main, kv_main, mk_main, mv_main),
+    x, kv_out = jax.lax.scan(self._maybe_remat(indexed_group_fn), x,
+                             (px_main, group_index, kv_main, mk_main, mv_main),
                              unroll=max(1, min(self.scan_unroll, n_groups)))
     if use_cache:
       kv_out = jax.tree.map(lambda a: a.reshape((n_groups * every,) + a.shape[2:]), kv_out)
     if tail:
-      x, kv_tail_out = group_fn(x, (px_tail, p_tail, kv_tail, mk_tail, mv_tail))
+      x, kv_tail_out = self._maybe_remat(group_fn)(x, (px_tail, p_tail, kv_tail, mk_tail, mv_tail))
       if use_cache:
         kv_out = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_], axis=0), kv_out, kv_tail_out)
     return x, kv_out
