@@ -7,6 +7,7 @@ setuptools.setup(
     description="Flamingo visual language model in JAX/Haiku: NFNet, Perceiver Resampler, "
                 "gated cross-attention over a frozen LM; training, evaluation, TPU launch.",
     packages=setuptools.find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
+    package_data={"flamingo_jax.data.wordlists": ["*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2,<0.13",

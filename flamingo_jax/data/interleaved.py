@@ -32,23 +32,50 @@ IMAGE_MARKER = '<image>'
 
 def document_sequence(text: str, tokenizer, *, max_len: int) -> tuple[list[int], bool]:
   """(ids of the whole document or its first > max_len ids, whether it was longer than max_len)."""
-  chunks = text.split(IMAGE_MARKER)
-  seq = [tokenizer.bos_id]
+  seq, _, longer = segment_sequence([(text, True)], tokenizer, max_len=max_len, markup_loss=True)
+  return seq, longer
+
+
+def segment_sequence(segments, tokenizer, *, max_len: int,
+                     markup_loss: bool) -> tuple[list[int], list[bool], bool]:
+  """(ids, loss flag per id, longer than max_len) of a document given as (text, loss) segments.
+
+  The segments' texts concatenate to the document text; each text piece is tokenized on its own
+  (split at word boundaries, this is the tokenization of the whole text for a BPE tokenizer) and
+  its ids take its segment's flag. The `<EOC>`/`<EOS>` ids this function adds take `markup_loss`.
+  """
+  chunks = [[]]  # [(text, loss)] per stretch between markers
+  for text, loss in segments:
+    for j, part in enumerate(text.split(IMAGE_MARKER)):
+      if j > 0:
+        chunks.append([])
+      chunks[-1].append((part, bool(loss)))
+  seq, flags = [tokenizer.bos_id], [False]
   closed = (tokenizer.bos_id, tokenizer.eoc_id, tokenizer.image_id)
-  for i, chunk in enumerate(chunks):
+
+  def add(ids, flag):
+    seq.extend(ids)
+    flags.extend([flag] * len(ids))
+
+  for i, pieces in enumerate(chunks):
     if i > 0:
       if seq[-1] not in closed:
-        seq.append(tokenizer.eoc_id)
-      seq.append(tokenizer.image_id)
-    chunk = chunk.strip() if i == 0 else chunk.rstrip()
-    if chunk.strip():
-      seq += tokenizer.encode(chunk)
+        add([tokenizer.eoc_id], markup_loss)
+      add([tokenizer.image_id], False)
+    texts = [t for t, _ in pieces]
+    if i == 0:
+      texts[0] = texts[0].lstrip()
+    texts[-1] = texts[-1].rstrip()
+    if ''.join(texts).strip():
+      for t, (_, loss) in zip(texts, pieces):
+        if t:
+          add(tokenizer.encode(t), loss)
     if len(seq) > max_len:
-      return seq, True
+      return seq, flags, True
   if seq[-1] not in closed:
-    seq.append(tokenizer.eoc_id)
-  seq.append(tokenizer.eos_id)
-  return seq, len(seq) > max_len
+    add([tokenizer.eoc_id], markup_loss)
+  add([tokenizer.eos_id], markup_loss)
+  return seq, flags, len(seq) > max_len
 
 
 def truncate(seq: list[int], *, image_id: int, max_len: int,
@@ -87,7 +114,16 @@ def process_document(example: Mapping[str, Any], rng: np.random.Generator | None
     raise Dropped('no_image', where)
   if not text.replace(IMAGE_MARKER, '').strip():
     raise Dropped('empty_text', where)
-  full, _ = document_sequence(text, tokenizer, max_len=max_tokens + 1)
+  if 'segments' in example:  # loss on the segments flagged so (e.g. bursty documents)
+    segments = [(sequence.as_text(t), bool(f))
+                for t, f in zip(example['segments'], example['segment_loss'])]
+    if ''.join(t for t, _ in segments) != text:
+      raise Dropped('bad_example', f'{where}: the segments do not spell the document text')
+    full, flags, _ = segment_sequence(segments, tokenizer, max_len=max_tokens + 1,
+                                      markup_loss=False)
+  else:
+    full, flags, _ = segment_sequence([(text, True)], tokenizer, max_len=max_tokens + 1,
+                                      markup_loss=True)
   seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=max_tokens + 1,
                         max_images=max_images)
   kept = seq.count(tokenizer.image_id)
@@ -101,6 +137,7 @@ def process_document(example: Mapping[str, Any], rng: np.random.Generator | None
                                       options=image_options, augment=augment)
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next
   arrays = sequence.text_arrays(seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id,
-                                image_id=tokenizer.image_id, attend_next=attend_next)
+                                image_id=tokenizer.image_id, attend_next=attend_next,
+                                loss_flags=flags[:len(seq)])
   media_mask = np.arange(max_images) < kept
   return {'images': out, 'media_mask': media_mask, **arrays}, sequence.note_bits(*notes)

@@ -66,8 +66,12 @@ def media_index(tokens: np.ndarray, image_id: int, attend_next: bool, length: in
 
 
 def text_arrays(seq: list[int], *, max_tokens: int, pad_id: int, image_id: int,
-                attend_next: bool = False) -> dict[str, np.ndarray]:
-  """tokens/targets int32 [T], loss_mask f32 [T], media_index int32 [T], token_mask bool [T]."""
+                attend_next: bool = False,
+                loss_flags: list[bool] | None = None) -> dict[str, np.ndarray]:
+  """tokens/targets int32 [T], loss_mask f32 [T], media_index int32 [T], token_mask bool [T].
+
+  `loss_flags` (one per id of `seq`): the loss further limited to the targets flagged True.
+  """
   if not 2 <= len(seq) <= max_tokens + 1:
     raise ValueError(f'sequence of {len(seq)} ids; need 2..{max_tokens + 1}')
   n = len(seq) - 1
@@ -76,7 +80,12 @@ def text_arrays(seq: list[int], *, max_tokens: int, pad_id: int, image_id: int,
   tokens[:n] = seq[:-1]
   targets[:n] = seq[1:]
   token_mask = np.arange(max_tokens) < n
-  loss_mask = (token_mask & (targets != image_id)).astype(np.float32)
+  loss_mask = token_mask & (targets != image_id)
+  if loss_flags is not None:
+    if len(loss_flags) != len(seq):
+      raise ValueError(f'{len(loss_flags)} loss flags for a sequence of {len(seq)} ids')
+    loss_mask[:n] &= np.asarray(loss_flags[1:], bool)
+  loss_mask = loss_mask.astype(np.float32)
   return {'tokens': tokens, 'targets': targets, 'loss_mask': loss_mask,
           'media_index': media_index(tokens, image_id, attend_next, n), 'token_mask': token_mask}
 

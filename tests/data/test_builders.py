@@ -162,6 +162,29 @@ def test_easy_vqa_interleaved_documents(easy):
   assert facts_lib.document_groups(ids, 'train') == facts_lib.document_groups(ids, 'train')
 
 
+def test_easy_vqa_bursty_documents(easy, data_dir, tmp_path):
+  from flamingo_jax.data import binding  # pylint: disable=g-import-not-at-top
+  train_names = set(binding.read_word_list(binding.default_word_list('train')))
+  for r in easy['bursty'].as_data_source('train'):
+    segments = [s.decode() for s in r['segments']]
+    assert ''.join(segments) == r['text'].decode()
+    assert r['text'].decode().count('<image>') == len(r['images']) == len(r['image_ids'])
+    names = [s.strip() for s in segments if s.startswith(' ')]
+    assert set(names) <= train_names and 2 <= len(set(names)) <= 5
+    flagged = [s.strip() for s, f in zip(segments, r['segment_loss']) if f]
+    assert flagged == [n for i, n in enumerate(names) if n in names[:i]]
+  # Another word list is another dataset (its own config name); names come from it.
+  words = tmp_path / 'words.txt'
+  words.write_text('dax\nwug\nfep\nzup\ntoma\n')
+  b = _build('easy_vqa', data_dir, kind='bursty', max_examples=3, names_file=str(words))
+  assert b.builder_config.name.startswith('bursty_w') and b.builder_config.name.endswith('_max3')
+  for r in b.as_data_source('train'):
+    assert {s.decode().strip() for s in r['segments'] if s.startswith(b' ')} <= {
+        'dax', 'wug', 'fep', 'zup', 'toma'}
+  with pytest.raises(ValueError, match='names_file is for kind bursty'):
+    builders.make_builder('easy_vqa', data_dir, kind='captions', names_file=str(words))
+
+
 def test_easy_vqa_video_clips_move(easy):
   for r in list(easy['video'].as_data_source('train'))[:3]:
     frames = [np.asarray(Image.open(io.BytesIO(f))) for f in r['frames']]

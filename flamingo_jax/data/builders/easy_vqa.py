@@ -11,6 +11,11 @@ deterministically (`easy_vqa_facts.py`). Configs (splits `train` and `test` each
 * `interleaved`: documents of 2-5 images `{text, images, image_paths, image_missing, image_ids}`, text
   like "<image> This is a red circle. <image>Question: is there a triangle? Answer: no" (the
   `interleaved_jsonl` form; questions in the few-shot VQA prompt's own format, see `easy_vqa_facts`).
+* `bursty`: in-context binding documents (`flamingo_jax/data/binding.py`) of 4-12 images of 2-5
+  (shape, colour) classes named from a word list (`names_file`, '' = the packaged training list):
+  `{text, segments, segment_loss, images, image_paths, image_missing, image_ids}`; the loss falls
+  on the segments flagged in `segment_loss` (a class's name after its first occurrence).
+  BURSTY_DOCUMENTS documents per split.
 * `video`: 8-frame clips of a virtual camera move over one image (`easy_vqa_facts.clip_frames`)
   `{frames, frame_paths, frame_missing, text, image_id, motion}`, text like
   "the camera zooms in on a small red circle"; one per image.
@@ -22,35 +27,47 @@ import dataclasses
 import importlib.resources
 import io
 import json
+import zlib
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from flamingo_jax.data import binding
 from flamingo_jax.data.builders import common
 from flamingo_jax.data.builders import easy_vqa_facts as facts_lib
 
-KINDS = ('captions', 'vqa', 'interleaved', 'video')
+KINDS = ('captions', 'vqa', 'interleaved', 'video', 'bursty')
+BURSTY_DOCUMENTS = {'train': 2000, 'test': 200}
+BURSTY_MAX_IMAGES = 12
 SPLITS = ('train', 'test')
 PACKAGE = 'easy_vqa'
 
 
 @dataclasses.dataclass(eq=False)
 class EasyVqaConfig(tfds.core.BuilderConfig):
-  """kind: one of KINDS; max_examples: per split (None = all); num_frames: video clip length."""
+  """kind: one of KINDS; max_examples: per split (None = all); num_frames: video clip length;
+  names_file: the word list of `bursty` documents ('' = the packaged training list)."""
   kind: str = 'captions'
   max_examples: int | None = None
   num_frames: int = 8
+  names_file: str = ''
 
 
-def easy_vqa_config(kind: str, max_examples: int | None = None,
-                    num_frames: int = 8) -> EasyVqaConfig:
-  """The config of `kind`, named e.g. `captions`, `captions_max64`, `video_f4_max8`."""
+def easy_vqa_config(kind: str, max_examples: int | None = None, num_frames: int = 8,
+                    names_file: str = '') -> EasyVqaConfig:
+  """The config of `kind`, named e.g. `captions`, `captions_max64`, `video_f4_max8`,
+  `bursty_w1a2b3c4d` (a word list other than the packaged one, by the CRC32 of its words)."""
   if kind not in KINDS:
     raise ValueError(f'easy_vqa: unknown kind {kind!r}; expected one of {KINDS}')
+  if names_file and kind != 'bursty':
+    raise ValueError(f'easy_vqa: names_file is for kind bursty, not {kind!r}')
   name = kind
   if kind == 'video' and num_frames != 8:
     name += f'_f{num_frames}'
+  if names_file:
+    words = binding.read_word_list(names_file)
+    name += f'_w{zlib.crc32(chr(10).join(words).encode()):08x}'
   if max_examples is not None:
     if max_examples < 1:
       raise ValueError(f'easy_vqa: max_examples must be >= 1, got {max_examples}')
@@ -59,7 +76,7 @@ def easy_vqa_config(kind: str, max_examples: int | None = None,
   if predefined is not None:   # TFDS refuses a new config object named like a class-level one
     return predefined
   return EasyVqaConfig(name=name, kind=kind, max_examples=max_examples, num_frames=num_frames,
-                       description=f'easy-VQA {kind}')
+                       names_file=names_file, description=f'easy-VQA {kind}')
 
 
 _PREDEFINED: dict = {}
@@ -102,10 +119,11 @@ def _png(image: Image.Image) -> bytes:
 class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """easy-VQA as captions, VQA, interleaved documents or video clips (see the module docstring)."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'interleaved: 3 in 4 images carry a question, in the VQA prompt format.',
+      '1.2.0': 'bursty: in-context binding documents.',
   }
   BUILDER_CONFIGS = [easy_vqa_config(k) for k in KINDS]
   _PREDEFINED.update({c.name: c for c in BUILDER_CONFIGS})
@@ -122,6 +140,10 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                         'image_ids': tfds.features.Sequence(ident)},
         'video': {**common.image_list_features('frame'), 'text': text, 'image_id': ident,
                   'motion': text},
+        'bursty': {'text': text, 'segments': tfds.features.Sequence(text),
+                   'segment_loss': tfds.features.Sequence(common.FLAG),
+                   **common.image_list_features('image'),
+                   'image_ids': tfds.features.Sequence(ident)},
     }[kind]
     return tfds.core.DatasetInfo(
         builder=self, description=f'easy-VQA ({kind}), derived from the PyPI package easy-vqa.',
@@ -145,7 +167,8 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       by_image.setdefault(i, []).append((q, a))
     ids = image_ids(split)
     groups = facts_lib.document_groups(ids, split)[:limit] if config.kind == 'interleaved' else None
-    wanted = sorted({i for g in groups for i in g}) if groups is not None else ids[:limit]
+    wanted = (sorted({i for g in groups for i in g}) if groups is not None
+              else ids if config.kind == 'bursty' else ids[:limit])
     data = {i: _image_bytes(split, i) for i in wanted}
     facts = {i: facts_lib.image_facts(_pixels(data[i]), by_image.get(i, ())) for i in wanted}
 
@@ -161,6 +184,8 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                   'images': [data[i] for i in group],
                   'image_paths': [_image_path(split, i) for i in group],
                   'image_missing': [False] * len(group), 'image_ids': list(group)}
+    elif config.kind == 'bursty':
+      yield from _bursty_documents(split, config, data, facts)
     elif config.kind == 'video':
       for i in wanted:
         motion = facts_lib.motion_of(i)
@@ -173,3 +198,20 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                   'motion': motion}
     else:
       raise ValueError(f'easy_vqa: unknown kind {config.kind!r}; expected one of {KINDS}')
+
+
+def _bursty_documents(split, config, data, facts):
+  """The `bursty` kind's examples: documents keyed by (split, index), deterministic."""
+  names = binding.read_word_list(binding.resolve_word_list(config.names_file, 'train'))
+  pool = binding.class_pool([(str(i), f.color, f.shape) for i, f in sorted(facts.items())],
+                            'shape_color')
+  count = BURSTY_DOCUMENTS[split] if config.max_examples is None else min(
+      config.max_examples, BURSTY_DOCUMENTS[split])
+  for n in range(count):
+    segments, refs = binding.bursty_document(pool, names, key=(split, n),
+                                             max_images=BURSTY_MAX_IMAGES)
+    group = [int(r) for r in refs]
+    yield n, {'text': binding.document_text(segments), 'segments': [s.text for s in segments],
+              'segment_loss': [s.loss for s in segments], 'images': [data[i] for i in group],
+              'image_paths': [_image_path(split, i) for i in group],
+              'image_missing': [False] * len(group), 'image_ids': group}
