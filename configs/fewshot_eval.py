@@ -10,7 +10,8 @@ Arguments (`:key=value,...`; lists separated by '.' since ',' separates the argu
   shots  e.g. 0.4.8.16 (the default; 32 is allowed)
   seeds  number of seeds 0..n-1 (default 3)
   quick=True     the main job's look (launch/local.sh): 200 queries, 0 and 4 shots, random selection,
-                 one seed, greedy; a few minutes on the CPU
+                 one seed, greedy; and in-context binding at 2/5-way, 1/4 shots with the text-only
+                 and shuffled controls (100 episodes, open-ended); a few minutes on the CPU
   runlocal=True  a quick smoke run (easy_vqa built from 200 records per split, 16 queries,
                  0 and 2 shots, one seed, greedy)
 
@@ -23,7 +24,7 @@ import ml_collections
 
 from configs import common
 
-_TASKS = "easy_vqa"
+_TASKS = "easy_vqa.easy_vqa_binding"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -66,6 +67,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       easy_vqa_color=dict(num_queries=100, max_examples=-1),
       easy_vqa_shape=dict(num_queries=100, max_examples=-1),
       easy_vqa_video=dict(num_queries=100, max_examples=-1),
+      # In-context binding (flamingo_jax/eval/binding.py): N ways x K shots x controls, `episodes`
+      # per cell and seed; names_file '' = the packaged evaluation word list (must share no word
+      # with the training list of the run's bursty documents); class_mode shape_color | shape |
+      # color; ranked: also the close-ended ranking of the N names.
+      easy_vqa_binding=dict(ways=(2, 3, 5), shots=(1, 2, 4), episodes=500,
+                            controls=("text_only", "shuffled", "real_names"), names_file="",
+                            class_mode="shape_color", ranked=True, max_new_tokens=6,
+                            max_examples=-1),
       jsonl_vqa=dict(num_queries=-1, support="", queries=""),
       jsonl_captions=dict(num_queries=-1, support="", queries=""),
   )
@@ -75,6 +84,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.seeds = (0,)
     config.selection = ("random",)
     config.beam = 1
+    b = config.task_options.easy_vqa_binding
+    b.ways, b.shots, b.episodes, b.controls = (2, 5), (1, 4), 100, ("text_only", "shuffled")
+    b.ranked = False
   if args["runlocal"]:
     config.num_queries = 16
     config.shots = (0, 2)
@@ -82,7 +94,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.beam = 1
     config.batch_size = 8
     for name, options in config.task_options.items():
+      if name == "easy_vqa_binding":
+        continue
       options.num_queries = -1
       if name.startswith("easy_vqa"):
         options.max_examples = 200
+    b = config.task_options.easy_vqa_binding
+    b.ways, b.shots, b.episodes, b.ranked = (2,), (1,), 8, False
+    b.max_examples = 600  # >= 2 classes with 2+ images
   return common.finish(config)

@@ -15,6 +15,8 @@ prompts through the frozen LM alone: `lm_only=True`, no images). Writes, atomica
                                   std over seeds (ddof 0); accuracy in %, CIDEr x 100
   RUN/eval/predictions/*.jsonl    one record per query: {task}_{selection}_{shots}shot_seed{s}
   RUN/eval/accuracy_vs_shots.png  metric vs shots, random and RICES, text-only baseline dashed
+  RUN/eval/binding_vs_shots.png   in-context binding (`easy_vqa_binding`, eval/binding.py): accuracy
+                                  vs shots per N, with the controls and chance
   RUN/eval/rices_cache/           support features of RICES
 and prints a table. Only process 0 writes. `eval` is `config.output_subdir` (its default).
 """
@@ -34,6 +36,8 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from flamingo_jax.data import binding as binding_lib
+from flamingo_jax.eval import binding
 from flamingo_jax.eval import engine
 from flamingo_jax.eval import evaluators
 from flamingo_jax.models import flamingo
@@ -111,7 +115,7 @@ def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  tasks = results["tasks"]
+  tasks = {t: r for t, r in results["tasks"].items() if t != binding.TASK}  # its own plot
   fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4),
                            squeeze=False)
   for ax, (task, r) in zip(axes[0], tasks.items()):
@@ -142,6 +146,8 @@ def format_table(results: dict) -> str:
   lines = [f"{'task':<20} {'metric':<9} {'selection':<10} {'shots':>5} {'mean':>8} {'std':>7} "
            f"{'seeds':>5}"]
   for task, r in results["tasks"].items():
+    if task == binding.TASK:  # its own table (binding.format_table)
+      continue
     for selection in ("random", "rices", TEXT_ONLY):
       for shots, s in sorted(r.get(selection, {}).items(), key=lambda kv: int(kv[0])):
         lines.append(f"{task:<20} {r['metric']:<9} {selection:<10} {shots:>5} {s['mean']:>8.2f} "
@@ -192,6 +198,9 @@ def evaluate(config, workdir: str) -> dict:
   results = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "model_id": model_id,
              "tasks": {}, "metrics": {}, "config": config.to_dict()}
   for task in config.tasks:
+    if task == binding.TASK:
+      _binding(config, model, tokenizer, params, run_config, model_cfg, results, out_dir, writer)
+      continue
     evaluator = evaluators.make_evaluator(task, config, model_cfg.image_size)
     r = results["tasks"][task] = {"metric": evaluator.metric,
                                   "num_queries": len(evaluator.data.queries)}
@@ -222,10 +231,45 @@ def evaluate(config, workdir: str) -> dict:
       if writer:
         atomic_write(os.path.join(out_dir, "results.json"),
                      json.dumps(results, indent=1).encode())
-  if writer:
+  if writer and any(t != binding.TASK for t in results["tasks"]):
     plot(results, os.path.join(out_dir, "accuracy_vs_shots.png"))
     print(format_table(results), flush=True)
   return results
+
+
+def training_names(run_config) -> tuple[tuple[str, ...], str]:
+  """(words, path) of the word list the run's bursty documents were named from (the packaged
+  training list when the run has none)."""
+  paths = set()
+  if run_config is not None and run_config.data.source == "mixture":
+    for ds in run_config.data.datasets.values():
+      if ds.builder == "easy_vqa" and ds.builder_kwargs.kind == "bursty":
+        paths.add(binding_lib.resolve_word_list(ds.builder_kwargs.names_file, "train"))
+  if len(paths) > 1:
+    raise ValueError(f"the run names bursty documents from several word lists {sorted(paths)}")
+  path = paths.pop() if paths else binding_lib.default_word_list("train")
+  return binding_lib.read_word_list(path), path
+
+
+def _binding(config, model, tokenizer, params, run_config, model_cfg, results, out_dir, writer):
+  """The in-context binding sweep into `results` (task `easy_vqa_binding`) and its plot."""
+  words, path = training_names(run_config)
+  evaluator = binding.BindingEvaluator.from_config(config, model_cfg.image_size, words, path)
+
+  def on_cell(name, record):
+    if writer:
+      lines = "".join(json.dumps(p) + "\n" for p in record["predictions"])
+      atomic_write(os.path.join(out_dir, "predictions", f"{binding.TASK}_{name}.jsonl"),
+                   lines.encode())
+
+  task_results, metrics = evaluator.sweep(model, params, tokenizer, seeds=config.seeds,
+                                          on_cell=on_cell)
+  results["tasks"][binding.TASK] = task_results
+  results["metrics"].update(metrics)
+  if writer:
+    atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())
+    binding.plot(task_results, os.path.join(out_dir, "binding_vs_shots.png"), atomic_write)
+    print(binding.format_table(task_results), flush=True)
 
 
 def main():

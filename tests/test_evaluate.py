@@ -140,6 +140,30 @@ def test_without_checkpoint_evaluates_the_init_model(tmp_path, data):
   assert os.path.exists(os.path.join(workdir, "eval", "accuracy_vs_shots.png"))
 
 
+def test_binding_sweep_without_checkpoint(tmp_path):
+  """`easy_vqa_binding` (runlocal: 2-way 1-shot, 8 episodes) on the real easy-VQA test images."""
+  workdir = _make_run(str(tmp_path / "run"), with_checkpoint=False)
+  config = fewshot_eval.get_config("tasks=easy_vqa_binding,runlocal=True,seeds=2")
+  with config.unlocked():
+    config.data_dir = str(tmp_path / "tfds")
+    config.task_options.easy_vqa_binding.controls = ("text_only", "shuffled")
+  results = evaluate_lib.evaluate(config, workdir)
+  r = results["tasks"]["easy_vqa_binding"]
+  assert set(r["cells"]) == {"none", "text_only", "shuffled"} and r["chance"] == {"2way": 50.0}
+  assert set(r["cells"]["none"]["2way"]["1shot"]["accuracy"]["seeds"]) == {"0", "1"}
+  for key in ("eval/easy_vqa_binding/2way/1shot/accuracy",
+              "eval/easy_vqa_binding/2way/1shot/text_only/accuracy",
+              "eval/easy_vqa_binding/2way/1shot/shuffled/accuracy"):
+    assert 0.0 <= results["metrics"][key] <= 100.0
+  out = os.path.join(workdir, "eval")
+  with open(os.path.join(out, "binding_vs_shots.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(out, "predictions", "easy_vqa_binding_2way_1shot_none_seed0.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == 8 and {"answer", "prediction", "names", "shown"} <= set(records[0])
+  assert not os.path.exists(os.path.join(out, "accuracy_vs_shots.png"))  # no few-shot task ran
+
+
 def test_settings_order_and_text_only_shots():
   config = fewshot_eval.get_config("shots=0.4.8")
   with config.unlocked():

@@ -10,6 +10,9 @@ built once per instance, so every later call with the same shapes hits jit's cac
   features(params, refs, load)    -> pooled frozen-vision features [len(refs), Dv] (RICES)
   generate(params, prompts, media, load, prompt_len=T, max_new_tokens=...) -> generated ids
   rank(params, prompts, media, candidates, load, prompt_len=T) -> scoring.RankingResult
+  generate_and_score(params, prompts, media, continuations, load, prompt_len=T, ...)
+                                  -> (generated ids, summed log-probs [Q, C] of C continuations
+                                     per prompt), one prefill for both
 Each distinct medium is encoded once and its visual tokens stay in an LRU cache (per params) for
 later batches and runs. Prefill runs the prompt minus its last token (whose logits are never
 computed), keeps only the media K/V of each row's last medium (the query's: all that decoding
@@ -51,6 +54,12 @@ def _left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int):
     tokens[i, length - len(ids):] = ids
     mask[i, length - len(ids):] = True
   return tokens, mask
+
+
+def _prefilled(params, tokens, token_mask, logits, cache):
+  """A prefill function that hands back a prefill already computed (its outputs as inputs)."""
+  del params, tokens, token_mask
+  return logits, cache
 
 
 def _last_media_only(cache: dict, num_latents: int) -> dict:
@@ -208,6 +217,62 @@ class EvalModel:
     return out
 
   # ---------------------------------------------------------------------------- scoring
+  def _generate_and_score(self, room: int, max_new_tokens: int, stops: tuple, lm_only: bool):
+    m, prefill, step = self.model, self._prefill(room, lm_only), self._decode_step(lm_only)
+
+    def run(params, tokens, token_mask, conts, cont_mask, visual=None):
+      """Prompts [B,T] + continuations [B,C,L] (right-padded) -> (greedy DecodeOutput, summed
+      log-probs [B,C]), from one prefill: the cache is a value, reused by every branch."""
+      first, cache = prefill(params, tokens, token_mask, visual)
+      scores = []
+      for c in range(conts.shape[1]):
+        logits, _ = m.lm_forward(params, None, conts[:, c], None, None, cont_mask[:, c], cache,
+                                 lm_only)
+        logits = jnp.concatenate([first, self._ban(logits)[:, :-1]], axis=1).astype(jnp.float32)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), conts[:, c, :, None], axis=-1)
+        scores.append(jnp.sum(logp[..., 0] * cont_mask[:, c], axis=-1))
+      decoded = decoding.greedy_decode(
+          _prefilled, step, params, tokens, token_mask, max_new_tokens=max_new_tokens,
+          stop_ids=stops, pad_id=self.pad_id, prefill_inputs={"logits": first, "cache": cache})
+      return decoded, jnp.stack(scores, axis=1)
+
+    return run
+
+  def generate_and_score(self, params, prompts: Sequence[Sequence[int]],
+                         media: Sequence[Sequence[Hashable]],
+                         continuations: Sequence[Sequence[Sequence[int]]],
+                         load: Callable[[Hashable], np.ndarray], *, prompt_len: int,
+                         max_new_tokens: int, lm_only: bool = False,
+                         extra_stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], np.ndarray]:
+    """(greedy generations as in `generate`, summed log-probs [Q, C] of each prompt's C
+    continuations) from one prefill per prompt: open- and close-ended answers of the same prompts,
+    where the candidates differ per prompt. Every prompt has the same number C of continuations."""
+    count = {len(c) for c in continuations}
+    if len(count) != 1:
+      raise ValueError(f"every prompt needs the same number of continuations, got {sorted(count)}")
+    length = max(len(x) for c in continuations for x in c)
+    stops = tuple(sorted(set(self.stop_ids) | {int(i) for i in extra_stop_ids}))
+    fn = self._fn(("generate_and_score", length, max_new_tokens, stops, lm_only),
+                  lambda: self._generate_and_score(max(length, max_new_tokens), max_new_tokens,
+                                                   stops, lm_only))
+    c, texts, out = count.pop(), [], []
+    for start in range(0, len(prompts), self.batch_size):
+      rows = list(range(start, min(start + self.batch_size, len(prompts))))
+      rows += [rows[-1]] * (self.batch_size - len(rows))
+      tokens, mask = _left_pad([prompts[i] for i in rows], prompt_len, self.pad_id)
+      conts = np.full([len(rows), c, length], self.pad_id, np.int32)
+      cont_mask = np.zeros([len(rows), c, length], bool)
+      for r, i in enumerate(rows):
+        for j, ids in enumerate(continuations[i]):
+          conts[r, j, :len(ids)], cont_mask[r, j, :len(ids)] = ids, True
+      visual = None if lm_only else self._visual(params, [media[i] for i in rows], load)
+      decoded, scores = fn(params, tokens, mask, conts, cont_mask, visual)
+      real = min(self.batch_size, len(prompts) - start)
+      ids, lengths = np.asarray(decoded.tokens), np.asarray(decoded.lengths)
+      texts += [[int(i) for i in ids[r, :lengths[r]] if int(i) not in stops] for r in range(real)]
+      out.append(np.asarray(scores)[:real])
+    return texts, np.concatenate(out)
+
   def _score(self, lm_only: bool):
     m, image_id = self.model, self.image_id
 

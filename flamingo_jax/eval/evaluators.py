@@ -42,14 +42,20 @@ ZERO_SHOT_EXAMPLES = 2
 
 
 # ------------------------------------------------------------------------------------ evaluators
+def sum_over_hosts(values: np.ndarray) -> np.ndarray:
+  """The element-wise sum of `values` (this host's sufficient statistics) over all hosts."""
+  values = np.asarray(values, np.float64)
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(values), np.float64).sum(0)
+
+
 def _merge_hosts(acc: vqa_lib.VQAAccumulator) -> vqa_lib.VQAAccumulator:
   """An accumulator holding the sum of every host's statistics (sums, never per-host means)."""
   stats = acc.stats()
-  if jax.process_count() == 1:
-    return vqa_lib.VQAAccumulator().merge([stats])
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  gathered = multihost_utils.process_allgather(np.asarray([stats["sum"], stats["count"]]))
-  return vqa_lib.VQAAccumulator().merge({"sum": s, "count": c} for s, c in gathered)
+  total, count = sum_over_hosts(np.asarray([stats["sum"], stats["count"]]))
+  return vqa_lib.VQAAccumulator().merge([{"sum": total, "count": count}])
 
 
 def plain_text(text: str) -> str:

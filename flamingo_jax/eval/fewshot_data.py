@@ -161,3 +161,21 @@ def jsonl_data(kind: str, support: str, queries: str, image_size: int) -> FewSho
   pool, _ = _read_jsonl(support, kind)
   return FewShotData(f"jsonl_{kind}", pool, *_read_jsonl(queries, kind),
                      load=_loader(preprocess.ImageOptions(size=image_size), read))
+
+
+BLANK = ""  # the media ref of a padding slot: loads as a black image that no token attends to
+
+
+def easy_vqa_images(data_dir: str, image_size: int, split: str = "test",
+                    max_examples: int | None = None):
+  """([(ref, colour, shape)] of the split's images, loader ref -> [1,S,S,3] f32; BLANK -> zeros)."""
+  builder = _easy_vqa_builder(data_dir, kind="captions", max_examples=max_examples)
+  source = builder.as_data_source(split)
+  records = source.__getitems__(range(len(source)))
+  images = [(f"{split}/{int(r['image_id'])}", as_text(r["color"]), as_text(r["shape"]))
+            for r in records]
+  index = {ref: i for i, (ref, _, _) in enumerate(images)}
+  load = _loader(preprocess.ImageOptions(size=image_size), lambda ref: [
+      (source[index[ref]]["image"], as_text(source[index[ref]]["image_path"]))])
+  blank = np.zeros([1, image_size, image_size, 3], np.float32)
+  return images, lambda ref: blank if ref == BLANK else load(ref)
