@@ -63,7 +63,8 @@ def _easy_vqa_data(image_size: int) -> dict:
 
 # The easy-VQA mixture on a 2-core CPU: (lambda, batch) per dataset, ~650 text tokens per step. VQA pairs
 # weigh as much as the documents: they are the one source in the prompt format of the evaluation.
-CPU_MIXTURE = {"m3w": (1.0, 4), "pairs": (0.2, 8), "vqa": (1.0, 8), "vtp": (0.03, 4)}
+CPU_MIXTURE = {"m3w": (1.0, 4), "pairs": (0.2, 8), "vqa": (1.0, 8), "vtp": (0.03, 4),
+               "bursty": (1.0, 4)}
 
 
 def _cpu_batches(data: dict) -> None:

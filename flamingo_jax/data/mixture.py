@@ -59,7 +59,8 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 def easy_vqa_mixture_config(max_examples: int | None = None,
                             image_size: int = 64) -> ml_collections.ConfigDict:
-  """The easy-VQA mixture: m3w (interleaved, 1.0), pairs (captions, 0.2), vqa (0.2), vtp (0.03).
+  """The easy-VQA mixture: m3w (interleaved, 1.0), pairs (captions, 0.2), vqa (0.2), vtp (0.03),
+  bursty (in-context binding documents, 1.0; `data/binding.py`).
 
   `vqa` is a second paired set (the paper has two, ALIGN and LTIP, 0.2 each) whose text is the
   VQA prompt 'Question: {q} Answer: {a}', with the loss on the answer only (`loss_from`). Batch
@@ -82,6 +83,11 @@ def easy_vqa_mixture_config(max_examples: int | None = None,
                             loss_from='answer'),
       'vtp': dataset_config(kind='video', builder_kwargs=easy('video'), weight=0.03,
                             batch_size=8, max_tokens=20, num_frames=8, image_size=image_size),
+      # Longest document: 109 SmolLM2 ids. Every text follows its own image: no p_next.
+      'bursty': dataset_config(kind='interleaved',
+                               builder_kwargs={**easy('bursty'), 'names_file': ''}, weight=1.0,
+                               batch_size=4, max_tokens=112, max_images=12,
+                               image_size=image_size, p_next=0.0),
   }
   return ml_collections.ConfigDict({'prepare': True, 'num_parallel_calls': -1, 'prefetch': 2,
                                     'datasets': datasets})

@@ -15,7 +15,8 @@ STEPS = 20
 def small_config():
   """The easy_vqa mixture on 16 records per split, tiny images, budgets for the byte tokenizer."""
   config = mixture.easy_vqa_mixture_config(max_examples=16, image_size=16)
-  for name, batch, tokens in [('m3w', 4, 96), ('pairs', 4, 32), ('vqa', 4, 80), ('vtp', 2, 64)]:
+  for name, batch, tokens in [('m3w', 4, 96), ('pairs', 4, 32), ('vqa', 4, 80), ('vtp', 2, 64),
+                              ('bursty', 2, 320)]:
     config.datasets[name].batch_size = batch
     config.datasets[name].max_tokens = tokens
   config.datasets.vtp.num_frames = 4
@@ -44,16 +45,18 @@ def test_config_schema():
   config = mixture.easy_vqa_mixture_config()
   assert {k: (d.kind, d.weight) for k, d in config.datasets.items()} == {
       'm3w': ('interleaved', 1.0), 'pairs': ('pairs', 0.2), 'vqa': ('pairs', 0.2),
-      'vtp': ('video', 0.03)}
+      'vtp': ('video', 0.03), 'bursty': ('interleaved', 1.0)}
   assert config.datasets.m3w.max_images == 5 and config.datasets.vtp.num_frames == 8
+  assert config.datasets.bursty.max_images == 12 and config.datasets.bursty.p_next == 0.0
   with pytest.raises(KeyError, match='unknown key'):
     mixture.dataset_config(bach_size=3)
 
 
 def test_every_dataset_every_step_static_shapes(make):
   m = make()
-  assert m.weights == {'m3w': 1.0, 'pairs': 0.2, 'vqa': 0.2, 'vtp': 0.03}
-  want = {'m3w': (4, 5, 1, 96), 'pairs': (4, 1, 1, 32), 'vqa': (4, 1, 1, 80), 'vtp': (2, 1, 4, 64)}
+  assert m.weights == {'m3w': 1.0, 'pairs': 0.2, 'vqa': 0.2, 'vtp': 0.03, 'bursty': 1.0}
+  want = {'m3w': (4, 5, 1, 96), 'pairs': (4, 1, 1, 32), 'vqa': (4, 1, 1, 80), 'vtp': (2, 1, 4, 64),
+          'bursty': (2, 12, 1, 320)}
   for _ in range(3):
     batches = next(m)
     assert set(batches) == set(want)
