@@ -143,14 +143,14 @@ def test_without_checkpoint_evaluates_the_init_model(tmp_path, data):
 def test_binding_sweep_without_checkpoint(tmp_path):
   """`easy_vqa_binding` (runlocal: 2-way 1-shot, 8 episodes) on the real easy-VQA test images."""
   workdir = _make_run(str(tmp_path / "run"), with_checkpoint=False)
-  config = fewshot_eval.get_config("tasks=easy_vqa_binding,runlocal=True,seeds=2")
+  config = fewshot_eval.get_config("tasks=easy_vqa_binding,runlocal=True")
   with config.unlocked():
     config.data_dir = str(tmp_path / "tfds")
     config.task_options.easy_vqa_binding.controls = ("text_only", "shuffled")
   results = evaluate_lib.evaluate(config, workdir)
   r = results["tasks"]["easy_vqa_binding"]
   assert set(r["cells"]) == {"none", "text_only", "shuffled"} and r["chance"] == {"2way": 50.0}
-  assert set(r["cells"]["none"]["2way"]["1shot"]["accuracy"]["seeds"]) == {"0", "1"}
+  assert set(r["cells"]["none"]["2way"]["1shot"]["accuracy"]["seeds"]) == {"0"}
   for key in ("eval/easy_vqa_binding/2way/1shot/accuracy",
               "eval/easy_vqa_binding/2way/1shot/text_only/accuracy",
               "eval/easy_vqa_binding/2way/1shot/shuffled/accuracy"):
