@@ -176,6 +176,6 @@ def easy_vqa_images(data_dir: str, image_size: int, split: str = "test",
             for r in records]
   index = {ref: i for i, (ref, _, _) in enumerate(images)}
   load = _loader(preprocess.ImageOptions(size=image_size), lambda ref: [
-      (source[index[ref]]["image"], as_text(source[index[ref]]["image_path"]))])
+      (records[index[ref]]["image"], as_text(records[index[ref]]["image_path"]))])
   blank = np.zeros([1, image_size, image_size, 3], np.float32)
   return images, lambda ref: blank if ref == BLANK else load(ref)

@@ -17,7 +17,6 @@ from flamingo_jax.eval import engine
 from flamingo_jax.eval import evaluators
 from flamingo_jax.eval import fewshot_data
 from flamingo_jax.models import flamingo
-from tests.data.data_helpers import CharTokenizer
 from tests.models import helpers
 
 S = 32
@@ -25,19 +24,8 @@ NAMES = ("dax", "wug", "fep", "zup", "kiki", "toma")
 
 
 @pytest.fixture(scope="module")
-def tok():
-  return CharTokenizer()
-
-
-@pytest.fixture(scope="module")
 def model_and_params(tok):
-  cfg = flamingo.model_config("tiny")
-  with cfg.unlocked():
-    cfg.lm.vocab_size = tok.vocab_size - 2
-    cfg.lm.num_layers, cfg.xattn.every = 2, 2
-  model = flamingo.make_model(cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, S, S, 3)),
-                               jnp.zeros((1, 4), jnp.int32))
+  model, params = helpers.tiny_eval_model(tok.vocab_size, S)
   return model, helpers.open_gates(params, jax.random.PRNGKey(1))
 
 

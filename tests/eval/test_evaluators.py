@@ -20,7 +20,7 @@ from flamingo_jax.eval import prompting
 from flamingo_jax.eval.metrics import vqa as vqa_lib
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import masking
-from tests.data.data_helpers import CharTokenizer, image_bytes
+from tests.data.data_helpers import image_bytes
 from tests.models import helpers
 
 S = 32            # tiny model image side
@@ -30,19 +30,8 @@ COLORS = ("red", "tan", "sky")  # equal lengths: equal prompt lengths
 
 
 @pytest.fixture(scope="module")
-def tok():
-  return CharTokenizer()
-
-
-@pytest.fixture(scope="module")
 def model_and_params(tok):
-  cfg = flamingo.model_config("tiny")
-  with cfg.unlocked():
-    cfg.lm.vocab_size = tok.vocab_size - 2
-    cfg.lm.num_layers, cfg.xattn.every = 2, 2
-  model = flamingo.make_model(cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, S, S, 3)),
-                               jnp.zeros((1, 4), jnp.int32))
+  model, params = helpers.tiny_eval_model(tok.vocab_size, S)
   return model, params, helpers.open_gates(params, jax.random.PRNGKey(1))
 
 
