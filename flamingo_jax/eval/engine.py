@@ -188,6 +188,24 @@ class EvalModel:
 
     return step
 
+  def _stops(self, extra_stop_ids: Sequence[int]) -> tuple[int, ...]:
+    return tuple(sorted(set(self.stop_ids) | {int(i) for i in extra_stop_ids}))
+
+  def _batches(self, prompts: Sequence[Sequence[int]], prompt_len: int):
+    """Yields (rows, real, tokens, token_mask): `batch_size` prompt indices (the last batch filled
+    with repeats: a full batch keeps the shapes), how many are real, the left-padded prompts."""
+    for start in range(0, len(prompts), self.batch_size):
+      rows = list(range(start, min(start + self.batch_size, len(prompts))))
+      real = len(rows)
+      rows += [rows[-1]] * (self.batch_size - real)
+      yield (rows, real, *_left_pad([prompts[i] for i in rows], prompt_len, self.pad_id))
+
+  @staticmethod
+  def _generated(result, real: int, stops: tuple[int, ...]) -> list[list[int]]:
+    """The first `real` rows of a decoding result as id lists, stop ids dropped."""
+    ids, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+    return [[int(i) for i in ids[r, :lengths[r]] if int(i) not in stops] for r in range(real)]
+
   def generate(self, params, prompts: Sequence[Sequence[int]],
                media: Sequence[Sequence[Hashable]], load: Callable[[Hashable], np.ndarray], *,
                prompt_len: int, max_new_tokens: int, lm_only: bool = False,
@@ -196,13 +214,10 @@ class EvalModel:
     prefill = self._fn(("prefill", max_new_tokens, lm_only),
                        lambda: self._prefill(max_new_tokens, lm_only), jit=False)
     step = self._fn(("step", lm_only), lambda: self._decode_step(lm_only), jit=False)
-    stops = tuple(sorted(set(self.stop_ids) | {int(i) for i in extra_stop_ids}))
+    stops = self._stops(extra_stop_ids)
     kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad_id)
     out = []
-    for start in range(0, len(prompts), self.batch_size):
-      rows = list(range(start, min(start + self.batch_size, len(prompts))))
-      rows += [rows[-1]] * (self.batch_size - len(rows))  # a full batch keeps the shapes
-      tokens, mask = _left_pad([prompts[i] for i in rows], prompt_len, self.pad_id)
+    for rows, real, tokens, mask in self._batches(prompts, prompt_len):
       inputs = None if lm_only else {"visual": self._visual(params, [media[i] for i in rows], load)}
       if self.num_beams == 1:
         result = decoding.greedy_decode(prefill, step, params, tokens, mask, prefill_inputs=inputs,
@@ -211,9 +226,7 @@ class EvalModel:
         result = decoding.beam_search(prefill, step, params, tokens, mask, prefill_inputs=inputs,
                                       num_beams=self.num_beams, alpha=self.length_penalty,
                                       reorder_cache=self._reorder, **kw)
-      ids, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
-      for r in range(min(self.batch_size, len(prompts) - start)):
-        out.append([int(i) for i in ids[r, :lengths[r]] if int(i) not in stops])
+      out += self._generated(result, real, stops)
     return out
 
   # ---------------------------------------------------------------------------- scoring
@@ -251,15 +264,12 @@ class EvalModel:
     if len(count) != 1:
       raise ValueError(f"every prompt needs the same number of continuations, got {sorted(count)}")
     length = max(len(x) for c in continuations for x in c)
-    stops = tuple(sorted(set(self.stop_ids) | {int(i) for i in extra_stop_ids}))
+    stops = self._stops(extra_stop_ids)
     fn = self._fn(("generate_and_score", length, max_new_tokens, stops, lm_only),
                   lambda: self._generate_and_score(max(length, max_new_tokens), max_new_tokens,
                                                    stops, lm_only))
     c, texts, out = count.pop(), [], []
-    for start in range(0, len(prompts), self.batch_size):
-      rows = list(range(start, min(start + self.batch_size, len(prompts))))
-      rows += [rows[-1]] * (self.batch_size - len(rows))
-      tokens, mask = _left_pad([prompts[i] for i in rows], prompt_len, self.pad_id)
+    for rows, real, tokens, mask in self._batches(prompts, prompt_len):
       conts = np.full([len(rows), c, length], self.pad_id, np.int32)
       cont_mask = np.zeros([len(rows), c, length], bool)
       for r, i in enumerate(rows):
@@ -267,9 +277,7 @@ class EvalModel:
           conts[r, j, :len(ids)], cont_mask[r, j, :len(ids)] = ids, True
       visual = None if lm_only else self._visual(params, [media[i] for i in rows], load)
       decoded, scores = fn(params, tokens, mask, conts, cont_mask, visual)
-      real = min(self.batch_size, len(prompts) - start)
-      ids, lengths = np.asarray(decoded.tokens), np.asarray(decoded.lengths)
-      texts += [[int(i) for i in ids[r, :lengths[r]] if int(i) not in stops] for r in range(real)]
+      texts += self._generated(decoded, real, stops)
       out.append(np.asarray(scores)[:real])
     return texts, np.concatenate(out)
 
