@@ -29,9 +29,11 @@ def optim(lr=1e-4, warmup_steps=5000, total_steps=500_000, weight_decay=0.1,
 
 def train(total_steps: int, log_every=50, checkpoint_every=1000, keep_checkpoints=3, seed=0,
           micro_batches=None) -> dict:
+  """`train` section. checkpoint_fallback: resume from the next newest checkpoint when the newest
+  does not read (it is moved to WORKDIR/checkpoints_corrupt/); False makes that an error."""
   return dict(total_steps=total_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-              keep_checkpoints=keep_checkpoints, seed=seed, max_consecutive_skips=10,
-              micro_batches=dict(micro_batches or {}))
+              keep_checkpoints=keep_checkpoints, checkpoint_fallback=True, seed=seed,
+              max_consecutive_skips=10, micro_batches=dict(micro_batches or {}))
 
 
 def synthetic_data(image_size: int, **datasets) -> dict:

@@ -6,6 +6,8 @@ Layout (`Checkpointer(workdir)`):
                             data/     JSON: the data iterator state (must be the same on every host:
                                       only process 0's copy is written).
                             config/   JSON: the run's config (written by process 0 only).
+                            fingerprints/  JSON: one uint32 per state leaf (`fingerprint.py`),
+                                      checked on restore: Orbax keeps no checksum of array data.
 
 Atomicity: Orbax writes a step to `<step>.orbax-checkpoint-tmp` and renames it into place when
 complete (on GCS, `commit_success.txt` marks it complete). A process killed mid-save leaves only
@@ -13,45 +15,52 @@ that temporary directory: never listed as a step, deleted by the next `Checkpoin
 (`cleanup_tmp_directories`), so `latest_step()` is the previous complete step.
 
 Async saves: `save` returns once the arrays are copied to host memory (the state may then be donated
-to the next step) and writes in a background thread. Call `wait()` or `close()` before exiting.
+to the next step) and writes in a background thread. `check_saves()` at every step boundary turns a
+failed background write (disk full, no permission, quota) into `CheckpointSaveError` naming the step
+and the cause; Orbax deletes old steps only after a new one is complete, so they stay restorable.
+Call `wait()` or `close()` before exiting.
+
+Unreadable steps (`restore_newest`): a step whose files do not read (flipped bytes, which the
+fingerprints catch, truncated metadata, a missing item) is moved aside to WORKDIR/checkpoints_corrupt/<step> (renamed, never
+deleted) and the next newest step is tried; `fallback=False` makes the first one an error instead.
+A template mismatch (another model or optimizer) is never a reason to fall back: it raises.
 
 Preemption (SIGTERM -> save at the next step boundary) is `flamingo_jax/train/preemption.py`.
 
-Resume order (`resolve_init`): this workdir's latest checkpoint > `init_from` sources > fresh init.
-Params paths are Haiku's 'module/path/name' strings (see docs/ARCHITECTURE.md).
+Resume order: this workdir's newest readable checkpoint > `init_from` sources
+(`flamingo_jax/init_from.py`) > fresh init.
 """
+import contextlib
 import json
 import os
-import re
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Mapping, Optional
 
+from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flamingo_jax import fingerprint
+from flamingo_jax.checkpoint_errors import CheckpointReadError, CheckpointSaveError
+from flamingo_jax.checkpoint_errors import NoReadableCheckpointError, TemplateMismatchError
+
 CHECKPOINTS_DIR = 'checkpoints'
-STATE, DATA, CONFIG = 'state', 'data', 'config'
-# flamingo_jax/convert/__main__.py writes DIR/params (StandardCheckpointer) + DIR/lm_config.json.
-CONVERTED_PARAMS_DIR = 'params'
-SOURCE_KINDS = ('params', 'checkpoint')
+CORRUPT_DIR = 'checkpoints_corrupt'
+from flamingo_jax.checkpoint_errors import STATE
+DATA, CONFIG, FINGERPRINTS = 'data', 'config', 'fingerprints'
 
 
-def _path_str(keypath) -> str:
-  """'params/lm/embed/embeddings' from a jax key path (dict keys, attributes, sequence indices)."""
-  parts = []
-  for k in keypath:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
+def _all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective under multi-host)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _flat(tree) -> dict[str, Any]:
-  return {_path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {fingerprint.path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _to_json(value, where: str):
@@ -90,7 +99,7 @@ def abstract_like(tree):
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
-      raise ValueError(f'template leaf {_path_str(path)}: a ShapeDtypeStruct without a sharding '
+      raise ValueError(f'template leaf {fingerprint.path_str(path)}: a ShapeDtypeStruct without a sharding '
                        '(give it one, or use a numpy array to restore into host memory)')
     return x
   return jax.tree_util.tree_map_with_path(one, tree)
@@ -131,10 +140,12 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # remove the leftovers of a save killed midway
         enable_async_checkpointing=async_save,
         async_options=ocp.AsyncOptions(timeout_secs=int(async_timeout_s)))
+    self._pending: Optional[int] = None     # the step of the last save started
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler()})
+                       CONFIG: ocp.JsonCheckpointHandler(),
+                       FINGERPRINTS: ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_state: Mapping[str, Any], force: bool = False) -> bool:
     """Starts saving `state` (pytree of arrays) and `data_state` (JSON-able dict) as `step`.
@@ -146,10 +157,39 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     items = {STATE: ocp.args.StandardSave(state),
-             DATA: ocp.args.JsonSave(_to_json(data_state, 'data_state'))}
+             DATA: ocp.args.JsonSave(_to_json(data_state, 'data_state')),
+             FINGERPRINTS: ocp.args.JsonSave(fingerprint.fingerprints(state))}
     if self._config is not None:
       items[CONFIG] = ocp.args.JsonSave(self._config)
-    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    with self._save_errors():      # Orbax first waits for the previous save, which may have failed
+      started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    if started:
+      self._pending = step
+    return started
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """Turns an error of the pending background save into CheckpointSaveError (step and cause)."""
+    pending = self._pending
+    try:
+      yield
+    except CheckpointSaveError:
+      raise
+    except Exception as error:  # pylint: disable=broad-except  # Orbax re-raises the writer's error
+      self._pending = None
+      raise CheckpointSaveError(
+          f'saving checkpoint step {pending} to {self.directory} failed: {type(error).__name__}: '
+          f'{error}; the steps saved before it are intact ({self.all_steps()})') from error
+
+  def check_saves(self) -> None:
+    """Raises CheckpointSaveError if the last background save failed (never blocks on a running one).
+
+    Call it at every step boundary: a failed save then stops the run within one step."""
+    if self._pending is None or self._manager.is_saving_in_progress():
+      return
+    with self._save_errors():
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def latest_step(self) -> Optional[int]:
     """The newest complete step, or None."""
@@ -168,22 +208,22 @@ class Checkpointer:
                               f'(have {self.all_steps()})')
     return int(step)
 
-  def _check_template(self, step: int, template) -> None:
-    """Raises naming the path when `template` and the saved state differ in leaves or shapes."""
-    saved = self._manager.item_metadata(step)[STATE]
-    saved = _flat(getattr(saved, 'tree', saved))
+  def _check_template(self, step: int, saved_metadata, template) -> None:
+    """Raises TemplateMismatchError naming the path when leaves or shapes differ."""
+    saved = _flat(getattr(saved_metadata, 'tree', saved_metadata))
     wanted = _flat(template)
     where = f'{self.directory}/{step}/{STATE}'
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
     if missing or extra:
-      raise ValueError(f'{where} does not match the state template: missing from the checkpoint '
-                       f'{missing[:10]}, not in the template {extra[:10]}')
+      raise TemplateMismatchError(
+          f'{where} does not match the state template: missing from the checkpoint '
+          f'{missing[:10]}, not in the template {extra[:10]}')
     for path, leaf in wanted.items():
       shape = getattr(saved[path], 'shape', None)
       if shape is not None and tuple(shape) != tuple(np.shape(leaf)):
-        raise ValueError(f'{where}: {path} has shape {tuple(shape)} in the checkpoint, '
-                         f'{tuple(np.shape(leaf))} in the template')
+        raise TemplateMismatchError(f'{where}: {path} has shape {tuple(shape)} in the checkpoint, '
+                                    f'{tuple(np.shape(leaf))} in the template')
 
   def restore(self, step: Optional[int] = None, state_template=None,
               restore_data: bool = True) -> tuple[Any, Optional[dict]]:
@@ -200,20 +240,86 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: no such step.
-      ValueError: the template's leaves or shapes differ from the checkpoint (names the path).
+      TemplateMismatchError: the template's leaves or shapes differ from the checkpoint.
+      CheckpointReadError: the step's files do not read (corrupt, truncated or missing).
     """
     step = self._step(step)
-    if state_template is None:
-      state_args = ocp.args.StandardRestore()
-    else:
-      template = abstract_like(state_template)
-      self._check_template(step, template)
-      state_args = ocp.args.StandardRestore(template)
-    items = {STATE: state_args}
-    if restore_data:
-      items[DATA] = ocp.args.JsonRestore()
-    out = self._manager.restore(step, args=ocp.args.Composite(**items))
+    template = None if state_template is None else abstract_like(state_template)
+    try:
+      items = {}
+      if template is None:
+        items[STATE] = ocp.args.StandardRestore()
+      else:
+        saved = self._manager.item_metadata(step)
+        if saved is None or saved.get(STATE) is None:
+          raise FileNotFoundError(f'no readable {STATE}/ item in {self.directory / str(step)}')
+        self._check_template(step, saved[STATE], template)
+        items[STATE] = ocp.args.StandardRestore(template)
+      if restore_data:
+        items[DATA] = ocp.args.JsonRestore()
+      checked = (self.directory / str(step) / FINGERPRINTS).exists()  # older steps have none
+      if checked:
+        items[FINGERPRINTS] = ocp.args.JsonRestore()
+      out = self._manager.restore(step, args=ocp.args.Composite(**items))
+      differ = fingerprint.mismatches(out[FINGERPRINTS], out[STATE]) if checked else []
+      if differ:
+        raise CheckpointReadError(step, self.directory / str(step) / STATE, ValueError(
+            f'the restored content differs from the fingerprint saved with it for {len(differ)} '
+            f'array(s), first {differ[:3]}'))
+    except (TemplateMismatchError, CheckpointReadError):
+      raise
+    except Exception as error:  # pylint: disable=broad-except  # tensorstore/JSON/Orbax: all unreadable
+      raise CheckpointReadError(step, self.directory / str(step), error) from error
     return out[STATE], (out[DATA] if restore_data else None)
+
+  def restore_newest(self, state_template, *, fallback: bool = True
+                     ) -> tuple[int, Any, Optional[dict]]:
+    """(step, state, data_state) of the newest step that reads and matches `state_template`.
+
+    An unreadable step is logged in one line and moved to WORKDIR/checkpoints_corrupt/ (renamed,
+    never deleted), then the next newest is tried. Every process must call it: a step counts as
+    readable when it read on every process, and process 0 moves the bad ones aside.
+
+    Raises:
+      CheckpointReadError: `fallback=False` and the newest step does not read.
+      NoReadableCheckpointError: no step reads (every one was moved aside) or there is none.
+      TemplateMismatchError: a readable step that differs from the template.
+    """
+    moved = []
+    while (step := self.latest_step()) is not None:
+      error = None
+      try:
+        state, data_state = self.restore(step, state_template)
+      except CheckpointReadError as e:
+        error = e
+      if _all_processes(error is None):
+        return step, state, data_state
+      if error is None:
+        error = CheckpointReadError(step, self.directory / str(step),
+                                    RuntimeError('unreadable on another process'))
+      if not fallback:
+        raise error
+      dest = self._move_aside(step)
+      logging.warning('%s; moved it to %s and trying the next newest step', error, dest)
+      moved.append(f'{step} ({error.path})')
+    raise NoReadableCheckpointError(f'no readable checkpoint in {self.directory}' + (
+        f'; unreadable steps moved to {self.directory.parent / CORRUPT_DIR}: {moved}' if moved
+        else ''))
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Renames checkpoints/<step> to checkpoints_corrupt/<step>[.n] (process 0), then all reload."""
+    root = self.directory.parent / CORRUPT_DIR
+    dest, n = root / str(step), 0
+    while dest.exists():
+      n += 1
+      dest = root / f'{step}.{n}'
+    if jax.process_index() == 0:
+      root.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint step {step} moved aside')
+    self._manager.reload()
+    return dest
 
   def restore_config(self, step: Optional[int] = None) -> Optional[dict]:
     """The config JSON saved with `step` (default: the latest), None if none was saved."""
@@ -224,13 +330,17 @@ class Checkpointer:
         **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
   def wait(self) -> None:
-    """Blocks until every started (async) save is complete on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started (async) save is complete on disk; CheckpointSaveError if one failed."""
+    with self._save_errors():
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    """Waits for pending saves, then releases Orbax's threads."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves (raising CheckpointSaveError if one failed), then releases Orbax."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
   def __enter__(self):
     return self
@@ -239,51 +349,13 @@ class Checkpointer:
     self.close()
 
 
-# ------------------------------------------------------------ resume order, init_from sources
-
-
-class InitSource(NamedTuple):
-  """One `init_from` entry: load the template params matching `select` from `path`.
-
-  kind: 'checkpoint' (another run: its workdir, its checkpoints/ dir or a step dir; the
-  TrainState's `params` and `frozen` trees are searched) or 'params' (a params-only Orbax
-  StandardCheckpointer save: the converter's DIR (uses DIR/params) or the save directory itself).
-  A source param 'P' is offered as template param `add_prefix + P[len(strip_prefix):]`; with a
-  `strip_prefix`, source params not starting with it are ignored.
-  """
-  path: str
-  kind: str
-  select: str
-  strip_prefix: str = ''
-  add_prefix: str = ''
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'InitSource':
-    d = dict(d)
-    unknown = sorted(set(d) - set(cls._fields))
-    missing = sorted({'path', 'kind', 'select'} - set(d))
-    if unknown or missing:
-      raise ValueError(f'init_from source {d}: unknown keys {unknown}, missing keys {missing} '
-                       f'(keys: {cls._fields})')
-    if d['kind'] not in SOURCE_KINDS:
-      raise ValueError(f'init_from source {d}: kind must be one of {SOURCE_KINDS}')
-    re.compile(d['select'])
-    return cls(**{k: str(v) for k, v in d.items()})
-
-
-class InitPlan(NamedTuple):
-  which: str                        # 'resume' | 'init_from' | 'fresh'
-  step: Optional[int]               # the step to resume from ('resume' only)
-  sources: tuple[InitSource, ...]   # the sources to load ('init_from' only)
-
-
 def absolute_path(path) -> epath.Path:
   """`path` as an absolute epath (Orbax refuses relative paths); URLs such as gs://... unchanged."""
   text = os.fspath(path)
   return epath.Path(text if '://' in text else os.path.abspath(text))
 
 
-def _step_dir(root: epath.Path, step: Optional[int] = None) -> Optional[epath.Path]:
+def step_dir(root: epath.Path, step: Optional[int] = None) -> Optional[epath.Path]:
   """The directory of a complete `step` (default: the latest) under an Orbax manager `root`."""
   name_format = ocp.path.step.standard_name_format()
   if step is None:
@@ -295,156 +367,5 @@ def _step_dir(root: epath.Path, step: Optional[int] = None) -> Optional[epath.Pa
 def latest_checkpoint_step(workdir) -> Optional[int]:
   """The latest complete step under WORKDIR/checkpoints (no manager, nothing created)."""
   root = absolute_path(workdir) / CHECKPOINTS_DIR
-  step_dir = _step_dir(root) if root.exists() else None
-  return None if step_dir is None else int(step_dir.name)
-
-
-def resolve_init(workdir, init_from: Sequence[Mapping[str, Any]] = ()) -> InitPlan:
-  """Resume order: this workdir's latest checkpoint > `init_from` sources > fresh initialisation.
-
-  Raises:
-    ValueError: a malformed source.  FileNotFoundError: a source path that does not exist.
-  """
-  step = latest_checkpoint_step(workdir)
-  if step is not None:
-    return InitPlan('resume', step, ())
-  sources = tuple(s if isinstance(s, InitSource) else InitSource.from_dict(s)
-                  for s in (init_from or ()))
-  for s in sources:
-    if not absolute_path(s.path).exists():
-      raise FileNotFoundError(f'init_from path {s.path} does not exist')
-  return InitPlan('init_from' if sources else 'fresh', None, sources)
-
-
-def _locate_params(path, kind: Optional[str], step: Optional[int]):
-  """(pytree item directory, roots: key tuples of the {module: {name: array}} trees in it)."""
-  p = absolute_path(path)
-  if not p.exists():
-    raise FileNotFoundError(f'params source {p} does not exist')
-  run_root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).exists() else p
-  if kind is None:
-    is_run = (p / STATE).exists() or _step_dir(run_root) is not None
-    kind = 'checkpoint' if is_run else 'params'
-  if kind == 'checkpoint':
-    if (p / STATE).exists() and step is None:  # a step directory
-      return p / STATE, None
-    step_dir = _step_dir(run_root, step)
-    if step_dir is None:
-      raise FileNotFoundError(f'no complete checkpoint under {run_root}')
-    return step_dir / STATE, None
-  if kind == 'params':
-    item = p / CONVERTED_PARAMS_DIR if (p / CONVERTED_PARAMS_DIR).exists() else p
-    return item, ((),)
-  raise ValueError(f'kind must be one of {SOURCE_KINDS} or None, got {kind!r}')
-
-
-def _source_params(tree, roots, where) -> dict[str, tuple[tuple, Any]]:
-  """{'module/name': (key tuple in the saved tree, array metadata)}."""
-  if roots is None:  # a train state: its trainable and frozen params (or a bare params tree)
-    roots = tuple((k,) for k in ('params', 'frozen') if isinstance(tree.get(k), Mapping))
-    roots = roots or ((),)
-  out = {}
-  for root in roots:
-    sub = tree
-    for k in root:
-      sub = sub[k]
-    for module, leaves in sub.items():
-      if not isinstance(leaves, Mapping):
-        raise ValueError(f'{where}: {"/".join(root + (module,))} is not a Haiku params tree '
-                         '{module: {name: array}}')
-      for name, meta in leaves.items():
-        key = f'{module}/{name}'
-        if key in out:
-          raise ValueError(f'{where}: param {key} appears twice (in {out[key][0][:-2]} and {root})')
-        out[key] = (root + (module, name), meta)
-  return out
-
-
-def selected_paths(template, select: str) -> list[str]:
-  """The 'module/name' paths of a Haiku params tree that the regex `select` matches (re.search)."""
-  pattern = re.compile(select)
-  return [f'{m}/{n}' for m, leaves in template.items() for n in leaves
-          if pattern.search(f'{m}/{n}')]
-
-
-def load_params_subset(path, select: str, template, *, kind: Optional[str] = None,
-                       strip_prefix: str = '', add_prefix: str = '', step: Optional[int] = None):
-  """`template` (Haiku params {module: {name: array}}) with the params matching `select` loaded.
-
-  Only the selected arrays are read from disk (Orbax partial restore). Each loaded leaf takes the
-  template leaf's dtype and placement: numpy for numpy leaves, the leaf's sharding for jax.Array /
-  ShapeDtypeStruct-with-sharding leaves. Unselected leaves are returned unchanged.
-
-  Args:
-    path: another run (workdir, its checkpoints/ or a step dir) or a params-only Orbax save (the
-      converter's DIR, or the StandardCheckpointer directory itself).
-    select: regex (re.search) over the template's 'module/name' paths.
-    template: the params tree to fill in.
-    kind: 'checkpoint' | 'params' | None (detected from the directory layout).
-    strip_prefix, add_prefix: source path P is offered as add_prefix + P[len(strip_prefix):].
-    step: the source run's step (default: its latest); 'checkpoint' only.
-
-  Raises:
-    ValueError: `select` matches nothing in the template; a selected param is missing from the
-      source (names it); a shape differs (names the path and both shapes).
-  """
-  item_dir, roots = _locate_params(path, kind, step)
-  if not (item_dir / '_METADATA').exists():
-    raise FileNotFoundError(f'{item_dir} is not an Orbax pytree checkpoint (no _METADATA)')
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    meta = handler.metadata(item_dir)
-    source = {}
-    for src, entry in _source_params(getattr(meta, 'tree', meta), roots, item_dir).items():
-      if strip_prefix and not src.startswith(strip_prefix):
-        continue
-      source[add_prefix + src[len(strip_prefix):]] = entry
-    wanted = selected_paths(template, select)
-    if not wanted:
-      raise ValueError(f'select {select!r} matches no template param (modules: '
-                       f'{sorted(template)[:10]})')
-    item, restore_args = {}, {}
-    for target in wanted:
-      if target not in source:
-        raise ValueError(f'param {target} (selected by {select!r}) is missing from {item_dir}')
-      keys, saved = source[target]
-      module, name = target.rsplit('/', 1)
-      leaf = template[module][name]
-      if tuple(saved.shape) != tuple(leaf.shape):
-        raise ValueError(f'param {target}: shape {tuple(saved.shape)} in {item_dir}, '
-                         f'{tuple(leaf.shape)} in the template')
-      sharding = getattr(leaf, 'sharding', None)
-      if sharding is not None:
-        args = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape, dtype=leaf.dtype)
-      else:
-        args = ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
-      node_i, node_a = item, restore_args
-      for k in keys[:-1]:
-        node_i, node_a = node_i.setdefault(k, {}), node_a.setdefault(k, {})
-      node_i[keys[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-      node_a[keys[-1]] = args
-    restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-  finally:
-    handler.close()
-  out = {m: dict(leaves) for m, leaves in template.items()}
-  for target in wanted:
-    node = restored
-    for k in source[target][0]:
-      node = node[k]
-    module, name = target.rsplit('/', 1)
-    out[module][name] = node
-  return out
-
-
-def apply_init_from(sources: Sequence[InitSource], params):
-  """Loads every source into `params` in order; two sources selecting the same param raise."""
-  claimed = {}
-  for s in sources:
-    for p in selected_paths(params, s.select):
-      if p in claimed:
-        raise ValueError(f'param {p} is selected by init_from sources {claimed[p]} and {s.path}')
-      claimed[p] = s.path
-    params = load_params_subset(s.path, s.select, params, kind=s.kind,
-                                strip_prefix=s.strip_prefix, add_prefix=s.add_prefix)
-  return params
+  found = step_dir(root) if root.exists() else None
+  return None if found is None else int(found.name)

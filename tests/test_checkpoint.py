@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from flamingo_jax import checkpoint
+from flamingo_jax import init_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +97,7 @@ def test_relative_workdir_saves_restores_and_inits(tmp_path, monkeypatch):
     ckpt.wait()
   assert checkpoint.latest_checkpoint_step('runs/rel') == 7
   source = {'path': 'runs/rel', 'kind': 'checkpoint', 'select': '.*'}
-  assert checkpoint.resolve_init('runs/other', [source]).which == 'init_from'
+  assert init_from.resolve_init('runs/other', [source]).which == 'init_from'
   with checkpoint.Checkpointer('runs/rel') as ckpt:
     restored, data = ckpt.restore(state_template=state)
   _assert_identical(restored, state)
@@ -176,13 +177,13 @@ def test_load_params_subset_from_run_and_params_only(tmp_path):
   run = tmp_path / 'contrastive'
   with checkpoint.Checkpointer(run) as ckpt:
     ckpt.save(5, source, {}, force=True)
-  out = checkpoint.load_params_subset(str(run), r'^vision_encoder/', _template())
+  out = init_from.load_params_subset(str(run), r'^vision_encoder/', _template())
   np.testing.assert_array_equal(out['vision_encoder/stem']['w'],
                                 source.params['vision_encoder/stem']['w'])
   assert isinstance(out['vision_encoder/stem']['w'], np.ndarray)
   np.testing.assert_array_equal(out['lm/embed']['embeddings'], 0)  # not selected: unchanged
   # Frozen params of a run count too; the dtype follows the template (bf16 -> f32).
-  out = checkpoint.load_params_subset(run / 'checkpoints', r'^lm/embed', _template(), step=5)
+  out = init_from.load_params_subset(run / 'checkpoints', r'^lm/embed', _template(), step=5)
   np.testing.assert_array_equal(out['lm/embed']['embeddings'],
                                 np.asarray(source.frozen['lm/embed']['embeddings'], np.float32))
   assert out['lm/embed']['embeddings'].dtype == np.float32
@@ -190,18 +191,18 @@ def test_load_params_subset_from_run_and_params_only(tmp_path):
   mesh = jax.make_mesh((8,), ('data',))
   sharded = _template()
   sharded['vision_encoder/stem']['w'] = jax.device_put(jnp.zeros((3, 4)), NamedSharding(mesh, P()))
-  out = checkpoint.load_params_subset(run, 'stem', sharded)
+  out = init_from.load_params_subset(run, 'stem', sharded)
   assert out['vision_encoder/stem']['w'].sharding == NamedSharding(mesh, P())
 
   lm_dir = str(tmp_path / 'lm')
   embed = np.arange(20, dtype=np.float32).reshape(5, 4)
   _params_only_save(lm_dir, {'lm/embed': {'embeddings': embed}})
-  out = checkpoint.load_params_subset(lm_dir, r'^lm/embed/', _template())
+  out = init_from.load_params_subset(lm_dir, r'^lm/embed/', _template())
   np.testing.assert_array_equal(out['lm/embed']['embeddings'], embed)
   # Prefix renaming: a source 'encoder/...' fills the template's 'vision_encoder/...'.
   renamed = str(tmp_path / 'renamed')
   _params_only_save(renamed, {'encoder/stem': {'w': np.ones((3, 4), np.float32)}})
-  out = checkpoint.load_params_subset(renamed, '^vision_encoder/', _template(), kind='params',
+  out = init_from.load_params_subset(renamed, '^vision_encoder/', _template(), kind='params',
                                       strip_prefix='encoder/', add_prefix='vision_encoder/')
   np.testing.assert_array_equal(out['vision_encoder/stem']['w'], 1)
 
@@ -210,18 +211,18 @@ def test_load_params_subset_errors(tmp_path):
   lm_dir = str(tmp_path / 'lm')
   _params_only_save(lm_dir, {'lm/embed': {'embeddings': np.zeros((7, 4), np.float32)}})
   with pytest.raises(ValueError, match=r'param vision_encoder/stem/w .* is missing'):
-    checkpoint.load_params_subset(lm_dir, '^vision_encoder/', _template())
+    init_from.load_params_subset(lm_dir, '^vision_encoder/', _template())
   with pytest.raises(ValueError, match=r'lm/embed/embeddings: shape \(7, 4\) .* \(5, 4\)'):
-    checkpoint.load_params_subset(lm_dir, '^lm/embed', _template())
+    init_from.load_params_subset(lm_dir, '^lm/embed', _template())
   with pytest.raises(ValueError, match='matches no template param'):
-    checkpoint.load_params_subset(lm_dir, '^nothing', _template())
+    init_from.load_params_subset(lm_dir, '^nothing', _template())
   with pytest.raises(FileNotFoundError):
-    checkpoint.load_params_subset(str(tmp_path / 'absent'), '.', _template())
+    init_from.load_params_subset(str(tmp_path / 'absent'), '.', _template())
 
 
 def test_resolve_init_order_and_apply(tmp_path):
   workdir = tmp_path / 'run'
-  assert checkpoint.resolve_init(workdir, []) == ('fresh', None, ())
+  assert init_from.resolve_init(workdir, []) == ('fresh', None, ())
   lm_dir = str(tmp_path / 'lm')
   _params_only_save(lm_dir, {'lm/embed': {'embeddings': np.ones((5, 4), np.float32)}})
   vis = tmp_path / 'vis'
@@ -230,23 +231,23 @@ def test_resolve_init_order_and_apply(tmp_path):
               force=True)
   sources = [{'path': lm_dir, 'kind': 'params', 'select': '^lm/embed/'},
              {'path': str(vis), 'kind': 'checkpoint', 'select': '^vision_encoder/'}]
-  plan = checkpoint.resolve_init(workdir, sources)
+  plan = init_from.resolve_init(workdir, sources)
   assert plan.which == 'init_from' and plan.step is None
   assert [s.kind for s in plan.sources] == ['params', 'checkpoint']
-  params = checkpoint.apply_init_from(plan.sources, _template())
+  params = init_from.apply_init_from(plan.sources, _template())
   np.testing.assert_array_equal(params['lm/embed']['embeddings'], 1)
   np.testing.assert_array_equal(params['vision_encoder/stem']['w'], 2)
   np.testing.assert_array_equal(params['lm/gated_xattn']['attn_gate'], 0)
   with pytest.raises(ValueError, match='lm/embed/embeddings is selected by'):
-    checkpoint.apply_init_from(plan.sources + plan.sources[:1], _template())
+    init_from.apply_init_from(plan.sources + plan.sources[:1], _template())
   with pytest.raises(ValueError, match=r"unknown keys \['slect'\]"):
-    checkpoint.resolve_init(workdir, [{'path': lm_dir, 'kind': 'params', 'slect': '.'}])
+    init_from.resolve_init(workdir, [{'path': lm_dir, 'kind': 'params', 'slect': '.'}])
   with pytest.raises(FileNotFoundError, match='nowhere'):
-    checkpoint.resolve_init(workdir, [{'path': str(tmp_path / 'nowhere'), 'kind': 'params',
+    init_from.resolve_init(workdir, [{'path': str(tmp_path / 'nowhere'), 'kind': 'params',
                                        'select': '.'}])
   with checkpoint.Checkpointer(workdir) as ckpt:  # this workdir's checkpoint wins
     ckpt.save(3, _template(), {'step': 3}, force=True)
-  assert checkpoint.resolve_init(workdir, sources) == ('resume', 3, ())
+  assert init_from.resolve_init(workdir, sources) == ('resume', 3, ())
 
 
 _KILLED_CHILD = textwrap.dedent('''

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax import checkpoint as checkpoint_lib
+from flamingo_jax import init_from as init_from_lib
 from flamingo_jax.data import global_batch
 from flamingo_jax.models import flamingo
 from flamingo_jax.parallel import mesh as mesh_lib
@@ -86,7 +87,7 @@ def _initial_params(config, objective, example, rng, end_id=None):
       params = pretrained.init_new_token_rows(params, end_id)
     logging.info("LM weights from %s", init_from.lm)
   if init_from.vision:
-    params = checkpoint_lib.load_params_subset(init_from.vision, r"^vision_encoder/", params)
+    params = init_from_lib.load_params_subset(init_from.vision, r"^vision_encoder/", params)
     logging.info("vision encoder from %s", init_from.vision)
   return params
 
@@ -164,9 +165,9 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
   ckpt = checkpoint_lib.Checkpointer(workdir, save_interval_steps=config.train.checkpoint_every,
                                      max_to_keep=config.train.keep_checkpoints, config=config)
   if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(state_template=state)
+    step, state, data_state = ckpt.restore_newest(state, fallback=config.train.checkpoint_fallback)
     data.set_state(data_state)
-    logging.info("resumed from %s at step %d", workdir, int(state.step))
+    logging.info("resumed from %s at step %d", workdir, step)
 
   total = config.train.total_steps
   start = int(state.step)
@@ -202,6 +203,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
             config.train.max_consecutive_skips:
           raise TrainingError(f"{int(state.consecutive_skipped)} consecutive non-finite steps at "
                               f"step {done}; the last good state is in {workdir}")
+      ckpt.check_saves()      # a failed background save stops the run here, naming its step
       preempted = preemption.should_stop_all_hosts(preemption.preemption_requested())
       ckpt.save(done, state, data.get_state(), force=preempted or done == total)
       if preempted:
@@ -211,10 +213,11 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
         ckpt.save(done, state, data.get_state(), force=True)
         break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    uninstall()
+    try:
+      ckpt.close()            # waits for the last save; raises CheckpointSaveError if it failed
+    finally:
+      writer.close()
+      uninstall()
   if jax.process_index() == 0 and last:
     with open(os.path.join(workdir, "last_metrics.json"), "w", encoding="utf-8") as f:
       json.dump(last, f, indent=1)

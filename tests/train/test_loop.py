@@ -1,6 +1,8 @@
-"""The training loop end to end on the tiny model with synthetic data: metrics, resume, SIGTERM, SIGKILL."""
+"""The training loop end to end on the tiny model with synthetic data: metrics, resume, SIGTERM, SIGKILL,
+a corrupt newest checkpoint, a failing checkpoint writer."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 from configs import flamingo as flamingo_config
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax.train import loop
+from tests import checkpoint_faults
 
 STEPS = 12
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,10 +48,11 @@ def _final_state(workdir):
   return jax.device_get(state)
 
 
-def _start(workdir, steps=STEPS):
+def _start(workdir, steps=STEPS, extra=()):
   env = dict(os.environ, JAX_PLATFORMS="cpu")     # XLA_FLAGS as set by conftest: same numerics
   cmd = [sys.executable, "-m", "flamingo_jax.train", f"--config=configs/flamingo.py:size=tiny,steps={steps}",
-         f"--workdir={workdir}", "--config.train.checkpoint_every=1", "--config.train.log_every=1"]
+         f"--workdir={workdir}", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
+         *extra]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -118,3 +122,93 @@ def test_sigkill_then_restart_resumes(uninterrupted, tmp_path):
   a, b = _final_state(workdir), _final_state(straight)
   assert int(a["step"]) == STEPS
   chex.assert_trees_all_equal(a["params"], b["params"])
+
+
+def _steps_saved(workdir):
+  return checkpoint_lib.Checkpointer(workdir).all_steps()
+
+
+def _assert_same_final_state(workdir, straight):
+  a, b = _final_state(workdir), _final_state(straight)
+  assert int(a["step"]) == STEPS
+  for part in ("params", "opt_state", "frozen"):
+    chex.assert_trees_all_equal(a[part], b[part])
+
+
+@pytest.fixture(scope="module")
+def stopped_at_8(tmp_path_factory):
+  """A run left after step 8 of 12: checkpoints 6, 7, 8 kept."""
+  workdir = str(tmp_path_factory.mktemp("stopped"))
+  loop.train(_config(), workdir, stop_after=8)
+  assert _steps_saved(workdir) == [6, 7, 8]
+  return workdir
+
+
+# Every kind is checked at the Checkpointer level (tests/test_checkpoint_errors.py); through the loop
+# the silent one runs by default, the other two (same fallback path, ~35 s each) with -m slow.
+@pytest.mark.parametrize("kind", [k if k == "flipped_bytes" else pytest.param(k, marks=pytest.mark.slow)
+                                  for k in checkpoint_faults.CORRUPTIONS])
+def test_corrupt_newest_checkpoint_resumes_bit_identically_from_the_previous(
+    uninterrupted, stopped_at_8, tmp_path, kind):
+  straight, _ = uninterrupted
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_at_8, workdir)
+  checkpoint_faults.corrupt_step(os.path.join(workdir, "checkpoints", "8"), kind)
+  loop.train(_config(), workdir)               # resumes from step 7, redoes 8..12
+  assert _losses(workdir) == _losses(straight)
+  assert os.listdir(os.path.join(workdir, checkpoint_lib.CORRUPT_DIR)) == ["8"]
+  _assert_same_final_state(workdir, straight)
+
+
+def test_corrupt_checkpoint_without_fallback_is_one_line_naming_step_and_file(stopped_at_8, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_at_8, workdir)
+  checkpoint_faults.corrupt_step(os.path.join(workdir, "checkpoints", "8"), "truncated_metadata")
+  proc = _start(workdir, extra=["--config.train.checkpoint_fallback=False"])
+  out = proc.communicate(timeout=600)[0].decode()
+  assert proc.returncode == 1, out[-3000:]
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("train: checkpoint step 8 cannot be read: "), out[-3000:]
+  assert os.path.join(workdir, "checkpoints", "8", "state", "_METADATA") in last
+  assert _steps_saved(workdir) == [6, 7, 8]        # nothing moved or deleted
+
+
+def test_failed_save_stops_the_run_at_the_next_step_and_keeps_the_saved_ones(tmp_path):
+  workdir = str(tmp_path / "run")
+  with checkpoint_faults.disk_full_from_step(4):
+    with pytest.raises(checkpoint_lib.CheckpointSaveError,
+                       match=r"saving checkpoint step 4 .*No space left on device"):
+      loop.train(_config(), workdir)
+  assert max(_losses(workdir)) <= 5                # stopped at the first step boundary after it
+  assert _steps_saved(workdir) == [1, 2, 3]
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  state, _ = ckpt.restore(3)
+  assert int(state["step"]) == 3
+  ckpt.close()
+
+
+def test_sigkill_inside_a_save_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
+  """Kills the run while a checkpoint is being written (up to 3 tries to land inside one)."""
+  straight, _ = uninterrupted
+  workdir = str(tmp_path / "run")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  killed_in_save = False
+  for attempt in range(3):
+    proc = _start(workdir)
+    _wait_for_step(workdir, 2 + 3 * attempt, proc)
+    deadline = time.time() + 120
+    while not killed_in_save and proc.poll() is None and time.time() < deadline:
+      if any(n.endswith("orbax-checkpoint-tmp") for n in os.listdir(ckpt_dir)):
+        proc.kill()
+        proc.wait(60)
+        killed_in_save = any(n.endswith("orbax-checkpoint-tmp") for n in os.listdir(ckpt_dir))
+    if proc.poll() is None:
+      proc.kill()
+    proc.communicate(timeout=60)
+    if killed_in_save:
+      break
+  assert killed_in_save, "no kill landed inside a save in 3 tries"
+  proc = _start(workdir)
+  out = proc.communicate(timeout=900)[0].decode()
+  assert proc.returncode == 0, out[-3000:]
+  _assert_same_final_state(workdir, straight)
