@@ -44,6 +44,7 @@ def main(argv):
   with config.unlocked():
     config.data_dir, config.num_queries = _DATA_DIR.value, _NUM_QUERIES.value
     config.batch_size, config.beam, config.lm = _BATCH.value, _BEAM.value, _LM.value
+    config.baseline_at_init = True   # a workdir without a checkpoint times the init model
   workdir = _WORKDIR.value
   run_config = evaluate_lib.load_run_config(workdir)
   model_cfg = run_config.model if run_config is not None else flamingo.model_config(

@@ -15,9 +15,9 @@ Arguments (`:key=value,...`; lists separated by '.' since ',' separates the argu
   runlocal=True  a quick smoke run (easy_vqa built from 200 records per split, 16 queries,
                  0 and 2 shots, one seed, greedy)
 
-The run's own `config.json` gives the model and tokenizer. Without a checkpoint in `--workdir`, the
-Flamingo is evaluated at initialisation with the frozen LM of `lm` (its gates are 0: it computes the
-LM), which gives the baselines. The default (4 shot counts x 2 selections x 3 seeds + the text-only
+The run's own `config.json` gives the model and tokenizer. A `--workdir` without a checkpoint is an
+error, unless `--config.baseline_at_init=True` asks for Flamingo at initialisation with the frozen LM
+of `lm` (its gates are 0: it computes the LM), which gives the baselines. The default (4 shot counts x 2 selections x 3 seeds + the text-only
 runs, 500 questions each) takes hours on a 2-core CPU: `shots=0.4,seeds=1` for a quick look.
 """
 import ml_collections
@@ -57,6 +57,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model_size = "smollm2"              # model when the workdir has no config.json
   config.tokenizer = ""                      # '' = the run's config.tokenizer (else 'smollm2')
   config.seed = 0                            # init of the untrained parts when no checkpoint
+  config.baseline_at_init = False            # True: a workdir without a checkpoint evaluates the
+                                             # model at initialisation (written in results.json)
   # Per-task options: num_queries (-1 = config.num_queries); easy_vqa: max_examples (-1 = all; else
   # a small build of the first n records per split); JSONL files {"image": path, "question": ...,
   # "answers": [...]} or {"image": path, "captions": [...]}, paths relative to the file: `support`

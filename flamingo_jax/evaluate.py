@@ -3,8 +3,9 @@
     python -m flamingo_jax.evaluate --config configs/fewshot_eval.py --workdir RUN \
         [--config.data_dir=runs/main/tfds] [--config.shots='(0, 4)'] [--config.seeds='(0,)']
 
-Params: RUN's latest checkpoint (trainable and frozen params merged, nothing else read), or, when
-RUN has no checkpoint, Flamingo at initialisation with the frozen LM of `config.lm` swapped in
+Params: RUN's latest checkpoint (trainable and frozen params merged, nothing else read). A RUN
+without a checkpoint is an error (`NoCheckpointError`), unless `config.baseline_at_init` asks for
+Flamingo at initialisation with the frozen LM of `config.lm` swapped in
 (gates at 0: it computes the LM) and, if the run's config names one, the stage-1 vision encoder;
 this gives the baselines. Model and tokenizer come from RUN/config.json (else `config.model_size`, 'smollm2').
 
@@ -43,6 +44,24 @@ from flamingo_jax.eval import evaluators
 from flamingo_jax.models import flamingo
 
 TEXT_ONLY = "text_only"
+AT_INIT_BANNER = "BASELINE: Flamingo at initialisation, no checkpoint (config.baseline_at_init)"
+
+
+class NoCheckpointError(FileNotFoundError):
+  """The run directory has no checkpoint and the at-initialisation baseline was not asked for."""
+
+
+def check_workdir(config, workdir: str) -> Optional[int]:
+  """RUN's latest checkpoint step; None only when `config.baseline_at_init` (else raises)."""
+  from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  step = checkpoint_lib.latest_checkpoint_step(workdir)
+  if step is None and not config.baseline_at_init:
+    what = ("does not exist" if not os.path.isdir(workdir) else
+            f"has no complete checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    raise NoCheckpointError(
+        f"--workdir {workdir} {what}; to evaluate the model at initialisation (the baselines), "
+        "pass --config.baseline_at_init=True")
+  return step
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -82,8 +101,9 @@ def _lm_spec(config, run_config) -> str:
 def load_params(config, workdir: str, model_cfg, run_config) -> tuple[Any, str, Optional[int]]:
   """(params on the default device, model id for the RICES cache, checkpoint step or None)."""
   from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import init_from  # pylint: disable=g-import-not-at-top
   from flamingo_jax import generate  # pylint: disable=g-import-not-at-top
-  step = checkpoint_lib.latest_checkpoint_step(workdir)
+  step = check_workdir(config, workdir)
   if step is not None:
     params = generate.restore_params(model_cfg, workdir, text_only=False)
     return jax.device_put(params), f"step{step}", step
@@ -98,7 +118,7 @@ def load_params(config, workdir: str, model_cfg, run_config) -> tuple[Any, str, 
     params = jax.jit(model.init)(rng, jnp.zeros((1, 1, 1, size, size, 3)), jnp.zeros((1, 1), int))
   vision = run_config.init_from.get("vision", "") if run_config is not None else ""
   if vision:
-    params = checkpoint_lib.load_params_subset(vision, r"^vision_encoder/", params)
+    params = init_from.load_params_subset(vision, r"^vision_encoder/", params)
   model_id = f"init-{spec or 'random'}-seed{config.seed}" + (f"-vision:{vision}" if vision else "")
   return jax.device_put(params), model_id, None
 
@@ -143,7 +163,8 @@ def plot(results: dict, path: str) -> None:
 
 
 def format_table(results: dict) -> str:
-  lines = [f"{'task':<20} {'metric':<9} {'selection':<10} {'shots':>5} {'mean':>8} {'std':>7} "
+  lines = [AT_INIT_BANNER] if results["baseline_at_init"] else []
+  lines += [f"{'task':<20} {'metric':<9} {'selection':<10} {'shots':>5} {'mean':>8} {'std':>7} "
            f"{'seeds':>5}"]
   for task, r in results["tasks"].items():
     if task == binding.TASK:  # its own table (binding.format_table)
@@ -190,13 +211,17 @@ def evaluate(config, workdir: str) -> dict:
     raise ValueError(f"config.selection must hold 'random'/'rices' (got {list(config.selection)}) "
                      f"and config.shots non-negative counts (got {list(config.shots)})")
   writer = jax.process_index() == 0
+  check_workdir(config, workdir)      # before anything is built or written
   out_dir = os.path.join(workdir, config.get("output_subdir", "eval"))
   run_config = load_run_config(workdir)
   model_cfg = run_config.model if run_config is not None else flamingo.model_config(
       config.model_size)
   model, tokenizer, params, model_id, step = setup(config, workdir, run_config, model_cfg)
   results = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "model_id": model_id,
-             "tasks": {}, "metrics": {}, "config": config.to_dict()}
+             "baseline_at_init": step is None, "tasks": {}, "metrics": {},
+             "config": config.to_dict()}
+  if step is None:
+    print(AT_INIT_BANNER, flush=True)
   for task in config.tasks:
     if task == binding.TASK:
       _binding(config, model, tokenizer, params, run_config, model_cfg, results, out_dir, writer)
@@ -285,7 +310,10 @@ def main():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX
-    evaluate(config.value, workdir.value)
+    try:
+      evaluate(config.value, workdir.value)
+    except NoCheckpointError as e:
+      sys.exit(f"evaluate: {e}")
 
   app.run(_main)
 

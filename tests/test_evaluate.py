@@ -129,12 +129,15 @@ def test_without_checkpoint_evaluates_the_init_model(tmp_path, data):
   config = fewshot_eval.get_config("tasks=jsonl_captions,shots=0,seeds=1")
   support, queries = data["captions"]
   with config.unlocked():
+    config.baseline_at_init = True
     config.task_options.jsonl_captions.support = support
     config.task_options.jsonl_captions.queries = queries
     config.beam, config.batch_size, config.prompt_bucket = 1, 4, 128
     config.caption_max_new_tokens, config.text_only_baseline = 3, False
   results = evaluate_lib.evaluate(config, workdir)
   assert results["checkpoint_step"] is None and results["model_id"].startswith("init-random")
+  assert results["baseline_at_init"] is True
+  assert evaluate_lib.format_table(results).startswith(evaluate_lib.AT_INIT_BANNER)
   r = results["tasks"]["jsonl_captions"]
   assert r["metric"] == "cider" and set(r) >= {"random", "rices"} and "text_only" not in r
   assert os.path.exists(os.path.join(workdir, "eval", "accuracy_vs_shots.png"))
@@ -146,6 +149,7 @@ def test_binding_sweep_without_checkpoint(tmp_path):
   config = fewshot_eval.get_config("tasks=easy_vqa_binding,runlocal=True")
   with config.unlocked():
     config.data_dir = str(tmp_path / "tfds")
+    config.baseline_at_init = True
     config.task_options.easy_vqa_binding.controls = ("text_only", "shuffled")
   results = evaluate_lib.evaluate(config, workdir)
   r = results["tasks"]["easy_vqa_binding"]
@@ -175,3 +179,29 @@ def test_settings_order_and_text_only_shots():
   with config.unlocked():
     config.text_only_shots = (4,)
   assert [r for r in evaluate_lib._settings(config) if r[2]] == [("text_only", 4, True)]
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "config_only"])
+def test_refuses_a_run_directory_without_checkpoint(tmp_path, kind):
+  workdir = str(tmp_path / "rnu")   # a mistyped run directory
+  if kind == "empty":
+    os.makedirs(workdir)
+  elif kind == "config_only":
+    _make_run(workdir, with_checkpoint=False)
+  config = fewshot_eval.get_config("tasks=easy_vqa,runlocal=True")
+  with pytest.raises(evaluate_lib.NoCheckpointError, match="baseline_at_init=True") as e:
+    evaluate_lib.evaluate(config, workdir)
+  assert workdir in str(e.value)
+  assert not os.path.exists(os.path.join(workdir, "eval"))   # nothing written
+
+
+def test_entry_point_exits_nonzero_on_a_missing_run_directory(tmp_path):
+  workdir = str(tmp_path / "no_such_run")
+  proc = subprocess.run([sys.executable, "-m", "flamingo_jax.evaluate",
+                         "--config=configs/fewshot_eval.py:runlocal=True", f"--workdir={workdir}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0
+  assert f"--workdir {workdir} does not exist" in proc.stderr
+  assert "--config.baseline_at_init=True" in proc.stderr
+  assert not os.path.exists(workdir)
