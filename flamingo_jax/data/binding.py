@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import itertools
 import os
 import zlib
 from typing import Mapping, Sequence
@@ -127,6 +128,12 @@ def _rng(*keys) -> np.random.Generator:
   return np.random.default_rng([zlib.crc32(repr(keys).encode())])
 
 
+def _keyed_order(refs: Sequence[str], *keys) -> list[str]:
+  """`refs` ordered by a hash of (keys, ref). A ref's place does not depend on which other refs
+  exist, so a source image dropped from a pool changes only the documents that would show it."""
+  return sorted(refs, key=lambda ref: zlib.crc32(repr((*keys, ref)).encode()))
+
+
 def make_episode(pool: Mapping[str, Sequence[str]], names: Sequence[str], *, n_way: int,
                  k_shot: int, seed: int, index: int, control: str = 'none') -> Episode:
   """Episode `index` of seed `seed` (deterministic; the controls share the classes and images)."""
@@ -185,12 +192,12 @@ def bursty_document(pool: Mapping[str, Sequence[str]], names: Sequence[str], *, 
   counts = np.full(n, 2) + np.bincount(rng.integers(n, size=total - 2 * n), minlength=n)
   order = rng.permutation(np.repeat(np.arange(n), counts))
   before, after = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-  # Distinct images of a class unless its pool is smaller than its count.
-  images = {c: iter(rng.choice(len(pool[chosen[c]]), counts[c],
-                               replace=counts[c] > len(pool[chosen[c]]))) for c in range(n)}
+  # Distinct images of a class unless its pool is smaller than its count (then they repeat).
+  images = {c: itertools.cycle(_keyed_order(pool[chosen[c]], 'bursty', key)[:counts[c]])
+            for c in range(n)}
   segments, refs, seen = [], [], set()
   for c in order.tolist():
-    refs.append(pool[chosen[c]][next(images[c])])
+    refs.append(next(images[c]))
     segments += [Segment(f'{IMAGE}{before}'), Segment(f' {picked[c]}', loss=c in seen),
                  Segment(after)]
     seen.add(c)

@@ -135,6 +135,21 @@ def test_bursty_documents(pool):
     assert 2 <= len(seen) <= 5 and all(not s.loss for s in segments if s not in named)
 
 
+def test_a_dropped_image_changes_only_the_bursty_documents_that_showed_it(pool):
+  names = binding.read_word_list(binding.default_word_list('train'))
+  dropped = pool['red circle'][3]
+  smaller = {c: tuple(r for r in refs if r != dropped) for c, refs in pool.items()}
+  changed = 0
+  for key in range(60):
+    full = binding.bursty_document(pool, names, key=key, max_images=12)
+    if dropped in full[1]:
+      changed += 1
+      assert dropped not in binding.bursty_document(smaller, names, key=key, max_images=12)[1]
+    else:
+      assert binding.bursty_document(smaller, names, key=key, max_images=12) == full
+  assert changed  # the check above ran on both kinds of document
+
+
 def _bursty_example(segments, refs, image):
   return {'text': binding.document_text(segments), 'segments': [s.text for s in segments],
           'segment_loss': [s.loss for s in segments], 'images': [image] * len(refs),

@@ -206,3 +206,50 @@ def test_full_configs_are_the_predefined_ones(data_dir):
   b = builders.make_builder('easy_vqa', data_dir, kind='video')  # constructing builds nothing
   assert b.builder_config is easy_vqa_lib.EasyVqa.builder_configs['video']
   assert b.builder_config.num_frames == 8 and b.builder_config.max_examples is None
+
+
+@pytest.fixture
+def damaged_source(tmp_path, monkeypatch):
+  """A copy of the easy-vqa package data (images linked) in which 3 of the first 12 train images are
+  bad: an empty file, half a PNG, and text. Returns {image id: file path} of the bad ones."""
+  source = easy_vqa_lib.package_root()
+  root = tmp_path / 'easy_vqa_data'
+  for split in easy_vqa_lib.SPLITS:
+    (root / split / 'images').mkdir(parents=True)
+    (root / split / 'questions.json').write_text((source / split / 'questions.json').read_text())
+    for i in easy_vqa_lib.image_ids(split):
+      (root / split / 'images' / f'{i}.png').symlink_to(source / split / 'images' / f'{i}.png')
+  ids = easy_vqa_lib.image_ids('train')[:12]
+  good_png = easy_vqa_lib._image_bytes('train', ids[0])
+  bad = {ids[1]: b'', ids[4]: good_png[:len(good_png) // 2], ids[7]: b'this is not an image\n'}
+  for i, content in bad.items():
+    path = root / 'train' / 'images' / f'{i}.png'
+    path.unlink()
+    path.write_bytes(content)
+  monkeypatch.setattr(easy_vqa_lib, 'package_root', lambda: root)
+  return {i: str(root / 'train' / 'images' / f'{i}.png') for i in bad}
+
+
+def test_easy_vqa_drops_and_names_bad_source_images(damaged_source, tmp_path, caplog):
+  ids = easy_vqa_lib.image_ids('train')[:12]
+  with caplog.at_level('WARNING'):
+    b = _build('easy_vqa', str(tmp_path / 'tfds'), kind='captions', max_examples=12,
+               max_bad_fraction=0.5)
+  kept = sorted(int(r['image_id']) for r in b.as_data_source('train'))
+  assert kept == [i for i in ids if i not in damaged_source]
+  log = caplog.text
+  for path in damaged_source.values():
+    assert path in log
+  assert re.search(r'empty_image', log) and re.search(r'corrupt_image', log)
+  assert 'easy_vqa/train: dropped 3 of 12 source files' in log
+  vqa = _build('easy_vqa', str(tmp_path / 'tfds'), kind='vqa', max_examples=40, max_bad_fraction=0.5)
+  asked = [int(r['image_id']) for r in vqa.as_data_source('train')]
+  expected = [i for _, _, i in easy_vqa_lib.read_questions('train')[:40] if i not in damaged_source]
+  assert sorted(asked) == sorted(expected) and len(expected) < 40   # a bad image's questions go too
+
+
+def test_easy_vqa_too_many_bad_images_stop_the_build_naming_them(damaged_source, tmp_path):
+  with pytest.raises(builders.InputError, match=r'3 of 12 source files do not decode') as e:
+    _build('easy_vqa', str(tmp_path / 'tfds'), kind='captions', max_examples=12)
+  for path in damaged_source.values():
+    assert path in str(e.value)

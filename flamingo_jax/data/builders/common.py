@@ -15,6 +15,7 @@ import dataclasses
 import json
 from typing import Any, Iterator, Mapping
 
+from absl import logging
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
@@ -29,6 +30,19 @@ PATH = tfds.features.Text()
 
 class InputError(ValueError):
   """A structural error in a builder's input file (names the file and the line)."""
+
+
+def check_bad_files(bad: list[str], total: int, max_fraction: float, where: str) -> None:
+  """Logs each bad source file ('path (reason)'); raises InputError naming the first few when more
+  than `max_fraction` of the `total` files are bad (a broken source, not a stray file)."""
+  if not bad:
+    return
+  for b in bad:
+    logging.warning('%s: dropped a source file that does not decode: %s', where, b)
+  logging.warning('%s: dropped %d of %d source files', where, len(bad), total)
+  if len(bad) > max_fraction * total:
+    raise InputError(f'{where}: {len(bad)} of {total} source files do not decode (more than '
+                     f'max_bad_fraction={max_fraction:g}); the first: {bad[:5]}')
 
 
 @dataclasses.dataclass(eq=False)

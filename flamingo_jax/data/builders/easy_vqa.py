@@ -20,6 +20,10 @@ deterministically (`easy_vqa_facts.py`). Configs (splits `train` and `test` each
   `{frames, frame_paths, frame_missing, text, image_id, motion}`, text like
   "the camera zooms in on a small red circle"; one per image.
 
+Source images that do not decode (truncated, empty, not an image) are logged by path and dropped
+with their questions; more than `max_bad_fraction` of them stops the build with an error naming the
+first few (`common.check_bad_files`).
+
 `easy_vqa_config(kind, max_examples=n)` builds only the first n examples of each split (images in id
 order, questions in file order, documents in their fixed order) under its own config name, for tests.
 """
@@ -34,6 +38,8 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from flamingo_jax.data import binding
+from flamingo_jax.data import preprocess
+from flamingo_jax.data.sequence import Dropped
 from flamingo_jax.data.builders import common
 from flamingo_jax.data.builders import easy_vqa_facts as facts_lib
 
@@ -42,20 +48,26 @@ BURSTY_DOCUMENTS = {'train': 2000, 'test': 200}
 BURSTY_MAX_IMAGES = 12
 SPLITS = ('train', 'test')
 PACKAGE = 'easy_vqa'
+MAX_BAD_FRACTION = 0.01
+IMAGE_SIZE = 64          # the package's images: 64x64 RGB PNGs
 
 
 @dataclasses.dataclass(eq=False)
 class EasyVqaConfig(tfds.core.BuilderConfig):
   """kind: one of KINDS; max_examples: per split (None = all); num_frames: video clip length;
-  names_file: the word list of `bursty` documents ('' = the packaged training list)."""
+  names_file: the word list of `bursty` documents ('' = the packaged training list);
+  max_bad_fraction: the fraction of source images that may fail to decode (dropped) before the
+  build stops."""
   kind: str = 'captions'
   max_examples: int | None = None
   num_frames: int = 8
   names_file: str = ''
+  max_bad_fraction: float = MAX_BAD_FRACTION
 
 
 def easy_vqa_config(kind: str, max_examples: int | None = None, num_frames: int = 8,
-                    names_file: str = '') -> EasyVqaConfig:
+                    names_file: str = '',
+                    max_bad_fraction: float = MAX_BAD_FRACTION) -> EasyVqaConfig:
   """The config of `kind`, named e.g. `captions`, `captions_max64`, `video_f4_max8`,
   `bursty_w1a2b3c4d` (a word list other than the packaged one, by the CRC32 of its words)."""
   if kind not in KINDS:
@@ -72,11 +84,16 @@ def easy_vqa_config(kind: str, max_examples: int | None = None, num_frames: int 
     if max_examples < 1:
       raise ValueError(f'easy_vqa: max_examples must be >= 1, got {max_examples}')
     name += f'_max{max_examples}'
+  if not 0 <= max_bad_fraction <= 1:
+    raise ValueError(f'easy_vqa: max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
+  if max_bad_fraction != MAX_BAD_FRACTION:
+    name += '_bad' + f'{max_bad_fraction:g}'.replace('.', 'p')
   predefined = _PREDEFINED.get(name)
   if predefined is not None:   # TFDS refuses a new config object named like a class-level one
     return predefined
   return EasyVqaConfig(name=name, kind=kind, max_examples=max_examples, num_frames=num_frames,
-                       names_file=names_file, description=f'easy-VQA {kind}')
+                       names_file=names_file, max_bad_fraction=max_bad_fraction,
+                       description=f'easy-VQA {kind}')
 
 
 _PREDEFINED: dict = {}
@@ -101,13 +118,31 @@ def _image_path(split: str, image_id: int) -> str:
   return f'{PACKAGE}/data/{split}/images/{image_id}.png'
 
 
+def _image_file(split: str, image_id: int):
+  return package_root() / split / 'images' / f'{image_id}.png'
+
+
 def _image_bytes(split: str, image_id: int) -> bytes:
-  return (package_root() / split / 'images' / f'{image_id}.png').read_bytes()
+  return _image_file(split, image_id).read_bytes()
 
 
-def _pixels(data: bytes) -> np.ndarray:
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert('RGB'))
+def _read_images(split: str, ids, max_bad_fraction: float):
+  """({id: encoded bytes}, {id: RGB image}) of the images of `ids` that decode; the others are
+  logged by their file's path and dropped (an error past `max_bad_fraction`)."""
+  data, images, bad = {}, {}, []
+  for i in ids:
+    path = _image_file(split, i)
+    try:
+      raw = path.read_bytes()
+      images[i] = preprocess.decode(raw, missing=False, path=str(path), size=IMAGE_SIZE)
+      data[i] = raw
+    except OSError as e:
+      bad.append(f'{path} ({type(e).__name__}: {e})')
+    except Dropped as e:
+      detail = e.detail.removeprefix(str(path)).lstrip(': ')
+      bad.append(f'{path} ({e.reason}' + (f': {detail})' if detail else ')'))
+  common.check_bad_files(bad, len(ids), max_bad_fraction, f'easy_vqa/{split}')
+  return data, images
 
 
 def _png(image: Image.Image) -> bytes:
@@ -119,11 +154,13 @@ def _png(image: Image.Image) -> bytes:
 class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """easy-VQA as captions, VQA, interleaved documents or video clips (see the module docstring)."""
 
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.3.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'interleaved: 3 in 4 images carry a question, in the VQA prompt format.',
       '1.2.0': 'bursty: in-context binding documents.',
+      '1.3.0': 'Undecodable source images are dropped; bursty documents pick images by a keyed '
+               'hash, so a dropped image changes only the documents that showed it.',
   }
   BUILDER_CONFIGS = [easy_vqa_config(k) for k in KINDS]
   _PREDEFINED.update({c.name: c for c in BUILDER_CONFIGS})
@@ -158,9 +195,12 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     limit = config.max_examples
     questions = read_questions(split)
     if config.kind == 'vqa':
-      for n, (q, a, i) in enumerate(questions[:limit]):
-        yield n, {'image': _image_bytes(split, i), 'image_path': _image_path(split, i),
-                  'image_missing': False, 'question': q, 'answer': a, 'image_id': i}
+      asked = questions[:limit]
+      data, _ = _read_images(split, sorted({i for _, _, i in asked}), config.max_bad_fraction)
+      for n, (q, a, i) in enumerate(asked):
+        if i in data:
+          yield n, {'image': data[i], 'image_path': _image_path(split, i),
+                    'image_missing': False, 'question': q, 'answer': a, 'image_id': i}
       return
     by_image: dict[int, list[tuple[str, str]]] = {}
     for q, a, i in questions:
@@ -169,8 +209,9 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     groups = facts_lib.document_groups(ids, split)[:limit] if config.kind == 'interleaved' else None
     wanted = (sorted({i for g in groups for i in g}) if groups is not None
               else ids if config.kind == 'bursty' else ids[:limit])
-    data = {i: _image_bytes(split, i) for i in wanted}
-    facts = {i: facts_lib.image_facts(_pixels(data[i]), by_image.get(i, ())) for i in wanted}
+    data, images = _read_images(split, wanted, config.max_bad_fraction)
+    wanted = [i for i in wanted if i in data]
+    facts = {i: facts_lib.image_facts(np.asarray(images[i]), by_image.get(i, ())) for i in wanted}
 
     if config.kind == 'captions':
       for i in wanted:
@@ -180,6 +221,9 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                   'size': f.size}
     elif config.kind == 'interleaved':
       for n, group in enumerate(groups):
+        group = [i for i in group if i in data]   # a document loses only its undecodable images
+        if not group:
+          continue
         yield n, {'text': facts_lib.document_text(group, facts, split),
                   'images': [data[i] for i in group],
                   'image_paths': [_image_path(split, i) for i in group],
@@ -189,8 +233,7 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     elif config.kind == 'video':
       for i in wanted:
         motion = facts_lib.motion_of(i)
-        with Image.open(io.BytesIO(data[i])) as im:
-          frames = facts_lib.clip_frames(im.convert('RGB'), motion, config.num_frames)
+        frames = facts_lib.clip_frames(images[i], motion, config.num_frames)
         yield i, {'frames': [_png(f) for f in frames],
                   'frame_paths': [f'{_image_path(split, i)}#frame{t}' for t in range(len(frames))],
                   'frame_missing': [False] * len(frames),
