@@ -10,6 +10,7 @@ groups of (xattn block, 4 layers), so the compiled program should not grow with 
 times `scan_unroll` = all groups (the CPU main job's setting), whose program does grow.
 Prints seconds per depth and the ratio of the deepest to the shallowest (target: within 2x).
 """
+
 import argparse
 import os
 import sys
@@ -21,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 import train_step as bench  # noqa: E402
+
 from configs import flamingo as flamingo_config  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
 from flamingo_jax.train import state as state_lib  # noqa: E402
@@ -42,11 +43,11 @@ def compile_seconds(num_layers: int, scan_unroll: int) -> tuple[float, float]:
   params = jax.eval_shape(objective.init, jax.random.PRNGKey(0), b)
   train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
   opt = bench.optimizer()
-  state = jax.eval_shape(lambda t, f: state_lib.create(t, f, opt, jax.random.PRNGKey(1)),
-                         train_p, frozen_p)
+  state = jax.eval_shape(lambda t, f: state_lib.create(t, f, opt, jax.random.PRNGKey(1)), train_p, frozen_p)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"m3w": b})
-  step = jax.jit(step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}),
-                 donate_argnums=0)
+  step = jax.jit(
+    step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}), donate_argnums=0
+  )
   t0 = time.perf_counter()
   lowered = step.lower(state, batch)
   t1 = time.perf_counter()
@@ -67,10 +68,12 @@ def main():
     for depth in depths:
       lower_s, compile_s = compile_seconds(depth, unroll)
       totals.append(lower_s + compile_s)
-      print(f"{mode:9s} {depth:3d} layers: lower {lower_s:6.1f} s  compile {compile_s:6.1f} s  "
-            f"total {lower_s + compile_s:6.1f} s", flush=True)
-    print(f"{mode:9s} ratio {depths[-1]} / {depths[0]} layers: {totals[-1] / totals[0]:.2f}x "
-          f"(target <= 2x)")
+      print(
+        f"{mode:9s} {depth:3d} layers: lower {lower_s:6.1f} s  compile {compile_s:6.1f} s  "
+        f"total {lower_s + compile_s:6.1f} s",
+        flush=True,
+      )
+    print(f"{mode:9s} ratio {depths[-1]} / {depths[0]} layers: {totals[-1] / totals[0]:.2f}x (target <= 2x)")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ selection, seed 0) and prints questions/s end to end, and without the time JAX s
 compiling (measured with `jax.monitoring` compile events). Never asserted in tests: the machines
 are shared and noisy; quote ratios against a baseline run in the same session.
 """
+
 import os
 import sys
 import time
 
-from absl import app
-from absl import flags
 import jax
+from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -25,17 +25,22 @@ from flamingo_jax import evaluate as evaluate_lib
 from flamingo_jax.eval import evaluators
 from flamingo_jax.models import flamingo
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoint + config.json), or any "
-                               "directory without a checkpoint for the init model.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir",
+  None,
+  "Run directory (checkpoint + config.json), or any directory without a checkpoint for the init model.",
+)
 _DATA_DIR = flags.DEFINE_string("data_dir", "runs/tfds", "TFDS data_dir of easy_vqa.")
 _NUM_QUERIES = flags.DEFINE_integer("num_queries", 500, "Test questions to evaluate.")
 _SHOTS = flags.DEFINE_integer("shots", 4, "In-context examples per question.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Prompts per decoding call.")
 _BEAM = flags.DEFINE_integer("beam", 3, "Beam size (1: greedy).")
 _LM = flags.DEFINE_string("lm", "auto", "LM without a checkpoint (configs/fewshot_eval.py: lm).")
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
 
 
 def main(argv):
@@ -44,13 +49,11 @@ def main(argv):
   with config.unlocked():
     config.data_dir, config.num_queries = _DATA_DIR.value, _NUM_QUERIES.value
     config.batch_size, config.beam, config.lm = _BATCH.value, _BEAM.value, _LM.value
-    config.baseline_at_init = True   # a workdir without a checkpoint times the init model
+    config.baseline_at_init = True  # a workdir without a checkpoint times the init model
   workdir = _WORKDIR.value
   run_config = evaluate_lib.load_run_config(workdir)
-  model_cfg = run_config.model if run_config is not None else flamingo.model_config(
-      config.model_size)
-  model, tokenizer, params, model_id, step = evaluate_lib.setup(config, workdir, run_config,
-                                                                model_cfg)
+  model_cfg = run_config.model if run_config is not None else flamingo.model_config(config.model_size)
+  model, tokenizer, params, model_id, step = evaluate_lib.setup(config, workdir, run_config, model_cfg)
   evaluator = evaluators.make_evaluator("easy_vqa", config, model_cfg.image_size)
   compile_s = [0.0]
 
@@ -61,15 +64,20 @@ def main(argv):
 
   jax.monitoring.register_event_duration_secs_listener(listener)
   t0 = time.time()
-  metrics = dict(evaluator.run(model, params, tokenizer, shots=_SHOTS.value, selection="random",
-                               seed=0, model_id=model_id))
+  metrics = dict(
+    evaluator.run(model, params, tokenizer, shots=_SHOTS.value, selection="random", seed=0, model_id=model_id)
+  )
   elapsed = time.time() - t0
   n = int(metrics["num_queries"])
-  print(f"model {model_id} (checkpoint step {step}), {n} questions, {_SHOTS.value}-shot, beam "
-        f"{config.beam}, batch {config.batch_size}: accuracy {metrics['accuracy']:.1f}%, "
-        f"{elapsed:.1f} s of which {compile_s[0]:.1f} s tracing/compiling")
-  print(f"{n / elapsed:.3f} questions/s end to end; "
-        f"{n / max(elapsed - compile_s[0], 1e-9):.3f} questions/s without compilation")
+  print(
+    f"model {model_id} (checkpoint step {step}), {n} questions, {_SHOTS.value}-shot, beam "
+    f"{config.beam}, batch {config.batch_size}: accuracy {metrics['accuracy']:.1f}%, "
+    f"{elapsed:.1f} s of which {compile_s[0]:.1f} s tracing/compiling"
+  )
+  print(
+    f"{n / elapsed:.3f} questions/s end to end; "
+    f"{n / max(elapsed - compile_s[0], 1e-9):.3f} questions/s without compilation"
+  )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ gradients, no recomputation counted), so MFU = counted FLOPs / step time / peak.
 datasheet's dense bf16 rate (`--peak-tflops`, H100/H200 SXM: 989) and, measured in the same run, an
 8192^3 bf16 matmul. Step time: `--steps` steps dispatched back to back, one sync at the end.
 """
+
 import argparse
 import json
 import os
@@ -31,15 +32,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
 import train_step as bench  # noqa: E402
+
 from configs import flamingo as flamingo_config  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
 from flamingo_jax.parallel import mesh as mesh_lib  # noqa: E402
-from flamingo_jax.train import partitioning  # noqa: E402
+from flamingo_jax.train import (
+  partitioning,  # noqa: E402
+  trainable,  # noqa: E402
+)
 from flamingo_jax.train import state as state_lib  # noqa: E402
 from flamingo_jax.train import step as step_lib  # noqa: E402
-from flamingo_jax.train import trainable  # noqa: E402
 
 # (tokens per sequence, images per sequence, visual tokens per image)
 SHAPES = {"1b": (256, 5, 100), "tiny": (32, 2, 4)}
@@ -51,9 +54,9 @@ def model_config(size: str, remat: str):
     cfg = flamingo.model_config("tiny")
     cfg.dtype = "bfloat16"
   else:
-    cfg = flamingo.model_config("3b")        # paper LM family, resampler and xattn widths
+    cfg = flamingo.model_config("3b")  # paper LM family, resampler and xattn widths
     cfg.dtype = "bfloat16"
-    cfg.vision_variant = "test"              # not run: features are precomputed
+    cfg.vision_variant = "test"  # not run: features are precomputed
     with cfg.unlocked():
       cfg.lm.num_layers = 16
       cfg.xattn.every = 4
@@ -72,7 +75,7 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
   for _ in range(reps):
     out = f(a, a)
   out.block_until_ready()
-  return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+  return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def device_peak_gb() -> float:
@@ -94,6 +97,7 @@ def timed(fn, args, steps: int) -> float:
 
 def breakdown(objective, state, batch, steps: int) -> dict:
   """Seconds of the loss forward alone and of forward + backward (no optimizer), same shardings."""
+
   def loss(p, f, b):
     total, count, _ = objective.loss_sum(trainable.merge(p, f), b, jax.random.PRNGKey(0))
     return total / count
@@ -130,28 +134,42 @@ def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool
   batch_sh = partitioning.batch_shardings(batches[0], mesh)
   batches = [jax.device_put(b, batch_sh) for b in batches]
   step = partitioning.jit_train_step(
-      step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}),
-      state_sh, batch_sh)
+    step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}), state_sh, batch_sh
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
   memory = compiled.memory_analysis()
   temp_gb = getattr(memory, "temp_size_in_bytes", 0) / 1e9 if memory is not None else float("nan")
-  for i in range(2):                                   # warm-up
+  for i in range(2):  # warm-up
     state, metrics = compiled(state, batches[i % 2])
   jax.block_until_ready(metrics["loss"])
   t0 = time.perf_counter()
   for i in range(steps):
     state, metrics = compiled(state, batches[i % 2])
-  loss = float(metrics["loss"])                         # the one sync
+  loss = float(metrics["loss"])  # the one sync
   step_s = (time.perf_counter() - t0) / steps
   flops = float(bench.step_flops(cfg, **shape)["step"])
   parts = breakdown(objective, state, batches[0], steps) if with_breakdown else {}
-  return dict(**parts,size=size, batch=batch_size, tokens=tokens, images=images, visual_tokens=visual,
-              remat=remat, params_trained=n_train, params_frozen=n_frozen, compile_s=compile_s,
-              step_s=step_s, tokens_per_s=batch_size * tokens / step_s, step_tflop=flops / 1e12,
-              tflops_per_s=flops / step_s / 1e12, loss=loss, temp_gb=temp_gb,
-              device_peak_gb=device_peak_gb())
+  return dict(
+    **parts,
+    size=size,
+    batch=batch_size,
+    tokens=tokens,
+    images=images,
+    visual_tokens=visual,
+    remat=remat,
+    params_trained=n_train,
+    params_frozen=n_frozen,
+    compile_s=compile_s,
+    step_s=step_s,
+    tokens_per_s=batch_size * tokens / step_s,
+    step_tflop=flops / 1e12,
+    tflops_per_s=flops / step_s / 1e12,
+    loss=loss,
+    temp_gb=temp_gb,
+    device_peak_gb=device_peak_gb(),
+  )
 
 
 def main():
@@ -160,42 +178,62 @@ def main():
   parser.add_argument("--batch", default="32", help="comma-separated batch sizes")
   parser.add_argument("--remat", default="dots,none", help="comma-separated: none, dots, full")
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--peak-tflops", type=float, default=989.0,
-                      help="datasheet dense bf16 peak of one device (H100/H200 SXM: 989)")
-  parser.add_argument("--breakdown", action="store_true",
-                      help="also time the loss forward alone and forward + backward without the optimizer")
+  parser.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=989.0,
+    help="datasheet dense bf16 peak of one device (H100/H200 SXM: 989)",
+  )
+  parser.add_argument(
+    "--breakdown",
+    action="store_true",
+    help="also time the loss forward alone and forward + backward without the optimizer",
+  )
   parser.add_argument("--out", default="", help="write the results as JSON here too")
   args = parser.parse_args()
   devices = jax.devices()
-  print(f"jax {jax.__version__}; {len(devices)} x {devices[0].device_kind} ({devices[0].platform})",
-        flush=True)
+  print(
+    f"jax {jax.__version__}; {len(devices)} x {devices[0].device_kind} ({devices[0].platform})", flush=True
+  )
   matmul = measured_matmul_tflops() if devices[0].platform != "cpu" else float("nan")
   peak = args.peak_tflops * len(devices)
-  print(f"bf16 8192^3 matmul, this run: {matmul:.0f} TFLOP/s per device; datasheet peak "
-        f"{args.peak_tflops:.0f}", flush=True)
+  print(
+    f"bf16 8192^3 matmul, this run: {matmul:.0f} TFLOP/s per device; datasheet peak {args.peak_tflops:.0f}",
+    flush=True,
+  )
   results = []
   for batch_size in [int(b) for b in args.batch.split(",")]:
     for remat in args.remat.split(","):
       try:
         r = run(args.size, batch_size, remat, args.steps, args.breakdown)
       except Exception as e:  # pylint: disable=broad-except  (an OOM at one setting: report, go on)
-        print(f"batch {batch_size} remat {remat}: FAILED {type(e).__name__}: {str(e)[:300]}",
-              flush=True)
+        print(f"batch {batch_size} remat {remat}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
         continue
-      r.update(mfu=r["tflops_per_s"] / peak,
-               of_measured_matmul=r["tflops_per_s"] / (matmul * len(devices)),
-               matmul_tflops=matmul, peak_tflops=args.peak_tflops, device=devices[0].device_kind,
-               num_devices=len(devices), jax=jax.__version__)
+      r.update(
+        mfu=r["tflops_per_s"] / peak,
+        of_measured_matmul=r["tflops_per_s"] / (matmul * len(devices)),
+        matmul_tflops=matmul,
+        peak_tflops=args.peak_tflops,
+        device=devices[0].device_kind,
+        num_devices=len(devices),
+        jax=jax.__version__,
+      )
       results.append(r)
-      print(f"batch {batch_size:3d} x {r['tokens']} tok, remat {remat:4s}: {r['step_s'] * 1e3:8.1f} ms/step"
-            f" | {r['tokens_per_s']:9.0f} tok/s | {r['step_tflop']:.2f} TFLOP/step -> "
-            f"{r['tflops_per_s']:6.1f} TFLOP/s | MFU {r['mfu']:.1%} (of measured matmul "
-            f"{r['of_measured_matmul']:.1%}) | compile {r['compile_s']:.0f} s | XLA temp "
-            f"{r['temp_gb']:.1f} GB, device peak so far {r['device_peak_gb']:.1f} GB | params {r['params_frozen'] / 1e9:.2f}B frozen + "
-            f"{r['params_trained'] / 1e9:.2f}B trained | loss {r['loss']:.3f}", flush=True)
+      print(
+        f"batch {batch_size:3d} x {r['tokens']} tok, remat {remat:4s}: {r['step_s'] * 1e3:8.1f} ms/step"
+        f" | {r['tokens_per_s']:9.0f} tok/s | {r['step_tflop']:.2f} TFLOP/step -> "
+        f"{r['tflops_per_s']:6.1f} TFLOP/s | MFU {r['mfu']:.1%} (of measured matmul "
+        f"{r['of_measured_matmul']:.1%}) | compile {r['compile_s']:.0f} s | XLA temp "
+        f"{r['temp_gb']:.1f} GB, device peak so far {r['device_peak_gb']:.1f} GB | params {r['params_frozen'] / 1e9:.2f}B frozen + "
+        f"{r['params_trained'] / 1e9:.2f}B trained | loss {r['loss']:.3f}",
+        flush=True,
+      )
       if args.breakdown:
-        print(f"  loss forward {r['forward_s'] * 1e3:.1f} ms, forward + backward "
-              f"{r['forward_backward_s'] * 1e3:.1f} ms, whole step {r['step_s'] * 1e3:.1f} ms", flush=True)
+        print(
+          f"  loss forward {r['forward_s'] * 1e3:.1f} ms, forward + backward "
+          f"{r['forward_backward_s'] * 1e3:.1f} ms, whole step {r['step_s'] * 1e3:.1f} ms",
+          flush=True,
+        )
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)

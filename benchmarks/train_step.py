@@ -10,6 +10,7 @@ achieved FLOP/s (a hand count of the step's matmuls, `step_flops`) and its fract
 measured in the same run. `--peer` also times lucidrains' flamingo-pytorch 0.1.2 (torch 2.13 CPU) in a
 separate venv (created on first use in /tmp/fj_peer_venv) at the same shape and prints the ratio.
 """
+
 import argparse
 import json
 import os
@@ -27,12 +28,14 @@ import optax  # noqa: E402
 
 from configs import flamingo as flamingo_config  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
-from flamingo_jax.train import host_memory  # noqa: E402
-from flamingo_jax.train import objectives  # noqa: E402
-from flamingo_jax.train import partitioning  # noqa: E402
+from flamingo_jax.train import (
+  host_memory,  # noqa: E402
+  objectives,  # noqa: E402
+  partitioning,  # noqa: E402
+  trainable,  # noqa: E402
+)
 from flamingo_jax.train import state as state_lib  # noqa: E402
 from flamingo_jax.train import step as step_lib  # noqa: E402
-from flamingo_jax.train import trainable  # noqa: E402
 
 B, T, N, LV = 4, 128, 4, 64
 PEER_VENV = "/tmp/fj_peer_venv"
@@ -52,17 +55,24 @@ def matmul_peak(dtype, n=4096, reps=10) -> float:
     t0 = time.perf_counter()
     f(a, a).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / float(np.median(times)) / 1e9
+  return 2 * n**3 / float(np.median(times)) / 1e9
 
 
 def xla_memory_gb(compiled) -> dict:
   """XLA's buffer assignment of the compiled step in GB: arguments, outputs, aliased (donated) bytes,
   temporaries, and XLA's own peak estimate (NaN where the backend does not report it)."""
   m = compiled.memory_analysis()
-  fields = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
-            "alias": "alias_size_in_bytes", "temp": "temp_size_in_bytes", "peak": "peak_memory_in_bytes"}
-  return {name: getattr(m, field, float("nan")) / 1e9 if m is not None else float("nan")
-          for name, field in fields.items()}
+  fields = {
+    "argument": "argument_size_in_bytes",
+    "output": "output_size_in_bytes",
+    "alias": "alias_size_in_bytes",
+    "temp": "temp_size_in_bytes",
+    "peak": "peak_memory_in_bytes",
+  }
+  return {
+    name: getattr(m, field, float("nan")) / 1e9 if m is not None else float("nan")
+    for name, field in fields.items()
+  }
 
 
 def batch(cfg, seed=0, b=B, t=T, n=N, lv=LV):
@@ -71,11 +81,16 @@ def batch(cfg, seed=0, b=B, t=T, n=N, lv=LV):
   vocab = cfg.lm.vocab_size
   tokens = rng.integers(0, vocab, size=(b, t + 1)).astype(np.int32)
   for i in range(n):
-    tokens[:, i * (t // n)] = vocab                     # one <image> marker per chunk of t/n tokens
+    tokens[:, i * (t // n)] = vocab  # one <image> marker per chunk of t/n tokens
   media_index = (np.cumsum(tokens[:, :-1] == vocab, axis=1) - 1).astype(np.int32)
-  return dict(features=rng.standard_normal((b, n, 1, lv, cfg.resampler.dim)).astype(np.float32),
-              tokens=tokens[:, :-1], targets=tokens[:, 1:], media_index=media_index,
-              token_mask=np.ones((b, t), bool), loss_mask=np.ones((b, t), np.float32))
+  return dict(
+    features=rng.standard_normal((b, n, 1, lv, cfg.resampler.dim)).astype(np.float32),
+    tokens=tokens[:, :-1],
+    targets=tokens[:, 1:],
+    media_index=media_index,
+    token_mask=np.ones((b, t), bool),
+    loss_mask=np.ones((b, t), np.float32),
+  )
 
 
 def step_flops(cfg, b=B, t=T, n=N, lv=LV) -> dict:
@@ -93,27 +108,37 @@ def step_flops(cfg, b=B, t=T, n=N, lv=LV) -> dict:
   q, kv = lm.num_heads * lm.head_dim, lm.num_kv_heads * lm.head_dim
   mlp_mats = 3 if lm.mlp == "swiglu" else 2
   per_token = 2 * (lm.dim * q + 2 * lm.dim * kv + q * lm.dim + mlp_mats * lm.dim * lm.ffw_hidden)
-  lm_fwd = (lm.num_layers * (tokens * per_token + b * 4 * t * t * q)
-            + 2 * tokens * lm.dim * lm.vocab_size)
-  blocks = -(-lm.num_layers // xa.every)   # xattn blocks; keys/values from R latents per media item
+  lm_fwd = lm.num_layers * (tokens * per_token + b * 4 * t * t * q) + 2 * tokens * lm.dim * lm.vocab_size
+  blocks = -(-lm.num_layers // xa.every)  # xattn blocks; keys/values from R latents per media item
   inner = xa.num_heads * xa.head_dim
-  xa_fwd = blocks * (tokens * 2 * (2 * lm.dim * inner + 2 * lm.dim * xa.ffw_mult * lm.dim)
-                     + media * rs.num_latents * 2 * 2 * rs.dim * inner + b * 4 * t * n * rs.num_latents * inner)
+  xa_fwd = blocks * (
+    tokens * 2 * (2 * lm.dim * inner + 2 * lm.dim * xa.ffw_mult * lm.dim)
+    + media * rs.num_latents * 2 * 2 * rs.dim * inner
+    + b * 4 * t * n * rs.num_latents * inner
+  )
   r_inner, r_keys = rs.num_heads * rs.head_dim, lv + rs.num_latents
-  rs_fwd = rs.depth * media * (
+  rs_fwd = (
+    rs.depth
+    * media
+    * (
       rs.num_latents * 2 * (2 * rs.dim * r_inner + 2 * rs.dim * rs.ffw_mult * rs.dim)
-      + r_keys * 2 * 2 * rs.dim * r_inner + 4 * rs.num_latents * r_keys * r_inner)
+      + r_keys * 2 * 2 * rs.dim * r_inner
+      + 4 * rs.num_latents * r_keys * r_inner
+    )
+  )
   return dict(forward=lm_fwd + xa_fwd + rs_fwd, step=2 * lm_fwd + 3 * (xa_fwd + rs_fwd))
 
 
 def feature_objective(model, n=N) -> objectives.Objective:
   """The Flamingo NLL on precomputed visual features (`forward_features`): resampler + LM only."""
+
   def init(rng, b):
     return model.init(rng, jnp.zeros((1, n, 1, 64, 64, 3)), b["tokens"][:1])
 
   def loss_sum(params, b, rng):
-    logits = model.forward_features(params, rng, b["features"], b["tokens"], b["media_index"],
-                                    b["token_mask"])
+    logits = model.forward_features(
+      params, rng, b["features"], b["tokens"], b["media_index"], b["token_mask"]
+    )
     total, count = objectives.token_nll(logits, b["targets"], b["loss_mask"])
     return total, count, {}
 
@@ -125,7 +150,7 @@ def model_config(dtype: str, remat: str = "none"):
   cfg = flamingo.model_config("smollm2")
   cfg.dtype = dtype
   cfg.remat = remat
-  cfg.vision_variant = "test"            # not run: features are precomputed
+  cfg.vision_variant = "test"  # not run: features are precomputed
   with cfg.unlocked():
     cfg.resampler.dim = 576
   return cfg
@@ -145,13 +170,14 @@ def run_jax(dtype: str, steps: int, remat: str = "none") -> dict:
   frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[dtype])
   opt = optimizer()
   state = state_lib.create(train_p, frozen_p, opt, jax.random.PRNGKey(1))
-  step = jax.jit(step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}),
-                 donate_argnums=0)
+  step = jax.jit(
+    step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}), donate_argnums=0
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, {"m3w": b}).compile()
   compile_s = time.perf_counter() - t0
   compile_peak_gb = peak_rss_gb()
-  host_memory.release_freed_memory()     # as the training loop does after compiling
+  host_memory.release_freed_memory()  # as the training loop does after compiling
   memory = xla_memory_gb(compiled)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -166,10 +192,18 @@ def run_jax(dtype: str, steps: int, remat: str = "none") -> dict:
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
-  return dict(step_s=step_s, compile_s=compile_s, flops=flops, xla_flops=xla_flops, gflops_per_s=flops / step_s / 1e9,
-              tokens_per_s=B * T / step_s, compile_peak_gb=compile_peak_gb,
-              peak_rss_gb=peak_rss_gb(), memory=memory,
-              loss=float(m["loss"]))
+  return dict(
+    step_s=step_s,
+    compile_s=compile_s,
+    flops=flops,
+    xla_flops=xla_flops,
+    gflops_per_s=flops / step_s / 1e9,
+    tokens_per_s=B * T / step_s,
+    compile_peak_gb=compile_peak_gb,
+    peak_rss_gb=peak_rss_gb(),
+    memory=memory,
+    loss=float(m["loss"]),
+  )
 
 
 PEER_SCRIPT = r"""
@@ -210,10 +244,26 @@ def run_peer(dtype: str, steps: int) -> dict:
   python = os.path.join(PEER_VENV, "bin", "python")
   if not os.path.exists(python):
     subprocess.run([sys.executable, "-m", "venv", PEER_VENV], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0", "flamingo-pytorch==0.1.2",
-                    "einops", "einops-exts"], check=True)
-  out = subprocess.run([python, "-c", PEER_SCRIPT, str(steps), dtype], capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    subprocess.run(
+      [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "torch==2.13.0",
+        "flamingo-pytorch==0.1.2",
+        "einops",
+        "einops-exts",
+      ],
+      check=True,
+    )
+  out = subprocess.run(
+    [python, "-c", PEER_SCRIPT, str(steps), dtype],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, OMP_NUM_THREADS="2"),
+  )
   if out.returncode:
     raise RuntimeError(f"the flamingo-pytorch run failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -223,26 +273,38 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--remat", default="none", choices=["none", "dots", "full"],
-                      help="rematerialisation of each (xattn block, 4 layers) group")
+  parser.add_argument(
+    "--remat",
+    default="none",
+    choices=["none", "dots", "full"],
+    help="rematerialisation of each (xattn block, 4 layers) group",
+  )
   parser.add_argument("--peer", action="store_true")
   args = parser.parse_args()
   peak = matmul_peak(jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
   ours = run_jax(args.dtype, args.steps, args.remat)
   print(f"matmul peak ({args.dtype} in, fp32 acc), this run: {peak:8.1f} GFLOP/s")
-  print(f"flamingo_jax step ({args.dtype}, remat {args.remat}):  {ours['step_s']:.3f} s  | "
-        f"{ours['tokens_per_s']:.0f} text tok/s | compile {ours['compile_s']:.1f} s | peak RSS "
-        f"{ours['peak_rss_gb']:.2f} GB ({ours['compile_peak_gb']:.2f} GB when compiled)")
+  print(
+    f"flamingo_jax step ({args.dtype}, remat {args.remat}):  {ours['step_s']:.3f} s  | "
+    f"{ours['tokens_per_s']:.0f} text tok/s | compile {ours['compile_s']:.1f} s | peak RSS "
+    f"{ours['peak_rss_gb']:.2f} GB ({ours['compile_peak_gb']:.2f} GB when compiled)"
+  )
   print("  XLA buffers of the step (GB): " + ", ".join(f"{k} {v:.2f}" for k, v in ours["memory"].items()))
-  print(f"  step FLOPs (hand count, step_flops) {ours['flops'] / 1e9:.0f} GFLOP -> "
-        f"{ours['gflops_per_s']:.0f} GFLOP/s = {ours['gflops_per_s'] / peak:.0%} of the measured matmul peak "
-        f"(XLA cost analysis: {ours['xla_flops'] / 1e9:.0f} GFLOP, loop bodies counted once)")
+  print(
+    f"  step FLOPs (hand count, step_flops) {ours['flops'] / 1e9:.0f} GFLOP -> "
+    f"{ours['gflops_per_s']:.0f} GFLOP/s = {ours['gflops_per_s'] / peak:.0%} of the measured matmul peak "
+    f"(XLA cost analysis: {ours['xla_flops'] / 1e9:.0f} GFLOP, loop bodies counted once)"
+  )
   if args.peer:
     peer = run_peer(args.dtype, args.steps)
-    print(f"flamingo-pytorch 0.1.2 step ({'bf16 autocast' if args.dtype == 'bfloat16' else 'fp32'}): "
-          f"{peer['step_s']:.3f} s | peak RSS {peer['peak_rss_gb']:.2f} GB")
-    print(f"speed-up vs flamingo-pytorch: {peer['step_s'] / ours['step_s']:.2f}x ; "
-          f"peak RSS ratio (ours/peer): {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
+    print(
+      f"flamingo-pytorch 0.1.2 step ({'bf16 autocast' if args.dtype == 'bfloat16' else 'fp32'}): "
+      f"{peer['step_s']:.3f} s | peak RSS {peer['peak_rss_gb']:.2f} GB"
+    )
+    print(
+      f"speed-up vs flamingo-pytorch: {peer['step_s'] / ours['step_s']:.2f}x ; "
+      f"peak RSS ratio (ours/peer): {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Config sections shared by the contrastive and Flamingo stages (each a function returning a dict)."""
+
 import ml_collections
 
 
@@ -9,45 +10,84 @@ def parse_args(arg: str, allowed: dict) -> dict:
     key, sep, value = item.partition("=")
     if not sep or key not in allowed:
       raise KeyError(f"Unknown config argument {item!r}; expected key=value with keys {sorted(allowed)}")
-    args[key] = type(allowed[key])(value) if not isinstance(allowed[key], bool) else value in ("1", "true", "True")
+    args[key] = (
+      type(allowed[key])(value) if not isinstance(allowed[key], bool) else value in ("1", "true", "True")
+    )
   return args
 
 
-def optim(lr=1e-4, warmup_steps=5000, total_steps=500_000, weight_decay=0.1,
-          no_decay=(r"^perceiver_resampler/",), grad_clip_norm=1.0, agc_clip=0.0,
-          agc_on=(r"^vision_encoder/",), lr_multipliers=(), decay="constant") -> dict:
+def optim(
+  lr=1e-4,
+  warmup_steps=5000,
+  total_steps=500_000,
+  weight_decay=0.1,
+  no_decay=(r"^perceiver_resampler/",),
+  grad_clip_norm=1.0,
+  agc_clip=0.0,
+  agc_on=(r"^vision_encoder/",),
+  lr_multipliers=(),
+  decay="constant",
+) -> dict:
   """The paper's AdamW: warm-up then constant; decay 0.1 except the resampler; clip 1.0.
 
   lr_multipliers: [(regex over 'module/param', factor)], a per-parameter step scale (none in the paper).
   decay: the rate after warm-up, 'constant' (the paper) or 'cosine' (to 0 at `total_steps`).
   """
-  return dict(lr=lr, warmup_steps=warmup_steps, decay=decay, total_steps=total_steps,
-              b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, no_decay=list(no_decay),
-              grad_clip_norm=grad_clip_norm, agc_clip=agc_clip, agc_on=list(agc_on),
-              lr_multipliers=[list(m) for m in lr_multipliers])
+  return dict(
+    lr=lr,
+    warmup_steps=warmup_steps,
+    decay=decay,
+    total_steps=total_steps,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=weight_decay,
+    no_decay=list(no_decay),
+    grad_clip_norm=grad_clip_norm,
+    agc_clip=agc_clip,
+    agc_on=list(agc_on),
+    lr_multipliers=[list(m) for m in lr_multipliers],
+  )
 
 
-def train(total_steps: int, log_every=50, checkpoint_every=1000, keep_checkpoints=3, seed=0,
-          micro_batches=None) -> dict:
+def train(
+  total_steps: int, log_every=50, checkpoint_every=1000, keep_checkpoints=3, seed=0, micro_batches=None
+) -> dict:
   """`train` section. checkpoint_fallback: resume from the next newest checkpoint when the newest
   does not read (it is moved to WORKDIR/checkpoints_corrupt/); False makes that an error."""
-  return dict(total_steps=total_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-              keep_checkpoints=keep_checkpoints, checkpoint_fallback=True, seed=seed,
-              max_consecutive_skips=10, micro_batches=dict(micro_batches or {}))
+  return dict(
+    total_steps=total_steps,
+    log_every=log_every,
+    checkpoint_every=checkpoint_every,
+    keep_checkpoints=keep_checkpoints,
+    checkpoint_fallback=True,
+    seed=seed,
+    max_consecutive_skips=10,
+    micro_batches=dict(micro_batches or {}),
+  )
 
 
 def synthetic_data(image_size: int, **datasets) -> dict:
   """`data` section with synthetic batches: datasets as name=(weight, batch, tokens, images, frames)."""
-  return dict(source="synthetic", data_dir="", datasets={
+  return dict(
+    source="synthetic",
+    data_dir="",
+    datasets={
       name: dict(weight=w, batch_size=b, max_tokens=t, max_images=n, num_frames=f, image_size=image_size)
-      for name, (w, b, t, n, f) in datasets.items()})
+      for name, (w, b, t, n, f) in datasets.items()
+    },
+  )
 
 
 def distributed() -> dict:
   """Multi-host set-up; unset fields are auto-detected by `jax.distributed.initialize` (TPU VMs)."""
   placeholder = ml_collections.config_dict.placeholder
-  return dict(enabled=False, coordinator_address=placeholder(str), num_processes=placeholder(int),
-              process_id=placeholder(int))
+  return dict(
+    enabled=False,
+    coordinator_address=placeholder(str),
+    num_processes=placeholder(int),
+    process_id=placeholder(int),
+  )
 
 
 def finish(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

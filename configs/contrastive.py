@@ -8,14 +8,15 @@ Its `vision_encoder/...` params are then restored, frozen, into Flamingo via
 Arguments: size = tiny | smollm2 (the CPU main job: NFNet 'nano', easy-VQA captions) | f6 (the paper: NFNet-F6,
 ALIGN + LTIP pairs); steps = total steps (0: default).
 """
+
 import ml_collections
 
 from configs import common
 
 _TEXT = {
-    "tiny": dict(vocab_size=66, dim=32, num_layers=2, num_heads=2, max_len=32),
-    "smollm2": dict(vocab_size=49154, dim=256, num_layers=4, num_heads=4, max_len=64),
-    "f6": dict(vocab_size=32002, dim=768, num_layers=12, num_heads=12, max_len=64),   # BERT-base-like
+  "tiny": dict(vocab_size=66, dim=32, num_layers=2, num_heads=2, max_len=32),
+  "smollm2": dict(vocab_size=49154, dim=256, num_layers=4, num_heads=4, max_len=64),
+  "f6": dict(vocab_size=32002, dim=768, num_layers=12, num_heads=12, max_len=64),  # BERT-base-like
 }
 _VISION = {"tiny": ("test", 32), "smollm2": ("nano", 64), "f6": ("F6", 288)}
 
@@ -28,33 +29,58 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
   variant, image_size = _VISION[size]
   config = ml_collections.ConfigDict()
   config.objective = "contrastive"
-  config.model = dict(size=size, vision_variant=variant, image_size=image_size, embed_dim=256 if size != "tiny" else 16,
-                      text=_TEXT[size], dtype="float32", label_smoothing=0.1,
-                      lm=dict(vocab_size=_TEXT[size]["vocab_size"] - 2, num_extra_tokens=2))
-  config.trainable = [r".*"]          # everything trains in stage 1
+  config.model = dict(
+    size=size,
+    vision_variant=variant,
+    image_size=image_size,
+    embed_dim=256 if size != "tiny" else 16,
+    text=_TEXT[size],
+    dtype="float32",
+    label_smoothing=0.1,
+    lm=dict(vocab_size=_TEXT[size]["vocab_size"] - 2, num_extra_tokens=2),
+  )
+  config.trainable = [r".*"]  # everything trains in stage 1
   config.frozen = [r"^$"]
   config.sharding = dict(rules="contrastive")
   config.distributed = common.distributed()
   config.mesh = dict(shape={"data": -1})
   # Adam with AGC on the NFNet (paper: NFNet recipe), no weight decay on the temperature.
   if size == "f6":
-    config.optim = common.optim(lr=1e-3, warmup_steps=5000, total_steps=args["steps"] or 1_200_000,
-                                weight_decay=1e-5, no_decay=(r"logit_scale",), agc_clip=0.01,
-                                grad_clip_norm=0.0)
+    config.optim = common.optim(
+      lr=1e-3,
+      warmup_steps=5000,
+      total_steps=args["steps"] or 1_200_000,
+      weight_decay=1e-5,
+      no_decay=(r"logit_scale",),
+      agc_clip=0.01,
+      grad_clip_norm=0.0,
+    )
     config.train = common.train(args["steps"] or 1_200_000, log_every=100, checkpoint_every=5000)
     config.tokenizer = "hf:YOUR_TOKENIZER/tokenizer.json"
     config.data = _pairs_data(image_size, batch=4096, source="paper")
   elif size == "smollm2":
-    config.optim = common.optim(lr=1e-3, warmup_steps=20, total_steps=args["steps"] or 150,
-                                weight_decay=1e-5, no_decay=(r"logit_scale",), agc_clip=0.01,
-                                grad_clip_norm=0.0)
+    config.optim = common.optim(
+      lr=1e-3,
+      warmup_steps=20,
+      total_steps=args["steps"] or 150,
+      weight_decay=1e-5,
+      no_decay=(r"logit_scale",),
+      agc_clip=0.01,
+      grad_clip_norm=0.0,
+    )
     config.train = common.train(args["steps"] or 150, log_every=10, checkpoint_every=50)
     config.tokenizer = "smollm2"
     config.data = _pairs_data(image_size, batch=32, source="easy_vqa")
   else:
-    config.optim = common.optim(lr=1e-3, warmup_steps=1, total_steps=args["steps"] or 4,
-                                weight_decay=0.0, no_decay=(r"logit_scale",), agc_clip=0.01,
-                                grad_clip_norm=0.0)
+    config.optim = common.optim(
+      lr=1e-3,
+      warmup_steps=1,
+      total_steps=args["steps"] or 4,
+      weight_decay=0.0,
+      no_decay=(r"logit_scale",),
+      agc_clip=0.01,
+      grad_clip_norm=0.0,
+    )
     config.train = common.train(args["steps"] or 4, log_every=1, checkpoint_every=2)
     config.tokenizer = ""
     config.data = common.synthetic_data(image_size, pairs=(1.0, 8, 8, 1, 1))
@@ -64,16 +90,41 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
 
 def _pairs_data(image_size: int, batch: int, source: str) -> dict:
   from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
+
   if source == "easy_vqa":
-    pairs = mixture.dataset_config(kind="pairs", builder_kwargs={"kind": "captions", "max_examples": None},
-                                   weight=1.0, batch_size=batch, max_tokens=16, image_size=image_size)
-    return dict(source="mixture", data_dir="runs/tfds", prepare=True, num_parallel_calls=-1, prefetch=2,
-                datasets={"pairs": pairs})
+    pairs = mixture.dataset_config(
+      kind="pairs",
+      builder_kwargs={"kind": "captions", "max_examples": None},
+      weight=1.0,
+      batch_size=batch,
+      max_tokens=16,
+      image_size=image_size,
+    )
+    return dict(
+      source="mixture",
+      data_dir="runs/tfds",
+      prepare=True,
+      num_parallel_calls=-1,
+      prefetch=2,
+      datasets={"pairs": pairs},
+    )
   datasets = {
-      name: mixture.dataset_config(
-          kind="pairs", builder="image_text_jsonl", weight=1.0, batch_size=b, max_tokens=64,
-          image_size=image_size,
-          builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}})
-      for name, b in (("align", batch), ("ltip", batch // 4))}
-  return dict(source="mixture", data_dir="gs://YOUR_BUCKET/tfds", prepare=False, num_parallel_calls=-1,
-              prefetch=2, datasets=datasets)
+    name: mixture.dataset_config(
+      kind="pairs",
+      builder="image_text_jsonl",
+      weight=1.0,
+      batch_size=b,
+      max_tokens=64,
+      image_size=image_size,
+      builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}},
+    )
+    for name, b in (("align", batch), ("ltip", batch // 4))
+  }
+  return dict(
+    source="mixture",
+    data_dir="gs://YOUR_BUCKET/tfds",
+    prepare=False,
+    num_parallel_calls=-1,
+    prefetch=2,
+    datasets=datasets,
+  )

@@ -20,6 +20,7 @@ error, unless `--config.baseline_at_init=True` asks for Flamingo at initialisati
 of `lm` (its gates are 0: it computes the LM), which gives the baselines. The default (4 shot counts x 2 selections x 3 seeds + the text-only
 runs, 500 questions each) takes hours on a 2-core CPU: `shots=0.4,seeds=1` for a quick look.
 """
+
 import ml_collections
 
 from configs import common
@@ -28,57 +29,65 @@ _TASKS = "easy_vqa.easy_vqa_binding"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = common.parse_args(arg, {"tasks": _TASKS, "shots": "0.4.8.16", "seeds": 3,
-                                 "runlocal": False, "quick": False})
+  args = common.parse_args(
+    arg, {"tasks": _TASKS, "shots": "0.4.8.16", "seeds": 3, "runlocal": False, "quick": False}
+  )
   config = ml_collections.ConfigDict()
-  config.data_dir = "runs/tfds"              # TFDS data_dir of the easy_vqa builders
-  config.output_subdir = "eval"              # results go to RUN/<output_subdir>/
+  config.data_dir = "runs/tfds"  # TFDS data_dir of the easy_vqa builders
+  config.output_subdir = "eval"  # results go to RUN/<output_subdir>/
   config.tasks = tuple(t for t in args["tasks"].split(".") if t)
   config.shots = tuple(int(s) for s in args["shots"].split(".") if s)
-  config.num_queries = 500                   # test queries per task (all when the split is smaller)
+  config.num_queries = 500  # test queries per task (all when the split is smaller)
   config.seeds = tuple(range(args["seeds"]))  # support draws / prompt orders; mean, std over them
-  config.selection = ("random", "rices")     # in-context example selection; 0-shot is always random
-  config.beam = 3                            # beam size of open-ended decoding (1 = greedy)
-  config.length_penalty = 0.0                # GNMT alpha of beam search (0: summed log-prob)
-  config.max_new_tokens = 8                  # open-ended VQA answers
-  config.caption_max_new_tokens = 20         # captioning (image and video)
-  config.batch_size = 32                     # prompts per decoding call / rows per scoring call
-  config.image_batch_size = 32               # images per vision-encoder call
-  config.visual_cache_size = 4096            # media whose visual tokens stay cached (LRU)
-  config.prompt_bucket = 32                  # prompts are left-padded to a multiple of this length
-  config.num_prompts = 3                     # close-ended prompt ensembling: support permutations
-  config.text_only_baseline = True           # the same prompts through the frozen LM, no images
-  config.text_only_shots = ()                # shots of the text-only runs (() = config.shots)
-  config.text_only_format = "lm"             # 'lm': as plain text (<image> dropped, <EOC> -> a
-                                             # newline); 'flamingo': the identical token sequence
-  config.video_frames = 16                   # > the 8 frames of training (temporal interpolation)
-  config.lm = "auto"                         # LM when there is no checkpoint: 'auto' (the run's
-                                             # init_from.lm, else 'smollm2'), 'none', or a spec
-  config.model_size = "smollm2"              # model when the workdir has no config.json
-  config.tokenizer = ""                      # '' = the run's config.tokenizer (else 'smollm2')
-  config.seed = 0                            # init of the untrained parts when no checkpoint
-  config.baseline_at_init = False            # True: a workdir without a checkpoint evaluates the
-                                             # model at initialisation (written in results.json)
+  config.selection = ("random", "rices")  # in-context example selection; 0-shot is always random
+  config.beam = 3  # beam size of open-ended decoding (1 = greedy)
+  config.length_penalty = 0.0  # GNMT alpha of beam search (0: summed log-prob)
+  config.max_new_tokens = 8  # open-ended VQA answers
+  config.caption_max_new_tokens = 20  # captioning (image and video)
+  config.batch_size = 32  # prompts per decoding call / rows per scoring call
+  config.image_batch_size = 32  # images per vision-encoder call
+  config.visual_cache_size = 4096  # media whose visual tokens stay cached (LRU)
+  config.prompt_bucket = 32  # prompts are left-padded to a multiple of this length
+  config.num_prompts = 3  # close-ended prompt ensembling: support permutations
+  config.text_only_baseline = True  # the same prompts through the frozen LM, no images
+  config.text_only_shots = ()  # shots of the text-only runs (() = config.shots)
+  config.text_only_format = "lm"  # 'lm': as plain text (<image> dropped, <EOC> -> a
+  # newline); 'flamingo': the identical token sequence
+  config.video_frames = 16  # > the 8 frames of training (temporal interpolation)
+  config.lm = "auto"  # LM when there is no checkpoint: 'auto' (the run's
+  # init_from.lm, else 'smollm2'), 'none', or a spec
+  config.model_size = "smollm2"  # model when the workdir has no config.json
+  config.tokenizer = ""  # '' = the run's config.tokenizer (else 'smollm2')
+  config.seed = 0  # init of the untrained parts when no checkpoint
+  config.baseline_at_init = False  # True: a workdir without a checkpoint evaluates the
+  # model at initialisation (written in results.json)
   # Per-task options: num_queries (-1 = config.num_queries); easy_vqa: max_examples (-1 = all; else
   # a small build of the first n records per split); JSONL files {"image": path, "question": ...,
   # "answers": [...]} or {"image": path, "captions": [...]}, paths relative to the file: `support`
   # gives the in-context examples, `queries` the evaluated ones.
   config.task_options = dict(
-      easy_vqa=dict(num_queries=-1, max_examples=-1),
-      easy_vqa_captions=dict(num_queries=-1, max_examples=-1),
-      easy_vqa_color=dict(num_queries=100, max_examples=-1),
-      easy_vqa_shape=dict(num_queries=100, max_examples=-1),
-      easy_vqa_video=dict(num_queries=100, max_examples=-1),
-      # In-context binding (flamingo_jax/eval/binding.py): N ways x K shots x controls, `episodes`
-      # per cell and seed; names_file '' = the packaged evaluation word list (must share no word
-      # with the training list of the run's bursty documents); class_mode shape_color | shape |
-      # color; ranked: also the close-ended ranking of the N names.
-      easy_vqa_binding=dict(ways=(2, 3, 5), shots=(1, 2, 4), episodes=500,
-                            controls=("text_only", "shuffled", "real_names"), names_file="",
-                            class_mode="shape_color", ranked=True, max_new_tokens=6,
-                            max_examples=-1),
-      jsonl_vqa=dict(num_queries=-1, support="", queries=""),
-      jsonl_captions=dict(num_queries=-1, support="", queries=""),
+    easy_vqa=dict(num_queries=-1, max_examples=-1),
+    easy_vqa_captions=dict(num_queries=-1, max_examples=-1),
+    easy_vqa_color=dict(num_queries=100, max_examples=-1),
+    easy_vqa_shape=dict(num_queries=100, max_examples=-1),
+    easy_vqa_video=dict(num_queries=100, max_examples=-1),
+    # In-context binding (flamingo_jax/eval/binding.py): N ways x K shots x controls, `episodes`
+    # per cell and seed; names_file '' = the packaged evaluation word list (must share no word
+    # with the training list of the run's bursty documents); class_mode shape_color | shape |
+    # color; ranked: also the close-ended ranking of the N names.
+    easy_vqa_binding=dict(
+      ways=(2, 3, 5),
+      shots=(1, 2, 4),
+      episodes=500,
+      controls=("text_only", "shuffled", "real_names"),
+      names_file="",
+      class_mode="shape_color",
+      ranked=True,
+      max_new_tokens=6,
+      max_examples=-1,
+    ),
+    jsonl_vqa=dict(num_queries=-1, support="", queries=""),
+    jsonl_captions=dict(num_queries=-1, support="", queries=""),
   )
   if args["quick"]:
     config.num_queries = 200

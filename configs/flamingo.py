@@ -8,6 +8,7 @@
 Arguments: size = tiny | smollm2 | 3b | 9b | 80b (flamingo_jax/models/flamingo.py: SIZES); steps = total
 steps (0: the size's default); data = easy_vqa | synthetic | paper (default per size).
 """
+
 import ml_collections
 
 from configs import common
@@ -15,48 +16,71 @@ from flamingo_jax.models import flamingo
 
 # Trainable (paper §2.4): resampler, gated xattn blocks, the new token rows (<image>, <EOC>).
 TRAINABLE = (
-    r"^perceiver_resampler/",
-    r"^lm/gated_xattn/",
-    r"^lm/extra_(embed|unembed)/",
+  r"^perceiver_resampler/",
+  r"^lm/gated_xattn/",
+  r"^lm/extra_(embed|unembed)/",
 )
 # Frozen: the vision encoder and the LM's own weights, incl. the original embedding rows.
 FROZEN = (
-    r"^vision_encoder/",
-    r"^lm/(embed|layers|final_norm|unembed)/",
+  r"^vision_encoder/",
+  r"^lm/(embed|layers|final_norm|unembed)/",
 )
 
 # Paper mixture (§2.4, App. B.1.2): lambda, batch, tokens, images per sequence, frames.
 PAPER_DATASETS = {
-    "m3w": (1.0, 256, 256, 5, 1),
-    "align": (0.2, 4096, 32, 1, 1),
-    "ltip": (0.2, 1024, 64, 1, 1),
-    "vtp": (0.03, 512, 32, 1, 8),
+  "m3w": (1.0, 256, 256, 5, 1),
+  "align": (0.2, 4096, 32, 1, 1),
+  "ltip": (0.2, 1024, 64, 1, 1),
+  "vtp": (0.03, 512, 32, 1, 8),
 }
 # Mesh per size for TPU v4/v5p slices: 'fsdp' shards params/optimizer state, 'tensor' splits heads/MLP.
 # 80b: 'fsdp' and 'tensor' must divide the powers-of-two widths, so the factor 3 of the paper's 1536 chips
 # goes on 'data' (data=3, fsdp=64, tensor=8 there; `python -m flamingo_jax.plan` checks the memory).
-PAPER_MESH = {"3b": {"fsdp": -1}, "9b": {"fsdp": -1, "tensor": 4},
-              "80b": {"data": -1, "fsdp": 64, "tensor": 8}}
+PAPER_MESH = {
+  "3b": {"fsdp": -1},
+  "9b": {"fsdp": -1, "tensor": 4},
+  "80b": {"data": -1, "fsdp": 64, "tensor": 8},
+}
 
 
 def _paper_data(image_size: int) -> dict:
   """User data through the generic JSONL builders (point `sources` at your files, e.g. on gs://)."""
-  kinds = {"m3w": ("interleaved", "interleaved_jsonl"), "align": ("pairs", "image_text_jsonl"),
-           "ltip": ("pairs", "image_text_jsonl"), "vtp": ("video", "video_text_jsonl")}
+  kinds = {
+    "m3w": ("interleaved", "interleaved_jsonl"),
+    "align": ("pairs", "image_text_jsonl"),
+    "ltip": ("pairs", "image_text_jsonl"),
+    "vtp": ("video", "video_text_jsonl"),
+  }
   from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
+
   datasets = {}
   for name, (weight, batch, tokens, images, frames) in PAPER_DATASETS.items():
     kind, builder = kinds[name]
     datasets[name] = mixture.dataset_config(
-        kind=kind, builder=builder, weight=weight, batch_size=batch, max_tokens=tokens,
-        max_images=images, num_frames=frames, image_size=image_size, p_next=0.5 if kind == "interleaved" else 0.0,
-        builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}})
-  return dict(source="mixture", data_dir="gs://YOUR_BUCKET/tfds", prepare=False, num_parallel_calls=-1,
-              prefetch=2, datasets=datasets)
+      kind=kind,
+      builder=builder,
+      weight=weight,
+      batch_size=batch,
+      max_tokens=tokens,
+      max_images=images,
+      num_frames=frames,
+      image_size=image_size,
+      p_next=0.5 if kind == "interleaved" else 0.0,
+      builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}},
+    )
+  return dict(
+    source="mixture",
+    data_dir="gs://YOUR_BUCKET/tfds",
+    prepare=False,
+    num_parallel_calls=-1,
+    prefetch=2,
+    datasets=datasets,
+  )
 
 
 def _easy_vqa_data(image_size: int) -> dict:
   from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
+
   cfg = mixture.easy_vqa_mixture_config(image_size=image_size).to_dict()
   return dict(source="mixture", data_dir="runs/tfds", **cfg)
 
@@ -65,8 +89,7 @@ def _easy_vqa_data(image_size: int) -> dict:
 # weigh as much as the documents: they are the one source in the prompt format of the evaluation. The
 # bursty binding documents weigh as the paired sets: at 1.0 their noisy gradient cost easy-VQA ~20
 # points within 110 steps (docs/EXPERIMENTS.md).
-CPU_MIXTURE = {"m3w": (1.0, 4), "pairs": (0.2, 8), "vqa": (1.0, 8), "vtp": (0.03, 4),
-               "bursty": (0.2, 4)}
+CPU_MIXTURE = {"m3w": (1.0, 4), "pairs": (0.2, 8), "vqa": (1.0, 8), "vtp": (0.03, 4), "bursty": (0.2, 4)}
 
 
 def _cpu_batches(data: dict) -> None:
@@ -118,8 +141,13 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     # (its std across images fell 0.38 -> 0.01 in 60 steps at 1e-3; README, main-job results). Base rate
     # 5e-4 with a cosine to 0 (the paper keeps it constant over 500k steps): at 1e-3, constant or
     # cosine, every run had loss spikes (grad norm 250-890) and the last checkpoint could land on one.
-    config.optim = common.optim(lr=5e-4, warmup_steps=10, total_steps=steps, decay="cosine",
-                                lr_multipliers=[(r"_gate$", 60.0), (r"^perceiver_resampler/", 0.2)])
+    config.optim = common.optim(
+      lr=5e-4,
+      warmup_steps=10,
+      total_steps=steps,
+      decay="cosine",
+      lr_multipliers=[(r"_gate$", 60.0), (r"^perceiver_resampler/", 0.2)],
+    )
     config.train = common.train(steps, log_every=10, checkpoint_every=50)
     config.tokenizer = "smollm2"
     config.init_from = dict(lm="smollm2", vision="")
@@ -131,8 +159,9 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     config.init_from = dict(lm="", vision="")
 
   if data == "synthetic":
-    config.data = common.synthetic_data(image_size, m3w=(1.0, 8, 16, 2, 1), pairs=(0.2, 8, 8, 1, 1),
-                                        vtp=(0.03, 8, 8, 1, 4))
+    config.data = common.synthetic_data(
+      image_size, m3w=(1.0, 8, 16, 2, 1), pairs=(0.2, 8, 8, 1, 1), vtp=(0.03, 8, 8, 1, 4)
+    )
     config.tokenizer = ""
   elif data == "easy_vqa":
     config.data = _easy_vqa_data(image_size)

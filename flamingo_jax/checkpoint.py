@@ -30,26 +30,32 @@ Preemption (SIGTERM -> save at the next step boundary) is `flamingo_jax/train/pr
 Resume order: this workdir's newest readable checkpoint > `init_from` sources
 (`flamingo_jax/init_from.py`) > fresh init.
 """
+
 import contextlib
 import json
 import os
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
-from absl import logging
-from etils import epath
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from flamingo_jax import fingerprint
-from flamingo_jax.checkpoint_errors import CheckpointReadError, CheckpointSaveError
-from flamingo_jax.checkpoint_errors import NoReadableCheckpointError, TemplateMismatchError
+from flamingo_jax.checkpoint_errors import (
+  STATE,
+  CheckpointReadError,
+  CheckpointSaveError,
+  NoReadableCheckpointError,
+  TemplateMismatchError,
+)
 
-CHECKPOINTS_DIR = 'checkpoints'
-CORRUPT_DIR = 'checkpoints_corrupt'
-from flamingo_jax.checkpoint_errors import STATE
-DATA, CONFIG, FINGERPRINTS = 'data', 'config', 'fingerprints'
+CHECKPOINTS_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+DATA, CONFIG, FINGERPRINTS = "data", "config", "fingerprints"
 
 
 def _all_processes(ok: bool) -> bool:
@@ -69,24 +75,24 @@ def _to_json(value, where: str):
     out = {}
     for k, v in value.items():
       if not isinstance(k, str):
-        raise TypeError(f'{where}: key {k!r} is not a string (JSON needs string keys)')
-      out[k] = _to_json(v, f'{where}.{k}')
+        raise TypeError(f"{where}: key {k!r} is not a string (JSON needs string keys)")
+      out[k] = _to_json(v, f"{where}.{k}")
     return out
   if isinstance(value, (list, tuple)):
-    return [_to_json(v, f'{where}[{i}]') for i, v in enumerate(value)]
+    return [_to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
   if isinstance(value, np.generic):
     return value.item()
   if value is None or isinstance(value, (bool, int, float, str)):
     return value
-  raise TypeError(f'{where} = {value!r} ({type(value).__name__}) is not JSON-able')
+  raise TypeError(f"{where} = {value!r} ({type(value).__name__}) is not JSON-able")
 
 
-def _config_json(config) -> Optional[dict]:
+def _config_json(config) -> dict | None:
   if config is None:
     return None
-  if hasattr(config, 'to_json_best_effort'):  # ml_collections.ConfigDict
+  if hasattr(config, "to_json_best_effort"):  # ml_collections.ConfigDict
     return json.loads(config.to_json_best_effort())
-  return _to_json(config, 'config')
+  return _to_json(config, "config")
 
 
 def abstract_like(tree):
@@ -95,13 +101,17 @@ def abstract_like(tree):
   jax.Array -> ShapeDtypeStruct(shape, dtype, sharding=x.sharding); ShapeDtypeStructs (which must
   carry a sharding) and numpy leaves (restored as numpy) are kept.
   """
+
   def one(path, x):
     if isinstance(x, jax.Array):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
-      raise ValueError(f'template leaf {fingerprint.path_str(path)}: a ShapeDtypeStruct without a sharding '
-                       '(give it one, or use a numpy array to restore into host memory)')
+      raise ValueError(
+        f"template leaf {fingerprint.path_str(path)}: a ShapeDtypeStruct without a sharding "
+        "(give it one, or use a numpy array to restore into host memory)"
+      )
     return x
+
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
@@ -111,8 +121,16 @@ class Checkpointer:
   Every host must construct it and call `save`/`restore`/`wait`/`close` at the same points.
   """
 
-  def __init__(self, workdir, *, save_interval_steps: int = 1, max_to_keep: Optional[int] = None,
-               config=None, async_save: bool = True, async_timeout_s: int = 1200):
+  def __init__(
+    self,
+    workdir,
+    *,
+    save_interval_steps: int = 1,
+    max_to_keep: int | None = None,
+    config=None,
+    async_save: bool = True,
+    async_timeout_s: int = 1200,
+  ):
     """Opens (creating if needed) WORKDIR/checkpoints and removes leftovers of killed saves.
 
     Args:
@@ -124,28 +142,34 @@ class Checkpointer:
       async_timeout_s: how long a background save may take before it is an error.
     """
     if int(save_interval_steps) < 1:
-      raise ValueError(f'save_interval_steps must be >= 1, got {save_interval_steps}')
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     if max_to_keep is not None and int(max_to_keep) < 1:
-      raise ValueError(f'max_to_keep must be None or >= 1, got {max_to_keep}')
+      raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
     self.directory = absolute_path(workdir) / CHECKPOINTS_DIR
     self._config = _config_json(config)
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        # Exactly every N steps (Orbax's default policy would also save the first call's step).
-        save_decision_policy=policies.AnySavePolicy([
-            policies.FixedIntervalPolicy(int(save_interval_steps)),
-            policies.PreemptionCheckpointingPolicy()]),
-        create=True,
-        cleanup_tmp_directories=True,  # remove the leftovers of a save killed midway
-        enable_async_checkpointing=async_save,
-        async_options=ocp.AsyncOptions(timeout_secs=int(async_timeout_s)))
-    self._pending: Optional[int] = None     # the step of the last save started
+      max_to_keep=max_to_keep,
+      # Exactly every N steps (Orbax's default policy would also save the first call's step).
+      save_decision_policy=policies.AnySavePolicy(
+        [policies.FixedIntervalPolicy(int(save_interval_steps)), policies.PreemptionCheckpointingPolicy()]
+      ),
+      create=True,
+      cleanup_tmp_directories=True,  # remove the leftovers of a save killed midway
+      enable_async_checkpointing=async_save,
+      async_options=ocp.AsyncOptions(timeout_secs=int(async_timeout_s)),
+    )
+    self._pending: int | None = None  # the step of the last save started
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler(),
-                       CONFIG: ocp.JsonCheckpointHandler(),
-                       FINGERPRINTS: ocp.JsonCheckpointHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        STATE: ocp.StandardCheckpointHandler(),
+        DATA: ocp.JsonCheckpointHandler(),
+        CONFIG: ocp.JsonCheckpointHandler(),
+        FINGERPRINTS: ocp.JsonCheckpointHandler(),
+      },
+    )
 
   def save(self, step: int, state, data_state: Mapping[str, Any], force: bool = False) -> bool:
     """Starts saving `state` (pytree of arrays) and `data_state` (JSON-able dict) as `step`.
@@ -156,12 +180,14 @@ class Checkpointer:
     step = int(step)
     if step in self._manager.all_steps():
       return False
-    items = {STATE: ocp.args.StandardSave(state),
-             DATA: ocp.args.JsonSave(_to_json(data_state, 'data_state')),
-             FINGERPRINTS: ocp.args.JsonSave(fingerprint.fingerprints(state))}
+    items = {
+      STATE: ocp.args.StandardSave(state),
+      DATA: ocp.args.JsonSave(_to_json(data_state, "data_state")),
+      FINGERPRINTS: ocp.args.JsonSave(fingerprint.fingerprints(state)),
+    }
     if self._config is not None:
       items[CONFIG] = ocp.args.JsonSave(self._config)
-    with self._save_errors():      # Orbax first waits for the previous save, which may have failed
+    with self._save_errors():  # Orbax first waits for the previous save, which may have failed
       started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
     if started:
       self._pending = step
@@ -178,8 +204,9 @@ class Checkpointer:
     except Exception as error:  # pylint: disable=broad-except  # Orbax re-raises the writer's error
       self._pending = None
       raise CheckpointSaveError(
-          f'saving checkpoint step {pending} to {self.directory} failed: {type(error).__name__}: '
-          f'{error}; the steps saved before it are intact ({self.all_steps()})') from error
+        f"saving checkpoint step {pending} to {self.directory} failed: {type(error).__name__}: "
+        f"{error}; the steps saved before it are intact ({self.all_steps()})"
+      ) from error
 
   def check_saves(self) -> None:
     """Raises CheckpointSaveError if the last background save failed (never blocks on a running one).
@@ -191,42 +218,45 @@ class Checkpointer:
       self._manager.wait_until_finished()
     self._pending = None
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     """The newest complete step, or None."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def _step(self, step: Optional[int]) -> int:
+  def _step(self, step: int | None) -> int:
     if step is None:
       step = self.latest_step()
       if step is None:
-        raise FileNotFoundError(f'no complete checkpoint in {self.directory}')
+        raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
     elif int(step) not in self._manager.all_steps():
-      raise FileNotFoundError(f'no checkpoint for step {step} in {self.directory} '
-                              f'(have {self.all_steps()})')
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
     return int(step)
 
   def _check_template(self, step: int, saved_metadata, template) -> None:
     """Raises TemplateMismatchError naming the path when leaves or shapes differ."""
-    saved = _flat(getattr(saved_metadata, 'tree', saved_metadata))
+    saved = _flat(getattr(saved_metadata, "tree", saved_metadata))
     wanted = _flat(template)
-    where = f'{self.directory}/{step}/{STATE}'
+    where = f"{self.directory}/{step}/{STATE}"
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
     if missing or extra:
       raise TemplateMismatchError(
-          f'{where} does not match the state template: missing from the checkpoint '
-          f'{missing[:10]}, not in the template {extra[:10]}')
+        f"{where} does not match the state template: missing from the checkpoint "
+        f"{missing[:10]}, not in the template {extra[:10]}"
+      )
     for path, leaf in wanted.items():
-      shape = getattr(saved[path], 'shape', None)
+      shape = getattr(saved[path], "shape", None)
       if shape is not None and tuple(shape) != tuple(np.shape(leaf)):
-        raise TemplateMismatchError(f'{where}: {path} has shape {tuple(shape)} in the checkpoint, '
-                                    f'{tuple(np.shape(leaf))} in the template')
+        raise TemplateMismatchError(
+          f"{where}: {path} has shape {tuple(shape)} in the checkpoint, "
+          f"{tuple(np.shape(leaf))} in the template"
+        )
 
-  def restore(self, step: Optional[int] = None, state_template=None,
-              restore_data: bool = True) -> tuple[Any, Optional[dict]]:
+  def restore(
+    self, step: int | None = None, state_template=None, restore_data: bool = True
+  ) -> tuple[Any, dict | None]:
     """(state, data_state) of `step` (default: the latest).
 
     Args:
@@ -252,7 +282,7 @@ class Checkpointer:
       else:
         saved = self._manager.item_metadata(step)
         if saved is None or saved.get(STATE) is None:
-          raise FileNotFoundError(f'no readable {STATE}/ item in {self.directory / str(step)}')
+          raise FileNotFoundError(f"no readable {STATE}/ item in {self.directory / str(step)}")
         self._check_template(step, saved[STATE], template)
         items[STATE] = ocp.args.StandardRestore(template)
       if restore_data:
@@ -263,17 +293,21 @@ class Checkpointer:
       out = self._manager.restore(step, args=ocp.args.Composite(**items))
       differ = fingerprint.mismatches(out[FINGERPRINTS], out[STATE]) if checked else []
       if differ:
-        raise CheckpointReadError(step, self.directory / str(step) / STATE, ValueError(
-            f'the restored content differs from the fingerprint saved with it for {len(differ)} '
-            f'array(s), first {differ[:3]}'))
+        raise CheckpointReadError(
+          step,
+          self.directory / str(step) / STATE,
+          ValueError(
+            f"the restored content differs from the fingerprint saved with it for {len(differ)} "
+            f"array(s), first {differ[:3]}"
+          ),
+        )
     except (TemplateMismatchError, CheckpointReadError):
       raise
     except Exception as error:  # pylint: disable=broad-except  # tensorstore/JSON/Orbax: all unreadable
       raise CheckpointReadError(step, self.directory / str(step), error) from error
     return out[STATE], (out[DATA] if restore_data else None)
 
-  def restore_newest(self, state_template, *, fallback: bool = True
-                     ) -> tuple[int, Any, Optional[dict]]:
+  def restore_newest(self, state_template, *, fallback: bool = True) -> tuple[int, Any, dict | None]:
     """(step, state, data_state) of the newest step that reads and matches `state_template`.
 
     An unreadable step is logged in one line and moved to WORKDIR/checkpoints_corrupt/ (renamed,
@@ -295,16 +329,18 @@ class Checkpointer:
       if _all_processes(error is None):
         return step, state, data_state
       if error is None:
-        error = CheckpointReadError(step, self.directory / str(step),
-                                    RuntimeError('unreadable on another process'))
+        error = CheckpointReadError(
+          step, self.directory / str(step), RuntimeError("unreadable on another process")
+        )
       if not fallback:
         raise error
       dest = self._move_aside(step)
-      logging.warning('%s; moved it to %s and trying the next newest step', error, dest)
-      moved.append(f'{step} ({error.path})')
-    raise NoReadableCheckpointError(f'no readable checkpoint in {self.directory}' + (
-        f'; unreadable steps moved to {self.directory.parent / CORRUPT_DIR}: {moved}' if moved
-        else ''))
+      logging.warning("%s; moved it to %s and trying the next newest step", error, dest)
+      moved.append(f"{step} ({error.path})")
+    raise NoReadableCheckpointError(
+      f"no readable checkpoint in {self.directory}"
+      + (f"; unreadable steps moved to {self.directory.parent / CORRUPT_DIR}: {moved}" if moved else "")
+    )
 
   def _move_aside(self, step: int) -> epath.Path:
     """Renames checkpoints/<step> to checkpoints_corrupt/<step>[.n] (process 0), then all reload."""
@@ -312,22 +348,21 @@ class Checkpointer:
     dest, n = root / str(step), 0
     while dest.exists():
       n += 1
-      dest = root / f'{step}.{n}'
+      dest = root / f"{step}.{n}"
     if jax.process_index() == 0:
       root.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(dest)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'checkpoint step {step} moved aside')
+      multihost_utils.sync_global_devices(f"checkpoint step {step} moved aside")
     self._manager.reload()
     return dest
 
-  def restore_config(self, step: Optional[int] = None) -> Optional[dict]:
+  def restore_config(self, step: int | None = None) -> dict | None:
     """The config JSON saved with `step` (default: the latest), None if none was saved."""
     step = self._step(step)
     if not (self.directory / str(step) / CONFIG).exists():
       return None
-    return self._manager.restore(step, args=ocp.args.Composite(
-        **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
 
   def wait(self) -> None:
     """Blocks until every started (async) save is complete on disk; CheckpointSaveError if one failed."""
@@ -352,10 +387,10 @@ class Checkpointer:
 def absolute_path(path) -> epath.Path:
   """`path` as an absolute epath (Orbax refuses relative paths); URLs such as gs://... unchanged."""
   text = os.fspath(path)
-  return epath.Path(text if '://' in text else os.path.abspath(text))
+  return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
-def step_dir(root: epath.Path, step: Optional[int] = None) -> Optional[epath.Path]:
+def step_dir(root: epath.Path, step: int | None = None) -> epath.Path | None:
   """The directory of a complete `step` (default: the latest) under an Orbax manager `root`."""
   name_format = ocp.path.step.standard_name_format()
   if step is None:
@@ -364,7 +399,7 @@ def step_dir(root: epath.Path, step: Optional[int] = None) -> Optional[epath.Pat
   return ocp.path.step.find_step_path(root, name_format, step=int(step))
 
 
-def latest_checkpoint_step(workdir) -> Optional[int]:
+def latest_checkpoint_step(workdir) -> int | None:
   """The latest complete step under WORKDIR/checkpoints (no manager, nothing created)."""
   root = absolute_path(workdir) / CHECKPOINTS_DIR
   found = step_dir(root) if root.exists() else None

@@ -5,15 +5,15 @@ else the first of the step's Orbax JSON files that does not parse, else a missin
 else the step directory. `flamingo_jax/checkpoint.py` raises these; docs/TRAINING.md ("When things
 go wrong") shows what each prints.
 """
+
 import json
 import re
-from typing import Optional
 
 from etils import epath
 
-STATE = 'state'          # the TrainState item of a step directory
+STATE = "state"  # the TrainState item of a step directory
 # Orbax's JSON files in a step directory (a truncated one is named by `_unreadable_file`).
-_JSON_FILES = ('_CHECKPOINT_METADATA', '_METADATA', '_sharding', 'metadata', '.zarray', 'zarr.json')
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata", ".zarray", "zarr.json")
 
 
 class TemplateMismatchError(ValueError):
@@ -26,12 +26,12 @@ class CheckpointReadError(RuntimeError):
 
   def __init__(self, step: int, step_dir_path, cause: BaseException):
     self.step = int(step)
-    text = ' '.join(str(cause).split())
+    text = " ".join(str(cause).split())
     named = re.findall(r'local file "([^"]+)"', text) or re.findall(r"'(/[^']+)'", text)
     # The innermost file the cause names, else the first JSON file of the step that does not parse.
     self.path = named[-1] if named else _unreadable_file(step_dir_path) or str(step_dir_path)
-    self.cause = f'{type(cause).__name__}: {text[:240]}'
-    super().__init__(f'checkpoint step {self.step} cannot be read: {self.path}: {self.cause}')
+    self.cause = f"{type(cause).__name__}: {text[:240]}"
+    super().__init__(f"checkpoint step {self.step} cannot be read: {self.path}: {self.cause}")
 
 
 class NoReadableCheckpointError(FileNotFoundError):
@@ -42,7 +42,7 @@ class CheckpointSaveError(RuntimeError):
   """A save that failed in the background; the steps saved before it are intact."""
 
 
-def _unreadable_file(step_dir_path) -> Optional[str]:
+def _unreadable_file(step_dir_path) -> str | None:
   """The first of the step's Orbax JSON files that does not parse, or its missing item directory."""
   root = epath.Path(step_dir_path)
   if root.name == STATE or not root.exists():
@@ -50,7 +50,7 @@ def _unreadable_file(step_dir_path) -> Optional[str]:
   if not (root / STATE).exists():
     return str(root / STATE)
   level = [root]
-  for _ in range(3):      # step/, step/item/, step/item/array/ (no recursive glob: GCS lists it all)
+  for _ in range(3):  # step/, step/item/, step/item/array/ (no recursive glob: GCS lists it all)
     files = [p for d in level for p in sorted(d.iterdir())]
     for path in files:
       if path.name in _JSON_FILES and path.is_file():

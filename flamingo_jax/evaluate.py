@@ -21,26 +21,23 @@ prompts through the frozen LM alone: `lm_only=True`, no images). Writes, atomica
   RUN/eval/rices_cache/           support features of RICES
 and prints a table. Only process 0 writes. `eval` is `config.output_subdir` (its default).
 """
+
 import json
 import os
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from flamingo_jax.data import binding as binding_lib
-from flamingo_jax.eval import binding
-from flamingo_jax.eval import engine
-from flamingo_jax.eval import evaluators
+from flamingo_jax.eval import binding, engine, evaluators
 from flamingo_jax.models import flamingo
 
 TEXT_ONLY = "text_only"
@@ -51,16 +48,21 @@ class NoCheckpointError(FileNotFoundError):
   """The run directory has no checkpoint and the at-initialisation baseline was not asked for."""
 
 
-def check_workdir(config, workdir: str) -> Optional[int]:
+def check_workdir(config, workdir: str) -> int | None:
   """RUN's latest checkpoint step; None only when `config.baseline_at_init` (else raises)."""
   from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+
   step = checkpoint_lib.latest_checkpoint_step(workdir)
   if step is None and not config.baseline_at_init:
-    what = ("does not exist" if not os.path.isdir(workdir) else
-            f"has no complete checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    what = (
+      "does not exist"
+      if not os.path.isdir(workdir)
+      else f"has no complete checkpoint under {os.path.join(workdir, 'checkpoints')}"
+    )
     raise NoCheckpointError(
-        f"--workdir {workdir} {what}; to evaluate the model at initialisation (the baselines), "
-        "pass --config.baseline_at_init=True")
+      f"--workdir {workdir} {what}; to evaluate the model at initialisation (the baselines), "
+      "pass --config.baseline_at_init=True"
+    )
   return step
 
 
@@ -80,7 +82,7 @@ def atomic_write(path: str, data: bytes) -> None:
     raise
 
 
-def load_run_config(workdir: str) -> Optional[ml_collections.ConfigDict]:
+def load_run_config(workdir: str) -> ml_collections.ConfigDict | None:
   """RUN/config.json (written by the training loop) as a ConfigDict, or None."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -98,11 +100,13 @@ def _lm_spec(config, run_config) -> str:
   return "" if config.lm == "none" else config.lm
 
 
-def load_params(config, workdir: str, model_cfg, run_config) -> tuple[Any, str, Optional[int]]:
+def load_params(config, workdir: str, model_cfg, run_config) -> tuple[Any, str, int | None]:
   """(params on the default device, model id for the RICES cache, checkpoint step or None)."""
-  from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import init_from  # pylint: disable=g-import-not-at-top
-  from flamingo_jax import generate  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import (
+    generate,  # pylint: disable=g-import-not-at-top
+    init_from,  # pylint: disable=g-import-not-at-top
+  )
+
   step = check_workdir(config, workdir)
   if step is not None:
     params = generate.restore_params(model_cfg, workdir, text_only=False)
@@ -111,6 +115,7 @@ def load_params(config, workdir: str, model_cfg, run_config) -> tuple[Any, str, 
   spec = _lm_spec(config, run_config)
   if spec:
     from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
+
     params = pretrained.init_flamingo_with_lm(model_cfg, spec, rng)
   else:
     model = flamingo.make_model(model_cfg)
@@ -125,19 +130,24 @@ def load_params(config, workdir: str, model_cfg, run_config) -> tuple[Any, str, 
 
 def _summary(values: dict[int, float]) -> dict[str, Any]:
   v = np.asarray(list(values.values()), np.float64)
-  return {"mean": float(v.mean()), "std": float(v.std()),
-          "seeds": {str(s): float(x) for s, x in values.items()}}
+  return {
+    "mean": float(v.mean()),
+    "std": float(v.std()),
+    "seeds": {str(s): float(x) for s, x in values.items()},
+  }
 
 
 def plot(results: dict, path: str) -> None:
   """Metric vs shots per task: random and RICES solid, the text-only baseline dashed."""
   import io  # pylint: disable=g-import-not-at-top
+
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   tasks = {t: r for t, r in results["tasks"].items() if t != binding.TASK}  # its own plot
-  fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4),
-                           squeeze=False)
+  fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False)
   for ax, (task, r) in zip(axes[0], tasks.items()):
     for selection, style in (("random", "o-"), ("rices", "s-"), (TEXT_ONLY, "k--")):
       if r.get(selection):
@@ -148,8 +158,7 @@ def plot(results: dict, path: str) -> None:
         label = "text-only LM" if selection == TEXT_ONLY else selection
         ax.plot(x, mean, style, label=label)
         ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-    ax.set_xticks(sorted({int(s) for sel in r.values() if isinstance(sel, dict)
-                          for s in sel}))
+    ax.set_xticks(sorted({int(s) for sel in r.values() if isinstance(sel, dict) for s in sel}))
     ax.set_title(task)
     ax.set_xlabel("shots")
     ax.set_ylabel(r["metric"] + (" (%)" if r["metric"] == "accuracy" else " (x100)"))
@@ -164,22 +173,23 @@ def plot(results: dict, path: str) -> None:
 
 def format_table(results: dict) -> str:
   lines = [AT_INIT_BANNER] if results["baseline_at_init"] else []
-  lines += [f"{'task':<20} {'metric':<9} {'selection':<10} {'shots':>5} {'mean':>8} {'std':>7} "
-           f"{'seeds':>5}"]
+  lines += [f"{'task':<20} {'metric':<9} {'selection':<10} {'shots':>5} {'mean':>8} {'std':>7} {'seeds':>5}"]
   for task, r in results["tasks"].items():
     if task == binding.TASK:  # its own table (binding.format_table)
       continue
     for selection in ("random", "rices", TEXT_ONLY):
       for shots, s in sorted(r.get(selection, {}).items(), key=lambda kv: int(kv[0])):
-        lines.append(f"{task:<20} {r['metric']:<9} {selection:<10} {shots:>5} {s['mean']:>8.2f} "
-                     f"{s['std']:>7.2f} {len(s['seeds']):>5}")
+        lines.append(
+          f"{task:<20} {r['metric']:<9} {selection:<10} {shots:>5} {s['mean']:>8.2f} "
+          f"{s['std']:>7.2f} {len(s['seeds']):>5}"
+        )
   return "\n".join(lines)
 
 
 def _settings(config):
   """(selection, shots, lm_only) in run order; 0-shot once (random), then the text-only runs."""
   for shots in config.shots:
-    for selection in (["random"] if shots == 0 else list(config.selection)):
+    for selection in ["random"] if shots == 0 else list(config.selection):
       yield selection, shots, False
   if config.text_only_baseline:
     for shots in config.get("text_only_shots", ()) or config.shots:
@@ -189,6 +199,7 @@ def _settings(config):
 def setup(config, workdir: str, run_config, model_cfg):
   """(EvalModel, tokenizer, params, model id, checkpoint step or None) of RUN."""
   from flamingo_jax import generate  # pylint: disable=g-import-not-at-top
+
   tok_spec = config.tokenizer or (run_config.tokenizer if run_config is not None else "smollm2")
   tokenizer = generate.make_tokenizer(tok_spec, _lm_spec(config, run_config))
   vocab = model_cfg.lm.vocab_size + model_cfg.lm.num_extra_tokens
@@ -196,11 +207,16 @@ def setup(config, workdir: str, run_config, model_cfg):
     raise ValueError(f"tokenizer {tok_spec!r} has {tokenizer.vocab_size} ids, the model {vocab}")
   params, model_id, step = load_params(config, workdir, model_cfg, run_config)
   model = engine.EvalModel(
-      flamingo.make_model(model_cfg), tokenizer, batch_size=config.batch_size,
-      num_beams=config.beam, length_penalty=config.length_penalty,
-      image_batch_size=config.image_batch_size, visual_cache_size=config.visual_cache_size,
-      # <image> is never generated; at initialisation neither is <EOC> (untrained embedding).
-      banned_ids=[tokenizer.image_id] + ([tokenizer.eoc_id] if step is None else []))
+    flamingo.make_model(model_cfg),
+    tokenizer,
+    batch_size=config.batch_size,
+    num_beams=config.beam,
+    length_penalty=config.length_penalty,
+    image_batch_size=config.image_batch_size,
+    visual_cache_size=config.visual_cache_size,
+    # <image> is never generated; at initialisation neither is <EOC> (untrained embedding).
+    banned_ids=[tokenizer.image_id] + ([tokenizer.eoc_id] if step is None else []),
+  )
   return model, tokenizer, params, model_id, step
 
 
@@ -208,18 +224,25 @@ def evaluate(config, workdir: str) -> dict:
   """Runs the configured evaluators on RUN's params; returns (and writes) the results dict."""
   unknown = [s for s in config.selection if s not in ("random", "rices")]
   if unknown or any(s < 0 for s in config.shots):
-    raise ValueError(f"config.selection must hold 'random'/'rices' (got {list(config.selection)}) "
-                     f"and config.shots non-negative counts (got {list(config.shots)})")
+    raise ValueError(
+      f"config.selection must hold 'random'/'rices' (got {list(config.selection)}) "
+      f"and config.shots non-negative counts (got {list(config.shots)})"
+    )
   writer = jax.process_index() == 0
-  check_workdir(config, workdir)      # before anything is built or written
+  check_workdir(config, workdir)  # before anything is built or written
   out_dir = os.path.join(workdir, config.get("output_subdir", "eval"))
   run_config = load_run_config(workdir)
-  model_cfg = run_config.model if run_config is not None else flamingo.model_config(
-      config.model_size)
+  model_cfg = run_config.model if run_config is not None else flamingo.model_config(config.model_size)
   model, tokenizer, params, model_id, step = setup(config, workdir, run_config, model_cfg)
-  results = {"workdir": os.path.abspath(workdir), "checkpoint_step": step, "model_id": model_id,
-             "baseline_at_init": step is None, "tasks": {}, "metrics": {},
-             "config": config.to_dict()}
+  results = {
+    "workdir": os.path.abspath(workdir),
+    "checkpoint_step": step,
+    "model_id": model_id,
+    "baseline_at_init": step is None,
+    "tasks": {},
+    "metrics": {},
+    "config": config.to_dict(),
+  }
   if step is None:
     print(AT_INIT_BANNER, flush=True)
   for task in config.tasks:
@@ -227,35 +250,46 @@ def evaluate(config, workdir: str) -> dict:
       _binding(config, model, tokenizer, params, run_config, model_cfg, results, out_dir, writer)
       continue
     evaluator = evaluators.make_evaluator(task, config, model_cfg.image_size)
-    r = results["tasks"][task] = {"metric": evaluator.metric,
-                                  "num_queries": len(evaluator.data.queries)}
+    r = results["tasks"][task] = {"metric": evaluator.metric, "num_queries": len(evaluator.data.queries)}
     for selection, shots, lm_only in _settings(config):
       per_seed = {}
       for seed in config.seeds:
         t0 = time.time()
-        metrics = dict(evaluator.run(
-            model, params, tokenizer, shots=shots, lm_only=lm_only, seed=seed,
+        metrics = dict(
+          evaluator.run(
+            model,
+            params,
+            tokenizer,
+            shots=shots,
+            lm_only=lm_only,
+            seed=seed,
             selection="random" if lm_only else selection,
-            rices_dir=os.path.join(out_dir, "rices_cache"), model_id=model_id))
+            rices_dir=os.path.join(out_dir, "rices_cache"),
+            model_id=model_id,
+          )
+        )
         per_seed[seed] = metrics[evaluator.metric]
-        msg = (f"{task} {selection} {shots}-shot seed {seed}: {evaluator.metric} "
-               f"{per_seed[seed]:.2f} ({time.time() - t0:.1f} s)")
+        msg = (
+          f"{task} {selection} {shots}-shot seed {seed}: {evaluator.metric} "
+          f"{per_seed[seed]:.2f} ({time.time() - t0:.1f} s)"
+        )
         logging.info(msg)
         print(msg, flush=True)
         if writer:
           lines = "".join(json.dumps(p) + "\n" for p in evaluator.predictions)
-          atomic_write(os.path.join(out_dir, "predictions",
-                                    f"{task}_{selection}_{shots}shot_seed{seed}.jsonl"),
-                       lines.encode())
+          atomic_write(
+            os.path.join(out_dir, "predictions", f"{task}_{selection}_{shots}shot_seed{seed}.jsonl"),
+            lines.encode(),
+          )
       r.setdefault(selection, {})[str(shots)] = _summary(per_seed)
-      results["metrics"][f"eval/{task}/{selection}/{shots}shot/{evaluator.metric}"] = (
-          r[selection][str(shots)]["mean"])
+      results["metrics"][f"eval/{task}/{selection}/{shots}shot/{evaluator.metric}"] = r[selection][
+        str(shots)
+      ]["mean"]
       if shots == 0 and not lm_only and "rices" in config.selection:
         r.setdefault("rices", {})["0"] = r["random"]["0"]  # zero-shot has no selection
         results["metrics"][f"eval/{task}/rices/0shot/{evaluator.metric}"] = r["random"]["0"]["mean"]
       if writer:
-        atomic_write(os.path.join(out_dir, "results.json"),
-                     json.dumps(results, indent=1).encode())
+        atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1).encode())
   if writer and any(t != binding.TASK for t in results["tasks"]):
     plot(results, os.path.join(out_dir, "accuracy_vs_shots.png"))
     print(format_table(results), flush=True)
@@ -284,11 +318,9 @@ def _binding(config, model, tokenizer, params, run_config, model_cfg, results, o
   def on_cell(name, record):
     if writer:
       lines = "".join(json.dumps(p) + "\n" for p in record["predictions"])
-      atomic_write(os.path.join(out_dir, "predictions", f"{binding.TASK}_{name}.jsonl"),
-                   lines.encode())
+      atomic_write(os.path.join(out_dir, "predictions", f"{binding.TASK}_{name}.jsonl"), lines.encode())
 
-  task_results, metrics = evaluator.sweep(model, params, tokenizer, seeds=config.seeds,
-                                          on_cell=on_cell)
+  task_results, metrics = evaluator.sweep(model, params, tokenizer, seeds=config.seeds, on_cell=on_cell)
   results["tasks"][binding.TASK] = task_results
   results["metrics"].update(metrics)
   if writer:
@@ -299,8 +331,7 @@ def _binding(config, model, tokenizer, params, run_config, model_cfg, results, o
 
 def main():
   # Flags are defined only when run as a program: importing this module defines nothing.
-  config = config_flags.DEFINE_config_file("config", None, "e.g. configs/fewshot_eval.py",
-                                           lock_config=True)
+  config = config_flags.DEFINE_config_file("config", None, "e.g. configs/fewshot_eval.py", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "The run directory (checkpoints, config.json).")
   flags.mark_flags_as_required(["config", "workdir"])
 
@@ -309,6 +340,7 @@ def main():
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX
     try:
       evaluate(config.value, workdir.value)

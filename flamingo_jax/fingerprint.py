@@ -14,13 +14,14 @@ their key data). Every weight is odd, so changing any single element always chan
 position weights make permutations visible. It is a jitted reduction over the global array, so it
 runs sharded on every host and every process obtains the same replicated values.
 """
+
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_GOLDEN = np.uint32(2654435761)   # Knuth's multiplicative hash constant (odd)
+_GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash constant (odd)
 _UINT_OF_WIDTH = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
@@ -32,10 +33,10 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.uint8)
   width = jnp.dtype(x.dtype).itemsize
   if width not in _UINT_OF_WIDTH:
-    raise TypeError(f'fingerprint: unsupported dtype {x.dtype} (itemsize {width})')
+    raise TypeError(f"fingerprint: unsupported dtype {x.dtype} (itemsize {width})")
   bits = jax.lax.bitcast_convert_type(x, _UINT_OF_WIDTH[width]).astype(jnp.uint32)
   index, stride = jnp.zeros(x.shape, jnp.uint32), 1
-  for d in reversed(range(x.ndim)):   # the flat index mod 2**32, without an iota of x.size elements
+  for d in reversed(range(x.ndim)):  # the flat index mod 2**32, without an iota of x.size elements
     index += jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
     stride *= x.shape[d]
   return jnp.sum(bits * (index * _GOLDEN + jnp.uint32(1)), dtype=jnp.uint32)
@@ -58,18 +59,21 @@ def mismatches(saved: dict[str, list], tree: Any) -> list[str]:
   """The leaf paths of `tree` whose fingerprint differs from `saved`. Leaves absent from `saved`,
   or restored into another dtype than the one saved, are not compared."""
   now = fingerprints(tree)
-  return sorted(k for k, (dtype, value) in now.items()
-                if k in saved and saved[k][0] == dtype and int(saved[k][1]) != value)
+  return sorted(
+    k
+    for k, (dtype, value) in now.items()
+    if k in saved and saved[k][0] == dtype and int(saved[k][1]) != value
+  )
 
 
 def path_str(keypath) -> str:
   """'params/lm/embed/embeddings' from a jax key path (dict keys, attributes, sequence indices)."""
   parts = []
   for k in keypath:
-    for attr in ('key', 'name', 'idx'):
+    for attr in ("key", "name", "idx"):
       if hasattr(k, attr):
         parts.append(str(getattr(k, attr)))
         break
     else:
       parts.append(str(k))
-  return '/'.join(parts)
+  return "/".join(parts)

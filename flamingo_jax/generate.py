@@ -18,42 +18,53 @@ prompt length; it stops at `<EOC>`, EOS or the document separator. `<image>` is 
 at initialisation `<EOC>` is not either (its embedding is untrained). Prints the continuation.
 Tokenizer: `config.tokenizer`, else the LM source's own (GGUF metadata, or `DIR/tokenizer.json`).
 """
+
 import dataclasses
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
 
 from flamingo_jax import pretrained
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.eval import decoding
-from flamingo_jax.models import flamingo
-from flamingo_jax.models import masking
+from flamingo_jax.models import flamingo, masking
 
 # Batch axis of every leaf of the LM cache (`models/lm.py: init_cache`) for beam reordering.
-CACHE_BATCH_AXES = {"k": 1, "v": 1, "valid": 0, "index": None, "positions": 0, "last_media": 0,
-                    "xattn_k": 1, "xattn_v": 1, "xattn_owner": None}
+CACHE_BATCH_AXES = {
+  "k": 1,
+  "v": 1,
+  "valid": 0,
+  "index": None,
+  "positions": 0,
+  "last_media": 0,
+  "xattn_k": 1,
+  "xattn_v": 1,
+  "xattn_owner": None,
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-  text: str              # the continuation, without the stop token
-  tokens: tuple          # generated ids, the stop token included
-  score: float           # summed log-prob (greedy) or the length-normalised beam score
+  text: str  # the continuation, without the stop token
+  tokens: tuple  # generated ids, the stop token included
+  score: float  # summed log-prob (greedy) or the length-normalised beam score
 
 
-def load_images(paths: Sequence[str], size: int) -> Optional[np.ndarray]:
+def load_images(paths: Sequence[str], size: int) -> np.ndarray | None:
   """float32 [1, N, 1, size, size, 3] in [0, 1] (None for no paths). Raises naming a bad file."""
   if not paths:
     return None
-  from flamingo_jax.data import preprocess  # pylint: disable=g-import-not-at-top  (PIL)
-  from flamingo_jax.data import sequence  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import (
+    preprocess,  # pylint: disable=g-import-not-at-top  (PIL)
+    sequence,  # pylint: disable=g-import-not-at-top
+  )
+
   options = preprocess.ImageOptions(size=size)
   out = []
   for path in paths:
@@ -71,8 +82,10 @@ def encode_prompt(tokenizer, prompt: str, num_images: int, add_bos: bool) -> lis
   ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
   markers = ids.count(tokenizer.image_id)
   if markers != num_images:
-    raise ValueError(f"the prompt has {markers} <image> marker(s) but {num_images} image(s) "
-                     "were given: put one <image> in the prompt per --image")
+    raise ValueError(
+      f"the prompt has {markers} <image> marker(s) but {num_images} image(s) "
+      "were given: put one <image> in the prompt per --image"
+    )
   if not ids:
     raise ValueError("the prompt is empty")
   return ids
@@ -81,8 +94,7 @@ def encode_prompt(tokenizer, prompt: str, num_images: int, add_bos: bool) -> lis
 class Generator:
   """Prompt (+ images) -> continuation with the KV cache; one compilation per prompt shape."""
 
-  def __init__(self, model_cfg, params, tokenizer, *, add_bos: bool = False,
-               banned_ids: Sequence[int] = ()):
+  def __init__(self, model_cfg, params, tokenizer, *, add_bos: bool = False, banned_ids: Sequence[int] = ()):
     """
     Args:
       model_cfg: `config.model`.
@@ -93,8 +105,10 @@ class Generator:
     """
     vocab = model_cfg.lm.vocab_size + model_cfg.lm.num_extra_tokens
     if tokenizer.vocab_size != vocab:
-      raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, config.model.lm "
-                       f"{model_cfg.lm.vocab_size} + {model_cfg.lm.num_extra_tokens} extra")
+      raise ValueError(
+        f"the tokenizer has {tokenizer.vocab_size} ids, config.model.lm "
+        f"{model_cfg.lm.vocab_size} + {model_cfg.lm.num_extra_tokens} extra"
+      )
     self.model = flamingo.make_model(model_cfg)
     self.params = jax.device_put(params)
     self.tokenizer = tokenizer
@@ -132,8 +146,7 @@ class Generator:
       if images is not None:
         visual = model.encode_media(params, None, images)
         media_index = masking.media_index_from_tokens(tokens, image_id)
-      logits, cache = model.lm_forward(params, None, tokens, visual, media_index, token_mask,
-                                       cache, False)
+      logits, cache = model.lm_forward(params, None, tokens, visual, media_index, token_mask, cache, False)
       return mask(logits), cache
 
     def decode_step(params, tokens, cache):
@@ -146,9 +159,16 @@ class Generator:
   def encode_prompt(self, prompt: str, num_images: int) -> list[int]:
     return encode_prompt(self.tokenizer, prompt, num_images, self.add_bos)
 
-  def generate(self, prompt: str, images: Optional[np.ndarray] = None, *,
-               max_new_tokens: int = 32, beam: int = 0, alpha: float = 0.0,
-               params=None) -> Generation:
+  def generate(
+    self,
+    prompt: str,
+    images: np.ndarray | None = None,
+    *,
+    max_new_tokens: int = 32,
+    beam: int = 0,
+    alpha: float = 0.0,
+    params=None,
+  ) -> Generation:
     """Continues `prompt`.
 
     Args:
@@ -162,24 +182,38 @@ class Generator:
     num_images = 0 if images is None else images.shape[1]
     ids = self.encode_prompt(prompt, num_images)
     if len(ids) + max_new_tokens > self.max_len:
-      raise ValueError(f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed "
-                       f"config.model.lm.max_seq_len={self.max_len}")
+      raise ValueError(
+        f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed "
+        f"config.model.lm.max_seq_len={self.max_len}"
+      )
     tokens = jnp.asarray([ids], jnp.int32)
     token_mask = jnp.ones(tokens.shape, bool)
     prefill, decode_step = self.functions(max_new_tokens)
     params = self.params if params is None else params
-    kw = dict(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id,
-              prefill_inputs=None if images is None else {"images": jnp.asarray(images)})
+    kw = dict(
+      max_new_tokens=max_new_tokens,
+      stop_ids=self.stop_ids,
+      pad_id=self.tokenizer.pad_id,
+      prefill_inputs=None if images is None else {"images": jnp.asarray(images)},
+    )
     if beam <= 0:
       out = decoding.greedy_decode(prefill, decode_step, params, tokens, token_mask, **kw)
     else:
-      out = decoding.beam_search(prefill, decode_step, params, tokens, token_mask, num_beams=beam,
-                                 alpha=alpha, cache_batch_axes=self.cache_batch_axes, **kw)
+      out = decoding.beam_search(
+        prefill,
+        decode_step,
+        params,
+        tokens,
+        token_mask,
+        num_beams=beam,
+        alpha=alpha,
+        cache_batch_axes=self.cache_batch_axes,
+        **kw,
+      )
     out = jax.device_get(out)
-    new = [int(t) for t in out.tokens[0, :int(out.lengths[0])]]
+    new = [int(t) for t in out.tokens[0, : int(out.lengths[0])]]
     text_ids = new[:-1] if new and new[-1] in self.stop_ids else new
-    return Generation(text=self.tokenizer.decode(text_ids), tokens=tuple(new),
-                      score=float(out.scores[0]))
+    return Generation(text=self.tokenizer.decode(text_ids), tokens=tuple(new), score=float(out.scores[0]))
 
 
 def make_tokenizer(config_tokenizer: str, lm_spec: str) -> tokenizer_lib.Tokenizer:
@@ -192,11 +226,12 @@ def make_tokenizer(config_tokenizer: str, lm_spec: str) -> tokenizer_lib.Tokeniz
     elif kind == "hf" and os.path.exists(os.path.join(path, "tokenizer.json")):
       spec = f"hf:{os.path.join(path, 'tokenizer.json')}"
     else:
-      raise ValueError(f"config.tokenizer is empty and the LM source {lm_spec!r} holds no "
-                       "tokenizer: pass --config.tokenizer=hf:PATH/tokenizer.json (or gguf:PATH)")
+      raise ValueError(
+        f"config.tokenizer is empty and the LM source {lm_spec!r} holds no "
+        "tokenizer: pass --config.tokenizer=hf:PATH/tokenizer.json (or gguf:PATH)"
+      )
   if spec == "smollm2":
-    return tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(
-        pretrained.parse_spec("smollm2")[1]))
+    return tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(pretrained.parse_spec("smollm2")[1]))
   kind, _, path = spec.partition(":")
   if kind == "gguf":
     return tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(path))
@@ -209,18 +244,29 @@ def restore_params(model_cfg, workdir: str, text_only: bool) -> dict:
   """The latest checkpoint's params (trainable and frozen merged) as numpy fp32."""
   from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from flamingo_jax import init_from  # pylint: disable=g-import-not-at-top
+
   if checkpoint_lib.latest_checkpoint_step(workdir) is None:
-    raise FileNotFoundError(f"--workdir {workdir}: no complete checkpoint under "
-                            f"{os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)}")
+    raise FileNotFoundError(
+      f"--workdir {workdir}: no complete checkpoint under "
+      f"{os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)}"
+    )
   shapes = pretrained.param_shapes(model_cfg, text_only)
   template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
-  return init_from.load_params_subset(workdir, r"^lm/" if text_only else r".*", template,
-                                           kind="checkpoint")
+  return init_from.load_params_subset(workdir, r"^lm/" if text_only else r".*", template, kind="checkpoint")
 
 
-def run(config, *, prompt: str, image_paths: Sequence[str] = (), workdir: Optional[str] = None,
-        lm: Optional[str] = None, max_new_tokens: int = 32, beam: int = 0, alpha: float = 0.0,
-        seed: int = 0) -> Generation:
+def run(
+  config,
+  *,
+  prompt: str,
+  image_paths: Sequence[str] = (),
+  workdir: str | None = None,
+  lm: str | None = None,
+  max_new_tokens: int = 32,
+  beam: int = 0,
+  alpha: float = 0.0,
+  seed: int = 0,
+) -> Generation:
   """What the command line does, minus the printing (see the module docstring).
 
   With `workdir`, `lm` only names where the tokenizer comes from when `config.tokenizer` is empty.
@@ -238,8 +284,9 @@ def run(config, *, prompt: str, image_paths: Sequence[str] = (), workdir: Option
     params = restore_params(model_cfg, workdir, text_only)
     banned = [tokenizer.image_id]
   else:
-    params = pretrained.init_flamingo_with_lm(model_cfg, lm_spec, jax.random.PRNGKey(seed),
-                                              text_only=text_only)
+    params = pretrained.init_flamingo_with_lm(
+      model_cfg, lm_spec, jax.random.PRNGKey(seed), text_only=text_only
+    )
     banned = [tokenizer.image_id, tokenizer.eoc_id]
   generator = Generator(model_cfg, params, tokenizer, add_bos=add_bos, banned_ids=banned)
   return generator.generate(prompt, images, max_new_tokens=max_new_tokens, beam=beam, alpha=alpha)
@@ -248,18 +295,24 @@ def run(config, *, prompt: str, image_paths: Sequence[str] = (), workdir: Option
 def _define_flags() -> dict:
   """The command-line flags (defined only when run as a program: importing defines nothing)."""
   return dict(
-      config=config_flags.DEFINE_config_file(
-          "config", None, "e.g. configs/flamingo.py:size=smollm2", lock_config=True),
-      workdir=flags.DEFINE_string("workdir", None, "Run to restore (latest checkpoint); default: "
-                                  "Flamingo at init == the frozen LM."),
-      prompt=flags.DEFINE_string("prompt", None, "Prompt text; one <image> marker per --image."),
-      image=flags.DEFINE_multi_string("image", None, "PNG/JPEG file (repeat for several)."),
-      max_new_tokens=flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most."),
-      beam=flags.DEFINE_integer("beam", 0, "0: greedy; K >= 1: beam search with K beams."),
-      alpha=flags.DEFINE_float("alpha", 0.0, "Beam search length penalty exponent."),
-      lm=flags.DEFINE_string("lm", None, "LM source without --workdir: smollm2 | gguf:PATH | "
-                             "hf:DIR | converted:DIR (default: config.init_from.lm)."),
-      seed=flags.DEFINE_integer("seed", 0, "Init seed of the (gated, inactive) Flamingo parts."),
+    config=config_flags.DEFINE_config_file(
+      "config", None, "e.g. configs/flamingo.py:size=smollm2", lock_config=True
+    ),
+    workdir=flags.DEFINE_string(
+      "workdir", None, "Run to restore (latest checkpoint); default: Flamingo at init == the frozen LM."
+    ),
+    prompt=flags.DEFINE_string("prompt", None, "Prompt text; one <image> marker per --image."),
+    image=flags.DEFINE_multi_string("image", None, "PNG/JPEG file (repeat for several)."),
+    max_new_tokens=flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most."),
+    beam=flags.DEFINE_integer("beam", 0, "0: greedy; K >= 1: beam search with K beams."),
+    alpha=flags.DEFINE_float("alpha", 0.0, "Beam search length penalty exponent."),
+    lm=flags.DEFINE_string(
+      "lm",
+      None,
+      "LM source without --workdir: smollm2 | gguf:PATH | "
+      "hf:DIR | converted:DIR (default: config.init_from.lm).",
+    ),
+    seed=flags.DEFINE_integer("seed", 0, "Init seed of the (gated, inactive) Flamingo parts."),
   )
 
 
@@ -270,10 +323,17 @@ def main():
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    out = run(f["config"].value, prompt=f["prompt"].value, image_paths=f["image"].value or (),
-              workdir=f["workdir"].value, lm=f["lm"].value,
-              max_new_tokens=f["max_new_tokens"].value, beam=f["beam"].value,
-              alpha=f["alpha"].value, seed=f["seed"].value)
+    out = run(
+      f["config"].value,
+      prompt=f["prompt"].value,
+      image_paths=f["image"].value or (),
+      workdir=f["workdir"].value,
+      lm=f["lm"].value,
+      max_new_tokens=f["max_new_tokens"].value,
+      beam=f["beam"].value,
+      alpha=f["alpha"].value,
+      seed=f["seed"].value,
+    )
     print(out.text, flush=True)
 
   app.run(_main)

@@ -4,8 +4,10 @@ Resume order (`resolve_init`): this workdir's latest checkpoint > `init_from` so
 Params paths are Haiku's 'module/name' strings (see docs/ARCHITECTURE.md). Only the selected arrays
 are read (Orbax partial restore), each onto its template leaf's dtype and sharding.
 """
+
 import re
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -15,8 +17,8 @@ from flamingo_jax.checkpoint import CHECKPOINTS_DIR, STATE, absolute_path, lates
 from flamingo_jax.checkpoint import step_dir as _step_dir
 
 # flamingo_jax/convert/__main__.py writes DIR/params (StandardCheckpointer) + DIR/lm_config.json.
-CONVERTED_PARAMS_DIR = 'params'
-SOURCE_KINDS = ('params', 'checkpoint')
+CONVERTED_PARAMS_DIR = "params"
+SOURCE_KINDS = ("params", "checkpoint")
 
 
 class InitSource(NamedTuple):
@@ -28,30 +30,32 @@ class InitSource(NamedTuple):
   A source param 'P' is offered as template param `add_prefix + P[len(strip_prefix):]`; with a
   `strip_prefix`, source params not starting with it are ignored.
   """
+
   path: str
   kind: str
   select: str
-  strip_prefix: str = ''
-  add_prefix: str = ''
+  strip_prefix: str = ""
+  add_prefix: str = ""
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> 'InitSource':
+  def from_dict(cls, d: Mapping[str, Any]) -> "InitSource":
     d = dict(d)
     unknown = sorted(set(d) - set(cls._fields))
-    missing = sorted({'path', 'kind', 'select'} - set(d))
+    missing = sorted({"path", "kind", "select"} - set(d))
     if unknown or missing:
-      raise ValueError(f'init_from source {d}: unknown keys {unknown}, missing keys {missing} '
-                       f'(keys: {cls._fields})')
-    if d['kind'] not in SOURCE_KINDS:
-      raise ValueError(f'init_from source {d}: kind must be one of {SOURCE_KINDS}')
-    re.compile(d['select'])
+      raise ValueError(
+        f"init_from source {d}: unknown keys {unknown}, missing keys {missing} (keys: {cls._fields})"
+      )
+    if d["kind"] not in SOURCE_KINDS:
+      raise ValueError(f"init_from source {d}: kind must be one of {SOURCE_KINDS}")
+    re.compile(d["select"])
     return cls(**{k: str(v) for k, v in d.items()})
 
 
 class InitPlan(NamedTuple):
-  which: str                        # 'resume' | 'init_from' | 'fresh'
-  step: Optional[int]               # the step to resume from ('resume' only)
-  sources: tuple[InitSource, ...]   # the sources to load ('init_from' only)
+  which: str  # 'resume' | 'init_from' | 'fresh'
+  step: int | None  # the step to resume from ('resume' only)
+  sources: tuple[InitSource, ...]  # the sources to load ('init_from' only)
 
 
 def resolve_init(workdir, init_from: Sequence[Mapping[str, Any]] = ()) -> InitPlan:
@@ -62,41 +66,40 @@ def resolve_init(workdir, init_from: Sequence[Mapping[str, Any]] = ()) -> InitPl
   """
   step = latest_checkpoint_step(workdir)
   if step is not None:
-    return InitPlan('resume', step, ())
-  sources = tuple(s if isinstance(s, InitSource) else InitSource.from_dict(s)
-                  for s in (init_from or ()))
+    return InitPlan("resume", step, ())
+  sources = tuple(s if isinstance(s, InitSource) else InitSource.from_dict(s) for s in (init_from or ()))
   for s in sources:
     if not absolute_path(s.path).exists():
-      raise FileNotFoundError(f'init_from path {s.path} does not exist')
-  return InitPlan('init_from' if sources else 'fresh', None, sources)
+      raise FileNotFoundError(f"init_from path {s.path} does not exist")
+  return InitPlan("init_from" if sources else "fresh", None, sources)
 
 
-def _locate_params(path, kind: Optional[str], step: Optional[int]):
+def _locate_params(path, kind: str | None, step: int | None):
   """(pytree item directory, roots: key tuples of the {module: {name: array}} trees in it)."""
   p = absolute_path(path)
   if not p.exists():
-    raise FileNotFoundError(f'params source {p} does not exist')
+    raise FileNotFoundError(f"params source {p} does not exist")
   run_root = p / CHECKPOINTS_DIR if (p / CHECKPOINTS_DIR).exists() else p
   if kind is None:
     is_run = (p / STATE).exists() or _step_dir(run_root) is not None
-    kind = 'checkpoint' if is_run else 'params'
-  if kind == 'checkpoint':
+    kind = "checkpoint" if is_run else "params"
+  if kind == "checkpoint":
     if (p / STATE).exists() and step is None:  # a step directory
       return p / STATE, None
     step_dir = _step_dir(run_root, step)
     if step_dir is None:
-      raise FileNotFoundError(f'no complete checkpoint under {run_root}')
+      raise FileNotFoundError(f"no complete checkpoint under {run_root}")
     return step_dir / STATE, None
-  if kind == 'params':
+  if kind == "params":
     item = p / CONVERTED_PARAMS_DIR if (p / CONVERTED_PARAMS_DIR).exists() else p
     return item, ((),)
-  raise ValueError(f'kind must be one of {SOURCE_KINDS} or None, got {kind!r}')
+  raise ValueError(f"kind must be one of {SOURCE_KINDS} or None, got {kind!r}")
 
 
 def _source_params(tree, roots, where) -> dict[str, tuple[tuple, Any]]:
   """{'module/name': (key tuple in the saved tree, array metadata)}."""
   if roots is None:  # a train state: its trainable and frozen params (or a bare params tree)
-    roots = tuple((k,) for k in ('params', 'frozen') if isinstance(tree.get(k), Mapping))
+    roots = tuple((k,) for k in ("params", "frozen") if isinstance(tree.get(k), Mapping))
     roots = roots or ((),)
   out = {}
   for root in roots:
@@ -105,12 +108,13 @@ def _source_params(tree, roots, where) -> dict[str, tuple[tuple, Any]]:
       sub = sub[k]
     for module, leaves in sub.items():
       if not isinstance(leaves, Mapping):
-        raise ValueError(f'{where}: {"/".join(root + (module,))} is not a Haiku params tree '
-                         '{module: {name: array}}')
+        raise ValueError(
+          f"{where}: {'/'.join(root + (module,))} is not a Haiku params tree {{module: {{name: array}}}}"
+        )
       for name, meta in leaves.items():
-        key = f'{module}/{name}'
+        key = f"{module}/{name}"
         if key in out:
-          raise ValueError(f'{where}: param {key} appears twice (in {out[key][0][:-2]} and {root})')
+          raise ValueError(f"{where}: param {key} appears twice (in {out[key][0][:-2]} and {root})")
         out[key] = (root + (module, name), meta)
   return out
 
@@ -118,12 +122,19 @@ def _source_params(tree, roots, where) -> dict[str, tuple[tuple, Any]]:
 def selected_paths(template, select: str) -> list[str]:
   """The 'module/name' paths of a Haiku params tree that the regex `select` matches (re.search)."""
   pattern = re.compile(select)
-  return [f'{m}/{n}' for m, leaves in template.items() for n in leaves
-          if pattern.search(f'{m}/{n}')]
+  return [f"{m}/{n}" for m, leaves in template.items() for n in leaves if pattern.search(f"{m}/{n}")]
 
 
-def load_params_subset(path, select: str, template, *, kind: Optional[str] = None,
-                       strip_prefix: str = '', add_prefix: str = '', step: Optional[int] = None):
+def load_params_subset(
+  path,
+  select: str,
+  template,
+  *,
+  kind: str | None = None,
+  strip_prefix: str = "",
+  add_prefix: str = "",
+  step: int | None = None,
+):
   """`template` (Haiku params {module: {name: array}}) with the params matching `select` loaded.
 
   Only the selected arrays are read from disk (Orbax partial restore). Each loaded leaf takes the
@@ -144,31 +155,31 @@ def load_params_subset(path, select: str, template, *, kind: Optional[str] = Non
       source (names it); a shape differs (names the path and both shapes).
   """
   item_dir, roots = _locate_params(path, kind, step)
-  if not (item_dir / '_METADATA').exists():
-    raise FileNotFoundError(f'{item_dir} is not an Orbax pytree checkpoint (no _METADATA)')
+  if not (item_dir / "_METADATA").exists():
+    raise FileNotFoundError(f"{item_dir} is not an Orbax pytree checkpoint (no _METADATA)")
   handler = ocp.PyTreeCheckpointHandler()
   try:
     meta = handler.metadata(item_dir)
     source = {}
-    for src, entry in _source_params(getattr(meta, 'tree', meta), roots, item_dir).items():
+    for src, entry in _source_params(getattr(meta, "tree", meta), roots, item_dir).items():
       if strip_prefix and not src.startswith(strip_prefix):
         continue
-      source[add_prefix + src[len(strip_prefix):]] = entry
+      source[add_prefix + src[len(strip_prefix) :]] = entry
     wanted = selected_paths(template, select)
     if not wanted:
-      raise ValueError(f'select {select!r} matches no template param (modules: '
-                       f'{sorted(template)[:10]})')
+      raise ValueError(f"select {select!r} matches no template param (modules: {sorted(template)[:10]})")
     item, restore_args = {}, {}
     for target in wanted:
       if target not in source:
-        raise ValueError(f'param {target} (selected by {select!r}) is missing from {item_dir}')
+        raise ValueError(f"param {target} (selected by {select!r}) is missing from {item_dir}")
       keys, saved = source[target]
-      module, name = target.rsplit('/', 1)
+      module, name = target.rsplit("/", 1)
       leaf = template[module][name]
       if tuple(saved.shape) != tuple(leaf.shape):
-        raise ValueError(f'param {target}: shape {tuple(saved.shape)} in {item_dir}, '
-                         f'{tuple(leaf.shape)} in the template')
-      sharding = getattr(leaf, 'sharding', None)
+        raise ValueError(
+          f"param {target}: shape {tuple(saved.shape)} in {item_dir}, {tuple(leaf.shape)} in the template"
+        )
+      sharding = getattr(leaf, "sharding", None)
       if sharding is not None:
         args = ocp.ArrayRestoreArgs(sharding=sharding, global_shape=leaf.shape, dtype=leaf.dtype)
       else:
@@ -178,8 +189,9 @@ def load_params_subset(path, select: str, template, *, kind: Optional[str] = Non
         node_i, node_a = node_i.setdefault(k, {}), node_a.setdefault(k, {})
       node_i[keys[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
       node_a[keys[-1]] = args
-    restored = handler.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    restored = handler.restore(
+      item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
   finally:
     handler.close()
   out = {m: dict(leaves) for m, leaves in template.items()}
@@ -187,7 +199,7 @@ def load_params_subset(path, select: str, template, *, kind: Optional[str] = Non
     node = restored
     for k in source[target][0]:
       node = node[k]
-    module, name = target.rsplit('/', 1)
+    module, name = target.rsplit("/", 1)
     out[module][name] = node
   return out
 
@@ -198,8 +210,9 @@ def apply_init_from(sources: Sequence[InitSource], params):
   for s in sources:
     for p in selected_paths(params, s.select):
       if p in claimed:
-        raise ValueError(f'param {p} is selected by init_from sources {claimed[p]} and {s.path}')
+        raise ValueError(f"param {p} is selected by init_from sources {claimed[p]} and {s.path}")
       claimed[p] = s.path
-    params = load_params_subset(s.path, s.select, params, kind=s.kind,
-                                strip_prefix=s.strip_prefix, add_prefix=s.add_prefix)
+    params = load_params_subset(
+      s.path, s.select, params, kind=s.kind, strip_prefix=s.strip_prefix, add_prefix=s.add_prefix
+    )
   return params

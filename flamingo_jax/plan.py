@@ -62,29 +62,30 @@ Activations of one micro-batch (per device, `b` examples of T tokens and N media
 Activations are assumed split over the batch shards `d` as the design intends; XLA does that on meshes
 without 'fsdp' but, until the model constrains its activations, replicates them over 'fsdp' (docs/TPU.md).
 """
+
 import json
 import math
 import re
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from absl import app, flags
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from flamingo_jax.models import flamingo
+from flamingo_jax.models import flamingo, nfnet
 from flamingo_jax.models import lm as lm_lib
-from flamingo_jax.models import nfnet
 from flamingo_jax.parallel import mesh as mesh_lib
 from flamingo_jax.parallel import sharding as sharding_lib
 from flamingo_jax.train import trainable as trainable_lib
 
-GIB = 2 ** 30
+GIB = 2**30
 F32 = 4
-PERSISTENT = ("frozen", "trainable", "optimizer", "batch")      # the step's (donated) arguments
-BACKWARD = ("gradients", "weight_copies", "activations")        # live together in the backward pass
+PERSISTENT = ("frozen", "trainable", "optimizer", "batch")  # the step's (donated) arguments
+BACKWARD = ("gradients", "weight_copies", "activations")  # live together in the backward pass
 UPDATE_BUFFERS = 4
 
 
@@ -99,8 +100,9 @@ def abstract_params(config):
   train_p, frozen_p = trainable_lib.split(params, list(config.trainable), list(config.frozen))
   dtype = flamingo.DTYPES[config.model.dtype]
   frozen_p = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                                     else x.dtype), frozen_p)
+    lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+    frozen_p,
+  )
   return train_p, frozen_p
 
 
@@ -173,9 +175,9 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
   T, n_media, frames = int(dataset["max_tokens"]), int(dataset["max_images"]), int(dataset["num_frames"])
   image = int(dataset["image_size"])
   side = image
-  for _ in range(5):                                                      # 5 stride-2 'SAME' stages
+  for _ in range(5):  # 5 stride-2 'SAME' stages
     side = math.ceil(side / 2)
-  grid = side * side                                                      # Lv
+  grid = side * side  # Lv
   dv = nfnet.output_dim(model_cfg.vision_variant)
   items, tokens = b * n_media, b * T
 
@@ -183,10 +185,11 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
 
   inner_r, hid_r, R, Dr = rs.num_heads * rs.head_dim, rs.ffw_mult * rs.dim, rs.num_latents, rs.dim
   K = frames * grid + R
-  per_layer = (F32 * (frames * grid * Dr + 6 * R * Dr + _div(rs.num_heads, t) * R * K + _div(hid_r, t) * R)
-               + c * (K * Dr + 2 * K * _div(inner_r, t) + 2 * R * _div(inner_r, t) + 2 * R * Dr
-                      + R * _div(hid_r, t))
-               + R * _div(hid_r, t))
+  per_layer = (
+    F32 * (frames * grid * Dr + 6 * R * Dr + _div(rs.num_heads, t) * R * K + _div(hid_r, t) * R)
+    + c * (K * Dr + 2 * K * _div(inner_r, t) + 2 * R * _div(inner_r, t) + 2 * R * Dr + R * _div(hid_r, t))
+    + R * _div(hid_r, t)
+  )
   resampler = items * (rs.depth * per_layer + c * frames * grid * dv + F32 * frames * grid * Dr)
 
   D, L, every = lm.dim, lm.num_layers, xa.every
@@ -198,19 +201,27 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
   dots_layer = F32 * (_div(q + 2 * kv, t) + _div(fm, t) + 2 * D)
   dots_block = F32 * (_div(ix, t) + _div(mx, t) + 2 * D)
   heads_t, xheads_t = _div(lm.num_heads, t), _div(xa.num_heads, t)
-  work_layer = (6 * F32 * D + c * _div(q + 2 * kv, t) + (F32 + c) * heads_t * T + F32 * _div(fm, t))
-  work_block = (4 * F32 * D + c * (2 * D + 2 * _div(ix, t)) + (F32 + c) * xheads_t * n_media * R
-                + (F32 + c) * _div(mx, t))
+  work_layer = 6 * F32 * D + c * _div(q + 2 * kv, t) + (F32 + c) * heads_t * T + F32 * _div(fm, t)
+  work_block = (
+    4 * F32 * D + c * (2 * D + 2 * _div(ix, t)) + (F32 + c) * xheads_t * n_media * R + (F32 + c) * _div(mx, t)
+  )
   f = _div(lm.ffw_hidden, t)
-  keep_layer = (F32 * (6 * D + (5 if lm.mlp == "gelu" else 4) * f)
-                + c * (f + _div(q + 2 * kv, t) + 3 * _div(q, t) + 2 * D) + (F32 + c) * heads_t * T)
-  keep_block = (F32 * (8 * D + _div(mx, t)) + c * (_div(mx, t) + 3 * D + 2 * _div(ix, t)) + _div(mx, t)
-                + (F32 + c) * xheads_t * n_media * R)
+  keep_layer = (
+    F32 * (6 * D + (5 if lm.mlp == "gelu" else 4) * f)
+    + c * (f + _div(q + 2 * kv, t) + 3 * _div(q, t) + 2 * D)
+    + (F32 + c) * heads_t * T
+  )
+  keep_block = (
+    F32 * (8 * D + _div(mx, t))
+    + c * (_div(mx, t) + 3 * D + 2 * _div(ix, t))
+    + _div(mx, t)
+    + (F32 + c) * xheads_t * n_media * R
+  )
   remat = model_cfg.remat
   if remat == "dots":
     per_token = L * dots_layer + X * dots_block + groups * F32 * D + every * work_layer + work_block
   elif remat == "full":
-    per_token = (groups * F32 * D + every * (work_layer + dots_layer) + work_block + dots_block)
+    per_token = groups * F32 * D + every * (work_layer + dots_layer) + work_block + dots_block
   elif remat == "none":
     per_token = L * keep_layer + X * keep_block
   else:
@@ -219,13 +230,17 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
   lm_bytes = tokens * per_token + media_kv
   logits = 3 * tokens * (_div(lm.vocab_size, t) + lm.num_extra_tokens) * F32
   rest = resampler + lm_bytes + logits
-  return dict(vision=int(vision), resampler=int(resampler), lm=int(lm_bytes), logits=int(logits),
-              total=int(max(vision, rest)))
+  return dict(
+    vision=int(vision),
+    resampler=int(resampler),
+    lm=int(lm_bytes),
+    logits=int(logits),
+    total=int(max(vision, rest)),
+  )
 
 
 # --------------------------------------------------------------------------------------------- plan
-def make_plan(config, devices: int, hbm_gib: float = 32.0,
-              mesh: Optional[Mapping[str, int]] = None) -> dict:
+def make_plan(config, devices: int, hbm_gib: float = 32.0, mesh: Mapping[str, int] | None = None) -> dict:
   """The memory plan of `config` on `devices` chips of `hbm_gib` GiB each (bytes per device)."""
   sizes = mesh_sizes(mesh if mesh is not None else config.mesh.shape, devices)
   rules = config.sharding.rules
@@ -237,13 +252,16 @@ def make_plan(config, devices: int, hbm_gib: float = 32.0,
   trainable = sharded_bytes(train_p, rules, sizes)
   frozen = sharded_bytes(frozen_p, rules, sizes)
   casts = sharded_bytes(train_p, rules, sizes, config.model.dtype) if c != F32 else 0
-  out_proj = "unembed" if "lm/unembed" in frozen_p else "embed"       # tied: the table is the output
-  upcast = sharded_bytes(_select(frozen_p, rf"^lm/(layers|{out_proj})$"), rules, sizes,
-                         jnp.float32) if c != F32 else 0
+  out_proj = "unembed" if "lm/unembed" in frozen_p else "embed"  # tied: the table is the output
+  upcast = (
+    sharded_bytes(_select(frozen_p, rf"^lm/(layers|{out_proj})$"), rules, sizes, jnp.float32)
+    if c != F32
+    else 0
+  )
   lmc, every = config.model.lm, config.model.xattn.every
   layers = _select(frozen_p, r"^lm/layers$")
   group = every * sharded_bytes(layers, rules, sizes, jnp.float32) // lmc.num_layers
-  if sizes.get("fsdp", 1) > 1:       # One decoder layer (c bytes) and one xattn block (fp32 + gradient).
+  if sizes.get("fsdp", 1) > 1:  # One decoder layer (c bytes) and one xattn block (fp32 + gradient).
     layer = sharded_bytes(layers, rules, {"tensor": t}) / lmc.num_layers
     block = sharded_bytes(_select(train_p, r"^lm/gated_xattn$"), rules, {"tensor": t})
     group += int(layer + 2 * block / lm_lib.num_xattn_blocks(lmc.num_layers, every))
@@ -256,43 +274,78 @@ def make_plan(config, devices: int, hbm_gib: float = 32.0,
     global_batch = int(ds.batch_size)
     b = math.ceil(global_batch / shards / k)
     if global_batch % (shards * k):
-      warnings.append(f"{name}: global batch {global_batch} is not a multiple of {shards} batch shards "
-                      f"x {k} micro-batches, as the step needs (estimated with b={b} per device)")
+      warnings.append(
+        f"{name}: global batch {global_batch} is not a multiple of {shards} batch shards "
+        f"x {k} micro-batches, as the step needs (estimated with b={b} per device)"
+      )
     image = int(ds.image_size)
-    per_example = (int(ds.max_images) * int(ds.num_frames) * image * image * 3 * F32
-                   + int(ds.max_images) + int(ds.max_tokens) * (4 + 4 + 4 + 4 + 1))
+    per_example = (
+      int(ds.max_images) * int(ds.num_frames) * image * image * 3 * F32
+      + int(ds.max_images)
+      + int(ds.max_tokens) * (4 + 4 + 4 + 4 + 1)
+    )
     batch_bytes += math.ceil(global_batch / shards) * per_example
     act = activation_bytes(config.model, ds, b, t)
-    datasets[name] = dict(batch_size=global_batch, micro_batches=k, per_device=b,
-                          tokens=int(ds.max_tokens), media=int(ds.max_images), frames=int(ds.num_frames),
-                          **act)
+    datasets[name] = dict(
+      batch_size=global_batch,
+      micro_batches=k,
+      per_device=b,
+      tokens=int(ds.max_tokens),
+      media=int(ds.max_images),
+      frames=int(ds.num_frames),
+      **act,
+    )
   grad_buffers = len(datasets) + 1
-  rows = dict(frozen=frozen, trainable=trainable, optimizer=2 * trainable, batch=batch_bytes,
-              gradients=grad_buffers * trainable, weight_copies=casts + upcast + group,
-              activations=sum(d["total"] for d in datasets.values()),
-              update=UPDATE_BUFFERS * trainable)
+  rows = dict(
+    frozen=frozen,
+    trainable=trainable,
+    optimizer=2 * trainable,
+    batch=batch_bytes,
+    gradients=grad_buffers * trainable,
+    weight_copies=casts + upcast + group,
+    activations=sum(d["total"] for d in datasets.values()),
+    update=UPDATE_BUFFERS * trainable,
+  )
   persistent = sum(rows[r] for r in PERSISTENT)
   backward = sum(rows[r] for r in BACKWARD)
   total = persistent + max(backward, rows["update"])
-  return dict(size=config.model.size, devices=devices, mesh=sizes, hbm_gib=hbm_gib,
-              dtype=config.model.dtype, remat=config.model.remat, rows=rows,
-              gradient_buffers=grad_buffers, datasets=datasets,
-              persistent=persistent, backward=backward, total=total, fits=total <= hbm_gib * GIB,
-              headroom_gib=hbm_gib - total / GIB, warnings=warnings)
+  return dict(
+    size=config.model.size,
+    devices=devices,
+    mesh=sizes,
+    hbm_gib=hbm_gib,
+    dtype=config.model.dtype,
+    remat=config.model.remat,
+    rows=rows,
+    gradient_buffers=grad_buffers,
+    datasets=datasets,
+    persistent=persistent,
+    backward=backward,
+    total=total,
+    fits=total <= hbm_gib * GIB,
+    headroom_gib=hbm_gib - total / GIB,
+    warnings=warnings,
+  )
 
 
 def format_table(plan: dict) -> str:
   """The plan as a text table (GiB per device)."""
   mesh = " ".join(f"{k}={v}" for k, v in plan["mesh"].items())
   labels = {
-      "frozen": f"frozen params ({plan['dtype']})", "trainable": "trainable params (fp32)",
-      "optimizer": "optimizer state (AdamW mu, nu)", "batch": "batch inputs (all datasets)",
-      "gradients": f"gradients ({plan['gradient_buffers']} fp32 buffers)", "weight_copies": "weight copies",
-      "activations": "activations (all datasets)",
-      "update": f"optimizer update ({UPDATE_BUFFERS} fp32 buffers)"}
-  lines = [f"Flamingo {plan['size']} on {plan['devices']} devices (mesh {mesh}), remat={plan['remat']}, "
-           f"compute dtype {plan['dtype']}",
-           "  GiB per device"]
+    "frozen": f"frozen params ({plan['dtype']})",
+    "trainable": "trainable params (fp32)",
+    "optimizer": "optimizer state (AdamW mu, nu)",
+    "batch": "batch inputs (all datasets)",
+    "gradients": f"gradients ({plan['gradient_buffers']} fp32 buffers)",
+    "weight_copies": "weight copies",
+    "activations": "activations (all datasets)",
+    "update": f"optimizer update ({UPDATE_BUFFERS} fp32 buffers)",
+  }
+  lines = [
+    f"Flamingo {plan['size']} on {plan['devices']} devices (mesh {mesh}), remat={plan['remat']}, "
+    f"compute dtype {plan['dtype']}",
+    "  GiB per device",
+  ]
   row = lambda key: lines.append(f"    {labels[key]:42s} {plan['rows'][key] / GIB:9.3f}")
   lines.append(f"  {'persistent (step arguments)':44s} {plan['persistent'] / GIB:9.3f}")
   for key in PERSISTENT:
@@ -304,16 +357,22 @@ def format_table(plan: dict) -> str:
   phase = "" if phase else "<- peak"
   lines.append(f"  {'optimizer update':44s} {plan['rows']['update'] / GIB:9.3f} {phase}".rstrip())
   verdict = "fits" if plan["fits"] else "DOES NOT FIT"
-  lines.append(f"  {'total (persistent + peak phase)':44s} {plan['total'] / GIB:9.3f}   {verdict} in "
-               f"{plan['hbm_gib']:g} GiB ({100 * plan['total'] / (plan['hbm_gib'] * GIB):.0f}%)")
+  lines.append(
+    f"  {'total (persistent + peak phase)':44s} {plan['total'] / GIB:9.3f}   {verdict} in "
+    f"{plan['hbm_gib']:g} GiB ({100 * plan['total'] / (plan['hbm_gib'] * GIB):.0f}%)"
+  )
   lines.append("")
-  lines.append(f"  {'dataset':8s} {'batch':>6s} {'k':>3s} {'b/dev':>6s} {'T':>5s} {'N':>3s} {'F':>3s} "
-               f"{'vision':>8s} {'resampler':>9s} {'lm':>8s} {'logits':>8s} {'total':>8s}  (GiB)")
+  lines.append(
+    f"  {'dataset':8s} {'batch':>6s} {'k':>3s} {'b/dev':>6s} {'T':>5s} {'N':>3s} {'F':>3s} "
+    f"{'vision':>8s} {'resampler':>9s} {'lm':>8s} {'logits':>8s} {'total':>8s}  (GiB)"
+  )
   for name, d in plan["datasets"].items():
-    lines.append(f"  {name:8s} {d['batch_size']:6d} {d['micro_batches']:3d} {d['per_device']:6d} "
-                 f"{d['tokens']:5d} {d['media']:3d} {d['frames']:3d} {d['vision'] / GIB:8.3f} "
-                 f"{d['resampler'] / GIB:9.3f} {d['lm'] / GIB:8.3f} {d['logits'] / GIB:8.3f} "
-                 f"{d['total'] / GIB:8.3f}")
+    lines.append(
+      f"  {name:8s} {d['batch_size']:6d} {d['micro_batches']:3d} {d['per_device']:6d} "
+      f"{d['tokens']:5d} {d['media']:3d} {d['frames']:3d} {d['vision'] / GIB:8.3f} "
+      f"{d['resampler'] / GIB:9.3f} {d['lm'] / GIB:8.3f} {d['logits'] / GIB:8.3f} "
+      f"{d['total'] / GIB:8.3f}"
+    )
   for warning in plan["warnings"]:
     lines.append(f"  warning: {warning}")
   return "\n".join(lines)
@@ -322,12 +381,12 @@ def format_table(plan: dict) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def main() -> None:
   """`python -m flamingo_jax.plan`; flags are defined here, not at import (other modules use --config)."""
-  config = config_flags.DEFINE_config_file("config", None,
-                                           "Config file, e.g. configs/flamingo.py:size=80b.")
+  config = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/flamingo.py:size=80b.")
   devices = flags.DEFINE_integer("devices", None, "Number of accelerator chips.")
   hbm = flags.DEFINE_float("hbm_gib", 32.0, "Memory per chip in GiB (TPU v4: 32).")
-  mesh_flag = flags.DEFINE_string("mesh", "", "Mesh axis sizes, e.g. data=3,fsdp=64,tensor=8 "
-                                  "(default: the config's mesh.shape).")
+  mesh_flag = flags.DEFINE_string(
+    "mesh", "", "Mesh axis sizes, e.g. data=3,fsdp=64,tensor=8 (default: the config's mesh.shape)."
+  )
   as_json = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 
   def _main(argv):

@@ -14,10 +14,12 @@ initialisation, so `init_flamingo_with_lm` returns a Flamingo that computes exac
 Parsing the SmolLM2 GGUF takes seconds: readers and loaded params are cached per process
 (`functools.lru_cache`, read-only numpy arrays; the cache holds at most two LMs).
 """
+
 import functools
 import math
 import os
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import haiku as hk
 import jax
@@ -25,8 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from flamingo_jax.convert import gguf_lm
-from flamingo_jax.convert import hf_lm
+from flamingo_jax.convert import gguf_lm, hf_lm
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
 
@@ -95,12 +96,14 @@ def lm_source_params(spec: str, dtype=np.float32) -> tuple[dict, dict]:
   if kind == "hf":
     return hf_lm.load_hf_lm(path, _DTYPES[name])
   from flamingo_jax.convert import __main__ as convert_main  # pylint: disable=g-import-not-at-top
+
   config, params = convert_main.load_converted(path)
   return config, jax.tree.map(lambda w: np.asarray(w).astype(_DTYPES[name]), params)
 
 
-def check_lm_config(source_config: Mapping[str, Any], model_lm_config: Mapping[str, Any],
-                    source: str = "LM source") -> None:
+def check_lm_config(
+  source_config: Mapping[str, Any], model_lm_config: Mapping[str, Any], source: str = "LM source"
+) -> None:
   """Raises ValueError listing each field where the source LM differs from the model's `lm` config.
 
   Every field of `source_config` is compared (vocab_size, dim, num_layers, heads, head_dim,
@@ -114,13 +117,19 @@ def check_lm_config(source_config: Mapping[str, Any], model_lm_config: Mapping[s
       diffs.append(f"{key}: source {source_config[key]!r}, model config has no such field")
       continue
     a, b = source_config[key], model[key]
-    same = (math.isclose(float(a), float(b), rel_tol=1e-6)
-            if isinstance(a, float) or isinstance(b, float) else a == b)
+    same = (
+      math.isclose(float(a), float(b), rel_tol=1e-6)
+      if isinstance(a, float) or isinstance(b, float)
+      else a == b
+    )
     if not same:
       diffs.append(f"{key}: source {a!r} != model {b!r}")
   if diffs:
-    raise ValueError(f"{source} does not match config.model.lm:\n  " + "\n  ".join(diffs) +
-                     "\n(pick the matching config.model size or LM source)")
+    raise ValueError(
+      f"{source} does not match config.model.lm:\n  "
+      + "\n  ".join(diffs)
+      + "\n(pick the matching config.model size or LM source)"
+    )
 
 
 def init_new_token_rows(params: Mapping[str, Mapping[str, Any]], end_id: int) -> dict:
@@ -147,11 +156,14 @@ def init_new_token_rows(params: Mapping[str, Mapping[str, Any]], end_id: int) ->
   return out
 
 
-def merge_lm_params(flamingo_params: Mapping[str, Mapping[str, Any]],
-                    lm_params: Mapping[str, Mapping[str, Any]], *,
-                    source_config: Optional[Mapping[str, Any]] = None,
-                    model_lm_config: Optional[Mapping[str, Any]] = None,
-                    source: str = "LM source") -> dict:
+def merge_lm_params(
+  flamingo_params: Mapping[str, Mapping[str, Any]],
+  lm_params: Mapping[str, Mapping[str, Any]],
+  *,
+  source_config: Mapping[str, Any] | None = None,
+  model_lm_config: Mapping[str, Any] | None = None,
+  source: str = "LM source",
+) -> dict:
   """A copy of `flamingo_params` with the LM modules (`LM_MODULES`) replaced by `lm_params`.
 
   Every LM module of `flamingo_params` must be in `lm_params` with the same names and shapes, and
@@ -169,26 +181,29 @@ def merge_lm_params(flamingo_params: Mapping[str, Mapping[str, Any]],
   errors = []
   for module in lm_params:
     if module not in wanted:
-      errors.append(f"{module}: in the {source} but not an LM module of the Flamingo params "
-                    f"(expected {wanted})")
+      errors.append(
+        f"{module}: in the {source} but not an LM module of the Flamingo params (expected {wanted})"
+      )
   for module in wanted:
     if module not in lm_params:
       errors.append(f"{module}: missing from the {source}")
       continue
     dst, src = flamingo_params[module], lm_params[module]
     errors += [f"{module}/{n}: missing from the {source}" for n in dst if n not in src]
-    errors += [f"{module}/{n}: in the {source} but not in the Flamingo params" for n in src
-               if n not in dst]
-    errors += [f"{module}/{n}: shape {tuple(np.shape(src[n]))} in the {source}, "
-               f"{tuple(dst[n].shape)} in the Flamingo params"
-               for n in dst if n in src and tuple(np.shape(src[n])) != tuple(dst[n].shape)]
+    errors += [f"{module}/{n}: in the {source} but not in the Flamingo params" for n in src if n not in dst]
+    errors += [
+      f"{module}/{n}: shape {tuple(np.shape(src[n]))} in the {source}, "
+      f"{tuple(dst[n].shape)} in the Flamingo params"
+      for n in dst
+      if n in src and tuple(np.shape(src[n])) != tuple(dst[n].shape)
+    ]
   if errors:
-    raise ValueError(f"cannot merge the {source} into the Flamingo params:\n  " +
-                     "\n  ".join(errors))
+    raise ValueError(f"cannot merge the {source} into the Flamingo params:\n  " + "\n  ".join(errors))
   merged = {m: dict(sub) for m, sub in flamingo_params.items()}
   for module in wanted:
-    merged[module] = {n: np.asarray(w).astype(flamingo_params[module][n].dtype)
-                      for n, w in lm_params[module].items()}
+    merged[module] = {
+      n: np.asarray(w).astype(flamingo_params[module][n].dtype) for n, w in lm_params[module].items()
+    }
   return merged
 
 
@@ -222,9 +237,14 @@ def param_shapes(model_cfg, text_only: bool = False) -> dict:
   return jax.eval_shape(flamingo.make_model(model_cfg).init, rng, images, tokens)
 
 
-def init_flamingo_with_lm(model_cfg, spec: str, rng: jax.Array,
-                          image_shape: Optional[Sequence[int]] = None, *,
-                          text_only: bool = False) -> dict:
+def init_flamingo_with_lm(
+  model_cfg,
+  spec: str,
+  rng: jax.Array,
+  image_shape: Sequence[int] | None = None,
+  *,
+  text_only: bool = False,
+) -> dict:
   """Flamingo params at initialisation with the pretrained LM swapped in (numpy, fp32).
 
   The gated xattn blocks start with their gates at 0, so the result computes exactly the LM.

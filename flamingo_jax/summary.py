@@ -1,26 +1,26 @@
 """Parameter counts per component, from shapes only (`jax.eval_shape`: nothing is materialised).
 
-    python -m flamingo_jax.summary --config configs/flamingo.py:size=80b [--json]
+python -m flamingo_jax.summary --config configs/flamingo.py:size=80b [--json]
 """
+
 import json
 import re
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
 
 from flamingo_jax.models import flamingo
 
 # Component -> regex over '/'-joined parameter paths ('module/path/param').
 COMPONENTS = (
-    ("vision", r"^vision_encoder/"),
-    ("resampler", r"^perceiver_resampler/"),
-    ("xattn", r"^lm/gated_xattn/"),
-    ("lm_extra_tokens", r"^lm/extra_(embed|unembed)/"),
-    ("lm", r"^lm/"),
+  ("vision", r"^vision_encoder/"),
+  ("resampler", r"^perceiver_resampler/"),
+  ("xattn", r"^lm/gated_xattn/"),
+  ("lm_extra_tokens", r"^lm/extra_(embed|unembed)/"),
+  ("lm", r"^lm/"),
 )
 
 
@@ -61,8 +61,7 @@ def count_by_component(params, trainable_patterns) -> dict:
 
 def main() -> None:
   """`python -m flamingo_jax.summary`; flags are defined here, not at import (other modules use --config)."""
-  config_flag = config_flags.DEFINE_config_file("config", None,
-                                                "Config file (configs/flamingo.py:size=...).")
+  config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/flamingo.py:size=...).")
   as_json = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 
   def _main(argv):

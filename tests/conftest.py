@@ -1,11 +1,13 @@
 """Test set-up: 8 simulated host CPU devices, set before JAX is imported anywhere."""
+
 import os
 
 # Tests compile many small programs: cheaper XLA CPU back-end passes halve compile time, and tiny
 # shapes run fast without them. Subprocesses started by tests inherit the same flags.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # RBG keys compile ~5x faster than threefry for parameter initialisation on CPU (random streams differ,
 # but tests never depend on particular random values).

@@ -1,5 +1,7 @@
 """Tests of flamingo_jax.checkpoint: Orbax round trips, keep policy, async, resharding, init_from,
 a save killed by SIGKILL."""
+
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,17 +11,16 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from flamingo_jax import checkpoint
-from flamingo_jax import init_from
+from flamingo_jax import checkpoint, init_from
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,9 +35,11 @@ class State(NamedTuple):
 
 def _state(seed=0):
   rng = np.random.default_rng(seed)
-  params = {'vision_encoder/stem': {'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
-            'lm/gated_xattn': {'attn_gate': jnp.asarray(rng.normal(size=(2,)), jnp.float32)}}
-  frozen = {'lm/embed': {'embeddings': jnp.asarray(rng.normal(size=(5, 4)), jnp.bfloat16)}}
+  params = {
+    "vision_encoder/stem": {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
+    "lm/gated_xattn": {"attn_gate": jnp.asarray(rng.normal(size=(2,)), jnp.float32)},
+  }
+  frozen = {"lm/embed": {"embeddings": jnp.asarray(rng.normal(size=(5, 4)), jnp.bfloat16)}}
   opt = optax.adamw(1e-2, weight_decay=0.1)
 
   @jax.jit
@@ -59,32 +62,43 @@ def _assert_identical(a, b):
 
 def test_round_trip_bit_identical_with_data_and_config(tmp_path):
   state = _state()
-  data_state = {'step': np.int64(7), 'seed': 0, 'datasets': {'m3w': {'records': 12, 'w': 0.5}},
-                'names': ['a', 'b'], 'none': None}
-  config = ml_collections.ConfigDict({'model': {'size': 'tiny'}})
+  data_state = {
+    "step": np.int64(7),
+    "seed": 0,
+    "datasets": {"m3w": {"records": 12, "w": 0.5}},
+    "names": ["a", "b"],
+    "none": None,
+  }
+  config = ml_collections.ConfigDict({"model": {"size": "tiny"}})
   with checkpoint.Checkpointer(tmp_path, config=config) as ckpt:
     assert ckpt.save(7, state, data_state)
     ckpt.wait()
     restored, data = ckpt.restore(state_template=state)
     assert isinstance(restored, State)
     _assert_identical(restored, state)
-    assert data == {'step': 7, 'seed': 0, 'datasets': {'m3w': {'records': 12, 'w': 0.5}},
-                    'names': ['a', 'b'], 'none': None}
-    assert ckpt.restore_config() == {'model': {'size': 'tiny'}}
+    assert data == {
+      "step": 7,
+      "seed": 0,
+      "datasets": {"m3w": {"records": 12, "w": 0.5}},
+      "names": ["a", "b"],
+      "none": None,
+    }
+    assert ckpt.restore_config() == {"model": {"size": "tiny"}}
     raw, none = ckpt.restore(7, restore_data=False)  # no template: dicts and lists
     assert none is None
-    np.testing.assert_array_equal(raw['params']['vision_encoder/stem']['w'],
-                                  state.params['vision_encoder/stem']['w'])
-    with pytest.raises(TypeError, match=r'data_state.bad'):
-      ckpt.save(8, state, {'bad': object()}, force=True)
-    with pytest.raises(FileNotFoundError, match='step 3'):
+    np.testing.assert_array_equal(
+      raw["params"]["vision_encoder/stem"]["w"], state.params["vision_encoder/stem"]["w"]
+    )
+    with pytest.raises(TypeError, match=r"data_state.bad"):
+      ckpt.save(8, state, {"bad": object()}, force=True)
+    with pytest.raises(FileNotFoundError, match="step 3"):
       ckpt.restore(3)
-    wrong = state._replace(params={**state.params, 'lm/gated_xattn': {'attn_gate': jnp.zeros(3)}})
-    with pytest.raises(ValueError, match=r'params/lm/gated_xattn/attn_gate has shape \(2,\)'):
+    wrong = state._replace(params={**state.params, "lm/gated_xattn": {"attn_gate": jnp.zeros(3)}})
+    with pytest.raises(ValueError, match=r"params/lm/gated_xattn/attn_gate has shape \(2,\)"):
       ckpt.restore(state_template=wrong)
-    with pytest.raises(ValueError, match='leaf step: a ShapeDtypeStruct without a sharding'):
+    with pytest.raises(ValueError, match="leaf step: a ShapeDtypeStruct without a sharding"):
       ckpt.restore(state_template=state._replace(step=jax.ShapeDtypeStruct((), jnp.int32)))
-    with pytest.raises(ValueError, match='not in the template'):
+    with pytest.raises(ValueError, match="not in the template"):
       ckpt.restore(state_template=state._replace(frozen={}))
 
 
@@ -92,46 +106,49 @@ def test_relative_workdir_saves_restores_and_inits(tmp_path, monkeypatch):
   # Orbax refuses relative paths; `launch/local.sh runs/main` passes one.
   monkeypatch.chdir(tmp_path)
   state = _state()
-  with checkpoint.Checkpointer('runs/rel', config={'a': 1}) as ckpt:
-    assert ckpt.save(7, state, {'step': 7}, force=True)
+  with checkpoint.Checkpointer("runs/rel", config={"a": 1}) as ckpt:
+    assert ckpt.save(7, state, {"step": 7}, force=True)
     ckpt.wait()
-  assert checkpoint.latest_checkpoint_step('runs/rel') == 7
-  source = {'path': 'runs/rel', 'kind': 'checkpoint', 'select': '.*'}
-  assert init_from.resolve_init('runs/other', [source]).which == 'init_from'
-  with checkpoint.Checkpointer('runs/rel') as ckpt:
+  assert checkpoint.latest_checkpoint_step("runs/rel") == 7
+  source = {"path": "runs/rel", "kind": "checkpoint", "select": ".*"}
+  assert init_from.resolve_init("runs/other", [source]).which == "init_from"
+  with checkpoint.Checkpointer("runs/rel") as ckpt:
     restored, data = ckpt.restore(state_template=state)
   _assert_identical(restored, state)
-  assert data == {'step': 7}
+  assert data == {"step": 7}
 
 
 def test_interval_keep_policy_and_idempotent_save(tmp_path):
   state = _state()
   with checkpoint.Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2) as ckpt:
     assert ckpt.latest_step() is None
-    saved = [ckpt.save(s, state, {'step': s}) for s in range(1, 8)]
+    saved = [ckpt.save(s, state, {"step": s}) for s in range(1, 8)]
     assert saved == [False, True, False, True, False, True, False]
-    assert ckpt.save(7, state, {'step': 7}, force=True)
-    assert not ckpt.save(7, state, {'step': 7}, force=True)  # already saved: no-op
+    assert ckpt.save(7, state, {"step": 7}, force=True)
+    assert not ckpt.save(7, state, {"step": 7}, force=True)  # already saved: no-op
     ckpt.wait()
     assert ckpt.all_steps() == [6, 7]
     assert ckpt.latest_step() == 7
-    assert ckpt.restore(6)[1] == {'step': 6}
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['6', '7']
+    assert ckpt.restore(6)[1] == {"step": 6}
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["6", "7"]
 
 
 def test_async_save_survives_donation_and_wait(tmp_path):
   state = _state()
   expected = jax.tree.map(np.asarray, state)
   ckpt = checkpoint.Checkpointer(tmp_path, async_save=True)
-  assert ckpt.save(1, state, {'step': 1})
+  assert ckpt.save(1, state, {"step": 1})
   for leaf in jax.tree.leaves(state):  # what a donating jitted step does to its input buffers
     leaf.delete()
   ckpt.wait()
   assert ckpt.latest_step() == 1
-  assert not [n for n in os.listdir(tmp_path / 'checkpoints') if 'tmp' in n]
+  assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  restored, _ = ckpt.restore(state_template=jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), expected))
+  restored, _ = ckpt.restore(
+    state_template=jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), expected
+    )
+  )
   _assert_identical(jax.tree.map(np.asarray, restored), expected)
   ckpt.close()
 
@@ -139,16 +156,20 @@ def test_async_save_survives_donation_and_wait(tmp_path):
 def test_restore_onto_a_mesh(tmp_path):
   dev0 = jax.devices()[0]
   rng = np.random.default_rng(1)
-  tree = {'a': jax.device_put(rng.normal(size=(8, 6)).astype(np.float32), dev0),
-          'b': jax.device_put(rng.normal(size=(4,)).astype(np.float32), dev0),
-          'c': jax.device_put(np.arange(16, dtype=np.int32).reshape(2, 8), dev0)}
+  tree = {
+    "a": jax.device_put(rng.normal(size=(8, 6)).astype(np.float32), dev0),
+    "b": jax.device_put(rng.normal(size=(4,)).astype(np.float32), dev0),
+    "c": jax.device_put(np.arange(16, dtype=np.int32).reshape(2, 8), dev0),
+  }
   with checkpoint.Checkpointer(tmp_path) as ckpt:
     ckpt.save(1, tree, {}, force=True)
     ckpt.wait()
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ('data', 'model'))
-    specs = {'a': P('data', 'model'), 'b': P(), 'c': P(None, ('data', 'model'))}
-    template = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k]))
-                for k, v in tree.items()}
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+    specs = {"a": P("data", "model"), "b": P(), "c": P(None, ("data", "model"))}
+    template = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, specs[k]))
+      for k, v in tree.items()
+    }
     restored, _ = ckpt.restore(state_template=template)
   for k in tree:
     assert restored[k].sharding == template[k].sharding, k
@@ -160,97 +181,105 @@ def _params_only_save(directory, params):
   """The converter's layout: DIR/params (StandardCheckpointer) + DIR/lm_config.json."""
   os.makedirs(directory)
   with ocp.StandardCheckpointer() as c:
-    c.save(os.path.join(directory, 'params'), params)
+    c.save(os.path.join(directory, "params"), params)
     c.wait_until_finished()
-  with open(os.path.join(directory, 'lm_config.json'), 'w') as f:
-    f.write('{}')
+  with open(os.path.join(directory, "lm_config.json"), "w") as f:
+    f.write("{}")
 
 
 def _template():
-  return {'vision_encoder/stem': {'w': np.zeros((3, 4), np.float32)},
-          'lm/embed': {'embeddings': np.zeros((5, 4), np.float32)},
-          'lm/gated_xattn': {'attn_gate': np.zeros((2,), np.float32)}}
+  return {
+    "vision_encoder/stem": {"w": np.zeros((3, 4), np.float32)},
+    "lm/embed": {"embeddings": np.zeros((5, 4), np.float32)},
+    "lm/gated_xattn": {"attn_gate": np.zeros((2,), np.float32)},
+  }
 
 
 def test_load_params_subset_from_run_and_params_only(tmp_path):
   source = _state(seed=3)
-  run = tmp_path / 'contrastive'
+  run = tmp_path / "contrastive"
   with checkpoint.Checkpointer(run) as ckpt:
     ckpt.save(5, source, {}, force=True)
-  out = init_from.load_params_subset(str(run), r'^vision_encoder/', _template())
-  np.testing.assert_array_equal(out['vision_encoder/stem']['w'],
-                                source.params['vision_encoder/stem']['w'])
-  assert isinstance(out['vision_encoder/stem']['w'], np.ndarray)
-  np.testing.assert_array_equal(out['lm/embed']['embeddings'], 0)  # not selected: unchanged
+  out = init_from.load_params_subset(str(run), r"^vision_encoder/", _template())
+  np.testing.assert_array_equal(out["vision_encoder/stem"]["w"], source.params["vision_encoder/stem"]["w"])
+  assert isinstance(out["vision_encoder/stem"]["w"], np.ndarray)
+  np.testing.assert_array_equal(out["lm/embed"]["embeddings"], 0)  # not selected: unchanged
   # Frozen params of a run count too; the dtype follows the template (bf16 -> f32).
-  out = init_from.load_params_subset(run / 'checkpoints', r'^lm/embed', _template(), step=5)
-  np.testing.assert_array_equal(out['lm/embed']['embeddings'],
-                                np.asarray(source.frozen['lm/embed']['embeddings'], np.float32))
-  assert out['lm/embed']['embeddings'].dtype == np.float32
+  out = init_from.load_params_subset(run / "checkpoints", r"^lm/embed", _template(), step=5)
+  np.testing.assert_array_equal(
+    out["lm/embed"]["embeddings"], np.asarray(source.frozen["lm/embed"]["embeddings"], np.float32)
+  )
+  assert out["lm/embed"]["embeddings"].dtype == np.float32
   # A sharded template leaf comes back with its sharding.
-  mesh = jax.make_mesh((8,), ('data',))
+  mesh = jax.make_mesh((8,), ("data",))
   sharded = _template()
-  sharded['vision_encoder/stem']['w'] = jax.device_put(jnp.zeros((3, 4)), NamedSharding(mesh, P()))
-  out = init_from.load_params_subset(run, 'stem', sharded)
-  assert out['vision_encoder/stem']['w'].sharding == NamedSharding(mesh, P())
+  sharded["vision_encoder/stem"]["w"] = jax.device_put(jnp.zeros((3, 4)), NamedSharding(mesh, P()))
+  out = init_from.load_params_subset(run, "stem", sharded)
+  assert out["vision_encoder/stem"]["w"].sharding == NamedSharding(mesh, P())
 
-  lm_dir = str(tmp_path / 'lm')
+  lm_dir = str(tmp_path / "lm")
   embed = np.arange(20, dtype=np.float32).reshape(5, 4)
-  _params_only_save(lm_dir, {'lm/embed': {'embeddings': embed}})
-  out = init_from.load_params_subset(lm_dir, r'^lm/embed/', _template())
-  np.testing.assert_array_equal(out['lm/embed']['embeddings'], embed)
+  _params_only_save(lm_dir, {"lm/embed": {"embeddings": embed}})
+  out = init_from.load_params_subset(lm_dir, r"^lm/embed/", _template())
+  np.testing.assert_array_equal(out["lm/embed"]["embeddings"], embed)
   # Prefix renaming: a source 'encoder/...' fills the template's 'vision_encoder/...'.
-  renamed = str(tmp_path / 'renamed')
-  _params_only_save(renamed, {'encoder/stem': {'w': np.ones((3, 4), np.float32)}})
-  out = init_from.load_params_subset(renamed, '^vision_encoder/', _template(), kind='params',
-                                      strip_prefix='encoder/', add_prefix='vision_encoder/')
-  np.testing.assert_array_equal(out['vision_encoder/stem']['w'], 1)
+  renamed = str(tmp_path / "renamed")
+  _params_only_save(renamed, {"encoder/stem": {"w": np.ones((3, 4), np.float32)}})
+  out = init_from.load_params_subset(
+    renamed,
+    "^vision_encoder/",
+    _template(),
+    kind="params",
+    strip_prefix="encoder/",
+    add_prefix="vision_encoder/",
+  )
+  np.testing.assert_array_equal(out["vision_encoder/stem"]["w"], 1)
 
 
 def test_load_params_subset_errors(tmp_path):
-  lm_dir = str(tmp_path / 'lm')
-  _params_only_save(lm_dir, {'lm/embed': {'embeddings': np.zeros((7, 4), np.float32)}})
-  with pytest.raises(ValueError, match=r'param vision_encoder/stem/w .* is missing'):
-    init_from.load_params_subset(lm_dir, '^vision_encoder/', _template())
-  with pytest.raises(ValueError, match=r'lm/embed/embeddings: shape \(7, 4\) .* \(5, 4\)'):
-    init_from.load_params_subset(lm_dir, '^lm/embed', _template())
-  with pytest.raises(ValueError, match='matches no template param'):
-    init_from.load_params_subset(lm_dir, '^nothing', _template())
+  lm_dir = str(tmp_path / "lm")
+  _params_only_save(lm_dir, {"lm/embed": {"embeddings": np.zeros((7, 4), np.float32)}})
+  with pytest.raises(ValueError, match=r"param vision_encoder/stem/w .* is missing"):
+    init_from.load_params_subset(lm_dir, "^vision_encoder/", _template())
+  with pytest.raises(ValueError, match=r"lm/embed/embeddings: shape \(7, 4\) .* \(5, 4\)"):
+    init_from.load_params_subset(lm_dir, "^lm/embed", _template())
+  with pytest.raises(ValueError, match="matches no template param"):
+    init_from.load_params_subset(lm_dir, "^nothing", _template())
   with pytest.raises(FileNotFoundError):
-    init_from.load_params_subset(str(tmp_path / 'absent'), '.', _template())
+    init_from.load_params_subset(str(tmp_path / "absent"), ".", _template())
 
 
 def test_resolve_init_order_and_apply(tmp_path):
-  workdir = tmp_path / 'run'
-  assert init_from.resolve_init(workdir, []) == ('fresh', None, ())
-  lm_dir = str(tmp_path / 'lm')
-  _params_only_save(lm_dir, {'lm/embed': {'embeddings': np.ones((5, 4), np.float32)}})
-  vis = tmp_path / 'vis'
+  workdir = tmp_path / "run"
+  assert init_from.resolve_init(workdir, []) == ("fresh", None, ())
+  lm_dir = str(tmp_path / "lm")
+  _params_only_save(lm_dir, {"lm/embed": {"embeddings": np.ones((5, 4), np.float32)}})
+  vis = tmp_path / "vis"
   with checkpoint.Checkpointer(vis) as ckpt:
-    ckpt.save(2, {'params': {'vision_encoder/stem': {'w': np.full((3, 4), 2, np.float32)}}}, {},
-              force=True)
-  sources = [{'path': lm_dir, 'kind': 'params', 'select': '^lm/embed/'},
-             {'path': str(vis), 'kind': 'checkpoint', 'select': '^vision_encoder/'}]
+    ckpt.save(2, {"params": {"vision_encoder/stem": {"w": np.full((3, 4), 2, np.float32)}}}, {}, force=True)
+  sources = [
+    {"path": lm_dir, "kind": "params", "select": "^lm/embed/"},
+    {"path": str(vis), "kind": "checkpoint", "select": "^vision_encoder/"},
+  ]
   plan = init_from.resolve_init(workdir, sources)
-  assert plan.which == 'init_from' and plan.step is None
-  assert [s.kind for s in plan.sources] == ['params', 'checkpoint']
+  assert plan.which == "init_from" and plan.step is None
+  assert [s.kind for s in plan.sources] == ["params", "checkpoint"]
   params = init_from.apply_init_from(plan.sources, _template())
-  np.testing.assert_array_equal(params['lm/embed']['embeddings'], 1)
-  np.testing.assert_array_equal(params['vision_encoder/stem']['w'], 2)
-  np.testing.assert_array_equal(params['lm/gated_xattn']['attn_gate'], 0)
-  with pytest.raises(ValueError, match='lm/embed/embeddings is selected by'):
+  np.testing.assert_array_equal(params["lm/embed"]["embeddings"], 1)
+  np.testing.assert_array_equal(params["vision_encoder/stem"]["w"], 2)
+  np.testing.assert_array_equal(params["lm/gated_xattn"]["attn_gate"], 0)
+  with pytest.raises(ValueError, match="lm/embed/embeddings is selected by"):
     init_from.apply_init_from(plan.sources + plan.sources[:1], _template())
   with pytest.raises(ValueError, match=r"unknown keys \['slect'\]"):
-    init_from.resolve_init(workdir, [{'path': lm_dir, 'kind': 'params', 'slect': '.'}])
-  with pytest.raises(FileNotFoundError, match='nowhere'):
-    init_from.resolve_init(workdir, [{'path': str(tmp_path / 'nowhere'), 'kind': 'params',
-                                       'select': '.'}])
+    init_from.resolve_init(workdir, [{"path": lm_dir, "kind": "params", "slect": "."}])
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    init_from.resolve_init(workdir, [{"path": str(tmp_path / "nowhere"), "kind": "params", "select": "."}])
   with checkpoint.Checkpointer(workdir) as ckpt:  # this workdir's checkpoint wins
-    ckpt.save(3, _template(), {'step': 3}, force=True)
-  assert init_from.resolve_init(workdir, sources) == ('resume', 3, ())
+    ckpt.save(3, _template(), {"step": 3}, force=True)
+  assert init_from.resolve_init(workdir, sources) == ("resume", 3, ())
 
 
-_KILLED_CHILD = textwrap.dedent('''
+_KILLED_CHILD = textwrap.dedent("""
     import sys, time
     import numpy as np
     from flamingo_jax import checkpoint
@@ -261,31 +290,34 @@ _KILLED_CHILD = textwrap.dedent('''
     print("saved 1", flush=True)
     ckpt.save(2, {"w": big}, {"step": 2}, force=True)
     time.sleep(600)
-''')
+""")
 
 
 def _bytes_under(directory, name) -> int:
   total = 0
   for root, _, files in os.walk(os.path.join(directory, name)):
     for f in files:
-      try:
+      with contextlib.suppress(OSError):  # renamed away meanwhile (Orbax finalising an item)
         total += os.path.getsize(os.path.join(root, f))
-      except OSError:  # renamed away meanwhile (Orbax finalising an item)
-        pass
   return total
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
-  ckpt_dir = tmp_path / 'checkpoints'
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-  child = subprocess.Popen([sys.executable, '-c', _KILLED_CHILD, str(tmp_path), str(64 << 20)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO)
+  ckpt_dir = tmp_path / "checkpoints"
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  child = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_CHILD, str(tmp_path), str(64 << 20)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env=env,
+    cwd=REPO,
+  )
   try:
-    assert child.stdout.readline().strip() == b'saved 1', child.stderr.read().decode()[-3000:]
+    assert child.stdout.readline().strip() == b"saved 1", child.stderr.read().decode()[-3000:]
     deadline = time.time() + 120
-    while _bytes_under(ckpt_dir, '2.orbax-checkpoint-tmp') < (4 << 20):  # part of the array written
+    while _bytes_under(ckpt_dir, "2.orbax-checkpoint-tmp") < (4 << 20):  # part of the array written
       assert child.poll() is None and time.time() < deadline, child.stderr.read().decode()[-3000:]
-      assert '2' not in os.listdir(ckpt_dir), 'the save finished before the kill: use a bigger array'
+      assert "2" not in os.listdir(ckpt_dir), "the save finished before the kill: use a bigger array"
       time.sleep(0.002)
     os.kill(child.pid, signal.SIGKILL)
     child.wait(30)
@@ -294,20 +326,20 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
       os.kill(child.pid, signal.SIGKILL)
       child.wait(30)
   names = os.listdir(ckpt_dir)
-  assert '2' not in names and any('orbax-checkpoint-tmp' in n for n in names), names
+  assert "2" not in names and any("orbax-checkpoint-tmp" in n for n in names), names
   ckpt = checkpoint.Checkpointer(tmp_path)
   assert ckpt.latest_step() == 1
   assert checkpoint.latest_checkpoint_step(tmp_path) == 1
   state, data = ckpt.restore()
-  np.testing.assert_array_equal(state['w'], np.arange(6, dtype=np.float32))
-  assert data == {'step': 1}
-  ckpt.save(2, {'w': np.zeros(3, np.float32)}, {'step': 2}, force=True)  # step 2 is writable again
+  np.testing.assert_array_equal(state["w"], np.arange(6, dtype=np.float32))
+  assert data == {"step": 1}
+  ckpt.save(2, {"w": np.zeros(3, np.float32)}, {"step": 2}, force=True)  # step 2 is writable again
   ckpt.close()
-  assert sorted(os.listdir(ckpt_dir)) == ['1', '2']  # the killed save's temp dir was cleaned up
+  assert sorted(os.listdir(ckpt_dir)) == ["1", "2"]  # the killed save's temp dir was cleaned up
 
 
 def test_absolute_path_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert str(checkpoint.absolute_path('gs://bucket/runs/80b')) == 'gs://bucket/runs/80b'
-  assert str(checkpoint.absolute_path('runs/main')) == str(tmp_path / 'runs' / 'main')
+  assert str(checkpoint.absolute_path("gs://bucket/runs/80b")) == "gs://bucket/runs/80b"
+  assert str(checkpoint.absolute_path("runs/main")) == str(tmp_path / "runs" / "main")
   assert str(checkpoint.absolute_path(tmp_path)) == str(tmp_path)

@@ -1,5 +1,6 @@
 """End to end: `python -m flamingo_jax.evaluate` on a tiny run directory (Orbax checkpoint,
 config.json, a byte-level HF tokenizer) over users' JSONL data; results.json, predictions, plot."""
+
 import json
 import os
 import subprocess
@@ -54,12 +55,12 @@ def data(tmp_path_factory):
   for i in range(10):
     (d / f"{i}.png").write_bytes(image_bytes(size=(20, 16), seed=i))
   colors = ["red", "tan", "sky"]
-  vqa = [{"image": f"{i}.png", "question": "what color?", "answers": [colors[i % 3]] * 3}
-         for i in range(10)]
+  vqa = [{"image": f"{i}.png", "question": "what color?", "answers": [colors[i % 3]] * 3} for i in range(10)]
   caps = [{"image": f"{i}.png", "captions": [f"a {colors[i % 3]} box", "a box"]} for i in range(10)]
-  return dict(vqa=(_jsonl(d / "vqa_train.jsonl", vqa[:6]), _jsonl(d / "vqa_test.jsonl", vqa[6:])),
-              captions=(_jsonl(d / "cap_train.jsonl", caps[:6]),
-                        _jsonl(d / "cap_test.jsonl", caps[6:])))
+  return dict(
+    vqa=(_jsonl(d / "vqa_train.jsonl", vqa[:6]), _jsonl(d / "vqa_test.jsonl", vqa[6:])),
+    captions=(_jsonl(d / "cap_train.jsonl", caps[:6]), _jsonl(d / "cap_test.jsonl", caps[6:])),
+  )
 
 
 def _make_run(workdir, with_checkpoint: bool):
@@ -76,8 +77,9 @@ def _make_run(workdir, with_checkpoint: bool):
   if with_checkpoint:
     model = flamingo.make_model(config.model)
     size = config.model.image_size
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, size, size, 3)),
-                                 jnp.zeros((1, 4), jnp.int32))
+    params = jax.jit(model.init)(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, size, size, 3)), jnp.zeros((1, 4), jnp.int32)
+    )
     params = helpers.open_gates(params, jax.random.PRNGKey(1))
     train_p, frozen_p = trainable.split(params, config.trainable, config.frozen)
     state = state_lib.create(train_p, frozen_p, optax.adam(1e-3), jax.random.PRNGKey(2))
@@ -89,13 +91,20 @@ def _make_run(workdir, with_checkpoint: bool):
 def test_entry_point_end_to_end(tmp_path, data):
   workdir = _make_run(str(tmp_path / "run"), with_checkpoint=True)
   support, queries = data["vqa"]
-  cmd = [sys.executable, "-m", "flamingo_jax.evaluate",
-         "--config=configs/fewshot_eval.py:tasks=jsonl_vqa,shots=0.1,seeds=2",
-         f"--workdir={workdir}",
-         f"--config.task_options.jsonl_vqa.support={support}",
-         f"--config.task_options.jsonl_vqa.queries={queries}", "--config.beam=1",
-         "--config.batch_size=4", "--config.image_batch_size=8", "--config.prompt_bucket=128",
-         "--config.max_new_tokens=3"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "flamingo_jax.evaluate",
+    "--config=configs/fewshot_eval.py:tasks=jsonl_vqa,shots=0.1,seeds=2",
+    f"--workdir={workdir}",
+    f"--config.task_options.jsonl_vqa.support={support}",
+    f"--config.task_options.jsonl_vqa.queries={queries}",
+    "--config.beam=1",
+    "--config.batch_size=4",
+    "--config.image_batch_size=8",
+    "--config.prompt_bucket=128",
+    "--config.max_new_tokens=3",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -108,7 +117,7 @@ def test_entry_point_end_to_end(tmp_path, data):
   r = results["tasks"]["jsonl_vqa"]
   assert r["metric"] == "accuracy" and r["num_queries"] == 4
   assert sorted(r["random"]) == sorted(r["rices"]) == sorted(r["text_only"]) == ["0", "1"]
-  assert r["rices"]["0"] == r["random"]["0"]   # zero-shot: no selection
+  assert r["rices"]["0"] == r["random"]["0"]  # zero-shot: no selection
   for s in (r["random"]["1"], r["rices"]["1"], r["text_only"]["1"]):
     assert sorted(s["seeds"]) == ["0", "1"] and 0.0 <= s["mean"] <= 100.0 and s["std"] >= 0.0
   assert "eval/jsonl_vqa/rices/1shot/accuracy" in results["metrics"]
@@ -155,9 +164,11 @@ def test_binding_sweep_without_checkpoint(tmp_path):
   r = results["tasks"]["easy_vqa_binding"]
   assert set(r["cells"]) == {"none", "text_only", "shuffled"} and r["chance"] == {"2way": 50.0}
   assert set(r["cells"]["none"]["2way"]["1shot"]["accuracy"]["seeds"]) == {"0"}
-  for key in ("eval/easy_vqa_binding/2way/1shot/accuracy",
-              "eval/easy_vqa_binding/2way/1shot/text_only/accuracy",
-              "eval/easy_vqa_binding/2way/1shot/shuffled/accuracy"):
+  for key in (
+    "eval/easy_vqa_binding/2way/1shot/accuracy",
+    "eval/easy_vqa_binding/2way/1shot/text_only/accuracy",
+    "eval/easy_vqa_binding/2way/1shot/shuffled/accuracy",
+  ):
     assert 0.0 <= results["metrics"][key] <= 100.0
   out = os.path.join(workdir, "eval")
   with open(os.path.join(out, "binding_vs_shots.png"), "rb") as f:
@@ -173,8 +184,13 @@ def test_settings_order_and_text_only_shots():
   with config.unlocked():
     config.selection = ("random", "rices")
   runs = list(evaluate_lib._settings(config))
-  assert runs[:5] == [("random", 0, False), ("random", 4, False), ("rices", 4, False),
-                      ("random", 8, False), ("rices", 8, False)]
+  assert runs[:5] == [
+    ("random", 0, False),
+    ("random", 4, False),
+    ("rices", 4, False),
+    ("random", 8, False),
+    ("rices", 8, False),
+  ]
   assert [r[1] for r in runs[5:]] == [0, 4, 8]
   with config.unlocked():
     config.text_only_shots = (4,)
@@ -183,7 +199,7 @@ def test_settings_order_and_text_only_shots():
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "config_only"])
 def test_refuses_a_run_directory_without_checkpoint(tmp_path, kind):
-  workdir = str(tmp_path / "rnu")   # a mistyped run directory
+  workdir = str(tmp_path / "rnu")  # a mistyped run directory
   if kind == "empty":
     os.makedirs(workdir)
   elif kind == "config_only":
@@ -192,15 +208,25 @@ def test_refuses_a_run_directory_without_checkpoint(tmp_path, kind):
   with pytest.raises(evaluate_lib.NoCheckpointError, match="baseline_at_init=True") as e:
     evaluate_lib.evaluate(config, workdir)
   assert workdir in str(e.value)
-  assert not os.path.exists(os.path.join(workdir, "eval"))   # nothing written
+  assert not os.path.exists(os.path.join(workdir, "eval"))  # nothing written
 
 
 def test_entry_point_exits_nonzero_on_a_missing_run_directory(tmp_path):
   workdir = str(tmp_path / "no_such_run")
-  proc = subprocess.run([sys.executable, "-m", "flamingo_jax.evaluate",
-                         "--config=configs/fewshot_eval.py:runlocal=True", f"--workdir={workdir}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "flamingo_jax.evaluate",
+      "--config=configs/fewshot_eval.py:runlocal=True",
+      f"--workdir={workdir}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode != 0
   assert f"--workdir {workdir} does not exist" in proc.stderr
   assert "--config.baseline_at_init=True" in proc.stderr

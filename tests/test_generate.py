@@ -1,5 +1,6 @@
 """Tests of flamingo_jax.generate and flamingo_jax.pretrained on the tiny model (a random tiny LM
 written as a HF checkpoint), plus SmolLM2 checks ("Paris")."""
+
 import os
 import subprocess
 import sys
@@ -12,12 +13,10 @@ import tokenizers
 from PIL import Image
 
 from configs import flamingo as flamingo_config
-from flamingo_jax import generate
-from flamingo_jax import pretrained
+from flamingo_jax import generate, pretrained
 from flamingo_jax.convert import hf_lm
 from flamingo_jax.data import tokenizer as tokenizer_lib
-from flamingo_jax.models import flamingo
-from flamingo_jax.models import masking
+from flamingo_jax.models import flamingo, masking
 from tests.convert import random_lm
 from tests.models import helpers
 
@@ -39,8 +38,9 @@ def tiny(tmp_path_factory):
   directory = tmp_path_factory.mktemp("tiny_lm")
   lm_params = random_lm.random_params(_tiny_lm_config())
   hf_lm.save_hf_lm(str(directory), _tiny_lm_config(), lm_params)
-  base = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-      {t: i for i, t in enumerate(WORDS)}, unk_token="<unk>"))
+  base = tokenizers.Tokenizer(
+    tokenizers.models.WordLevel({t: i for i, t in enumerate(WORDS)}, unk_token="<unk>")
+  )
   base.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
   tokenizer_lib.Tokenizer(base, bos_id=1, eos_id=1, pad_id=0).save_hf(str(directory))
   png = str(directory / "image.png")
@@ -70,8 +70,7 @@ def trained(tiny, full_params):
 def at_init(tiny):
   """The generator `run` builds without --workdir for a text-only prompt (LM-only params)."""
   config, spec, _, tok, _ = tiny
-  params = pretrained.init_flamingo_with_lm(config.model, spec, jax.random.PRNGKey(0),
-                                            text_only=True)
+  params = pretrained.init_flamingo_with_lm(config.model, spec, jax.random.PRNGKey(0), text_only=True)
   return generate.Generator(config.model, params, tok, banned_ids=[tok.image_id, tok.eoc_id])
 
 
@@ -96,7 +95,7 @@ def _uncached_greedy(forward, params, ids, images, n, banned, stops, image_size)
   if images is None:  # no markers: media_index is -1 everywhere, the dummy image is never seen
     images = np.zeros((1, 1, 1, image_size, image_size, 3), np.float32)
   buf, valid, out = np.zeros([1, total], np.int32), np.zeros([1, total], bool), []
-  buf[0, :len(ids)], valid[0, :len(ids)] = ids, True
+  buf[0, : len(ids)], valid[0, : len(ids)] = ids, True
   for i in range(n):
     pos = len(ids) + i
     logits = np.array(forward(params, images, buf, valid))[0, pos - 1]
@@ -127,8 +126,7 @@ def test_init_with_lm_is_exactly_the_lm(tiny, full_params, at_init, forward):
   valid = np.ones(ids.shape, bool)
   with_media = forward(full_params, images, ids, valid)
   model = flamingo.make_model(config.model)
-  plain, _ = jax.jit(model.lm_forward, static_argnums=7)(full_params, None, ids, None, None, None,
-                                                         None, True)
+  plain, _ = jax.jit(model.lm_forward, static_argnums=7)(full_params, None, ids, None, None, None, None, True)
   np.testing.assert_array_equal(np.asarray(with_media), np.asarray(plain))
 
 
@@ -141,8 +139,9 @@ def test_kv_cached_greedy_equals_uncached(tiny, trained, forward, with_image):
   n = 8
   out = gen.generate(prompt, images, max_new_tokens=n)
   ids = gen.encode_prompt(prompt, 1 if with_image else 0)
-  expected = _uncached_greedy(forward, params, ids, images, n, gen.banned, gen.stop_ids,
-                              config.model.image_size)
+  expected = _uncached_greedy(
+    forward, params, ids, images, n, gen.banned, gen.stop_ids, config.model.image_size
+  )
   assert out.tokens == expected
   assert len(out.tokens) >= 2  # a real comparison, not an immediate stop
 
@@ -160,19 +159,26 @@ def test_workdir_restores_the_runs_params(tiny, trained, tmp_path, with_image):
   from flamingo_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from flamingo_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from flamingo_jax.train import trainable  # pylint: disable=g-import-not-at-top
+
   config, spec, _, _, png = tiny
   gen, params = trained
   train_p, frozen_p = trainable.split(params, config.trainable, config.frozen)
   frozen_p = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), frozen_p)  # as the loop saves
-  state = state_lib.TrainState(jnp.int32(5), jax.tree.map(jnp.asarray, train_p), frozen_p, {},
-                               jax.random.PRNGKey(0), jnp.int32(0), jnp.int32(0))
+  state = state_lib.TrainState(
+    jnp.int32(5),
+    jax.tree.map(jnp.asarray, train_p),
+    frozen_p,
+    {},
+    jax.random.PRNGKey(0),
+    jnp.int32(0),
+    jnp.int32(0),
+  )
   with checkpoint.Checkpointer(tmp_path, config=config) as ckpt:
     ckpt.save(5, state, {"step": 5}, force=True)
   prompt, paths = (IMAGE_PROMPT, [png]) if with_image else (PROMPT, [])
   kw = dict(prompt=prompt, image_paths=paths, lm=spec, max_new_tokens=8)
   out = generate.run(config, workdir=str(tmp_path), **kw)
-  restored = jax.tree.map(lambda x: np.asarray(x, np.float32),
-                          trainable.merge(train_p, frozen_p))
+  restored = jax.tree.map(lambda x: np.asarray(x, np.float32), trainable.merge(train_p, frozen_p))
   images = generate.load_images(paths, config.model.image_size)
   assert out == gen.generate(prompt, images, max_new_tokens=8, params=restored)
   with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -201,8 +207,11 @@ def test_merge_lm_params_errors(tiny, full_params):
   config, _, lm_params, _, _ = tiny
   bad = {m: dict(sub) for m, sub in lm_params.items()}
   bad["lm/layers"]["q"] = np.zeros((5, 32, 16), np.float32)
-  with pytest.raises(ValueError, match=r"lm/layers/q: shape \(5, 32, 16\) in the LM source, "
-                                       r"\(5, 32, 32\) in the Flamingo params"):
+  with pytest.raises(
+    ValueError,
+    match=r"lm/layers/q: shape \(5, 32, 16\) in the LM source, "
+    r"\(5, 32, 32\) in the Flamingo params",
+  ):
     pretrained.merge_lm_params(full_params, bad)
   missing = {m: sub for m, sub in lm_params.items() if m != "lm/final_norm"}
   with pytest.raises(ValueError, match="lm/final_norm: missing from the LM source"):
@@ -216,20 +225,31 @@ def test_merge_lm_params_errors(tiny, full_params):
     pretrained.merge_lm_params(full_params, leftover)
   source = dict(_tiny_lm_config(), dim=48, rope_theta=5e5)
   with pytest.raises(ValueError, match=r"dim: source 48 != model 32(.|\n)*rope_theta"):
-    pretrained.merge_lm_params(full_params, lm_params, source_config=source,
-                               model_lm_config=dict(config.model.lm))
-  merged = pretrained.merge_lm_params(full_params, lm_params, source_config=_tiny_lm_config(),
-                                      model_lm_config=dict(config.model.lm))
+    pretrained.merge_lm_params(
+      full_params, lm_params, source_config=source, model_lm_config=dict(config.model.lm)
+    )
+  merged = pretrained.merge_lm_params(
+    full_params, lm_params, source_config=_tiny_lm_config(), model_lm_config=dict(config.model.lm)
+  )
   assert merged["lm/gated_xattn"] is not full_params["lm/gated_xattn"]  # a copy
   with pytest.raises(ValueError, match="does not match config.model.lm"):
-    pretrained.init_flamingo_with_lm(flamingo.model_config("smollm2"), tiny[1],
-                                     jax.random.PRNGKey(0), text_only=True)
+    pretrained.init_flamingo_with_lm(
+      flamingo.model_config("smollm2"), tiny[1], jax.random.PRNGKey(0), text_only=True
+    )
 
 
 def test_command_line_on_the_tiny_model(tiny, at_init):
   _, spec, _, _, _ = tiny
-  cmd = [sys.executable, "-m", "flamingo_jax.generate", "--config", "configs/flamingo.py:size=tiny",
-         f"--lm={spec}", f"--prompt={PROMPT}", "--max_new_tokens=6"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "flamingo_jax.generate",
+    "--config",
+    "configs/flamingo.py:size=tiny",
+    f"--lm={spec}",
+    f"--prompt={PROMPT}",
+    "--max_new_tokens=6",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.rstrip("\n") == at_init.generate(PROMPT, max_new_tokens=6).text
@@ -250,8 +270,9 @@ def test_smollm2_greedy_says_paris():
   source_config, lm_params = pretrained.lm_source_params("smollm2")
   shapes = pretrained.param_shapes(model_cfg, text_only=True)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-  params = pretrained.merge_lm_params(zeros, lm_params, source_config=source_config,
-                                      model_lm_config=dict(model_cfg.lm))
+  params = pretrained.merge_lm_params(
+    zeros, lm_params, source_config=source_config, model_lm_config=dict(model_cfg.lm)
+  )
   tok = generate.make_tokenizer("smollm2", "smollm2")
   gen = generate.Generator(model_cfg, params, tok, banned_ids=[tok.image_id, tok.eoc_id])
   out = gen.generate("The capital of France is", max_new_tokens=4)
@@ -261,9 +282,17 @@ def test_smollm2_greedy_says_paris():
 @pytest.mark.slow
 def test_smollm2_command_says_paris():
   _smollm2_or_skip()
-  cmd = [sys.executable, "-m", "flamingo_jax.generate", "--config",
-         "configs/flamingo.py:size=smollm2", "--prompt", "The capital of France is",
-         "--max_new_tokens", "8"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "flamingo_jax.generate",
+    "--config",
+    "configs/flamingo.py:size=smollm2",
+    "--prompt",
+    "The capital of France is",
+    "--max_new_tokens",
+    "8",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Paris" in proc.stdout, proc.stdout

@@ -6,6 +6,7 @@ versions of the paper sizes (2 xattn groups, NFNet variant 'test'; real widths a
 + outputs - donated aliases + temporaries. The meshes use 'data' and 'tensor' only: with 'fsdp' the model
 does not yet constrain its activations, and XLA keeps them replicated over 'fsdp' (see docs/TPU.md).
 """
+
 import json
 import os
 import subprocess
@@ -13,8 +14,8 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs import flamingo as flamingo_config
 from flamingo_jax import plan as plan_lib
@@ -43,41 +44,58 @@ def reduced_config(size: str, mesh: dict, datasets: dict, remat: str = "dots", m
     for name in list(config.data.datasets):
       del config.data.datasets[name]
     for name, (batch, tokens, media, frames) in datasets.items():
-      config.data.datasets[name] = dict(weight=1.0, batch_size=batch, max_tokens=tokens,
-                                        max_images=media, num_frames=frames,
-                                        image_size=config.model.image_size)
+      config.data.datasets[name] = dict(
+        weight=1.0,
+        batch_size=batch,
+        max_tokens=tokens,
+        max_images=media,
+        num_frames=frames,
+        image_size=config.model.image_size,
+      )
   return config
 
 
 def _abstract_batch(ds) -> dict:
   b, t, n, f, s = ds.batch_size, ds.max_tokens, ds.max_images, ds.num_frames, ds.image_size
   sds = jax.ShapeDtypeStruct
-  return dict(images=sds((b, n, f, s, s, 3), jnp.float32), media_mask=sds((b, n), jnp.bool_),
-              tokens=sds((b, t), jnp.int32), targets=sds((b, t), jnp.int32),
-              loss_mask=sds((b, t), jnp.float32), media_index=sds((b, t), jnp.int32),
-              token_mask=sds((b, t), jnp.bool_))
+  return dict(
+    images=sds((b, n, f, s, s, 3), jnp.float32),
+    media_mask=sds((b, n), jnp.bool_),
+    tokens=sds((b, t), jnp.int32),
+    targets=sds((b, t), jnp.int32),
+    loss_mask=sds((b, t), jnp.float32),
+    media_index=sds((b, t), jnp.int32),
+    token_mask=sds((b, t), jnp.bool_),
+  )
 
 
 def xla_bytes(config) -> dict:
   """XLA's per-device memory of the real, donated, sharded train step of `config` (compiled only)."""
   from flamingo_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
   objective = objectives_lib.make_objective(config)
   batches = {name: _abstract_batch(ds) for name, ds in config.data.datasets.items()}
   train_p, frozen_p = plan_lib.abstract_params(config)
   optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
-  state = jax.eval_shape(lambda p, f: state_lib.create(p, f, optimizer, jax.random.PRNGKey(1)),
-                         train_p, frozen_p)
+  state = jax.eval_shape(
+    lambda p, f: state_lib.create(p, f, optimizer, jax.random.PRNGKey(1)), train_p, frozen_p
+  )
   mesh = mesh_lib.create_mesh(config.mesh.shape)
-  datasets = {name: dict(weight=float(ds.weight),
-                         micro_batches=int(config.train.micro_batches.get(name, 1)))
-              for name, ds in config.data.datasets.items()}
+  datasets = {
+    name: dict(weight=float(ds.weight), micro_batches=int(config.train.micro_batches.get(name, 1)))
+    for name, ds in config.data.datasets.items()
+  }
   step_fn = step_lib.make_train_step(objective, optimizer, datasets)
   state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
   batch_sh = partitioning.batch_shardings(batches, mesh)
   jitted = partitioning.jit_train_step(step_fn, state_sh, batch_sh)
   stats = jitted.lower(state, batches).compile().memory_analysis()
-  out = dict(argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
-             alias=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes)
+  out = dict(
+    argument=stats.argument_size_in_bytes,
+    output=stats.output_size_in_bytes,
+    alias=stats.alias_size_in_bytes,
+    temp=stats.temp_size_in_bytes,
+  )
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   return out
 
@@ -87,9 +105,11 @@ def _compare(size, mesh, datasets, remat="dots", micro_batches=None):
   plan = plan_lib.make_plan(config, jax.device_count())
   xla = xla_bytes(config)
   ratio = plan["total"] / xla["total"]
-  print(f"{size} {mesh} {datasets} remat={remat}: plan {plan['total'] / 2**30:.3f} GiB (activations "
-        f"{plan['rows']['activations'] / 2**30:.3f}), XLA {xla['total'] / 2**30:.3f} GiB (arguments "
-        f"{xla['argument'] / 2**30:.3f}, temporaries {xla['temp'] / 2**30:.3f}): ratio {ratio:.3f}")
+  print(
+    f"{size} {mesh} {datasets} remat={remat}: plan {plan['total'] / 2**30:.3f} GiB (activations "
+    f"{plan['rows']['activations'] / 2**30:.3f}), XLA {xla['total'] / 2**30:.3f} GiB (arguments "
+    f"{xla['argument'] / 2**30:.3f}, temporaries {xla['temp'] / 2**30:.3f}): ratio {ratio:.3f}"
+  )
   assert abs(ratio - 1) <= TOLERANCE, (plan, xla)
   return plan, xla
 
@@ -116,9 +136,12 @@ def test_plan_matches_xla_for_other_remat_policies(remat):
 
 @pytest.mark.slow
 def test_plan_matches_xla_for_a_mixture_with_micro_batches():
-  _compare("3b", {"data": 4, "tensor": 2},
-           {"m3w": (16, 256, 5, 1), "align": (64, 32, 1, 1), "vtp": (16, 32, 1, 8)},
-           micro_batches={"align": 2})
+  _compare(
+    "3b",
+    {"data": 4, "tensor": 2},
+    {"m3w": (16, 256, 5, 1), "align": (64, 32, 1, 1), "vtp": (16, 32, 1, 8)},
+    micro_batches={"align": 2},
+  )
 
 
 # ---------------------------------------------------------------------------------- paper sizes
@@ -126,9 +149,23 @@ def test_plan_matches_xla_for_a_mixture_with_micro_batches():
 def cli_80b():
   """`python -m flamingo_jax.plan` for 80b on 1536 TPU v4 chips, started first to overlap the rest."""
   proc = subprocess.Popen(
-      [sys.executable, "-m", "flamingo_jax.plan", "--config", "configs/flamingo.py:size=80b",
-       "--devices", "1536", "--hbm_gib", "32", "--json"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "flamingo_jax.plan",
+      "--config",
+      "configs/flamingo.py:size=80b",
+      "--devices",
+      "1536",
+      "--hbm_gib",
+      "32",
+      "--json",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   yield proc
   if proc.poll() is None:
     proc.kill()
@@ -140,7 +177,7 @@ def test_80b_fits_on_1536_tpu_v4_chips(cli_80b):
   assert cli_80b.returncode == 0, stderr[-3000:]
   plan = json.loads(stdout)
   assert plan["size"] == "80b" and plan["devices"] == 1536
-  assert plan["mesh"] == {"data": 3, "fsdp": 64, "tensor": 8}          # PAPER_MESH["80b"]
+  assert plan["mesh"] == {"data": 3, "fsdp": 64, "tensor": 8}  # PAPER_MESH["80b"]
   assert plan["fits"] and plan["total"] <= 32 * 2**30
   assert sorted(plan["datasets"]) == ["align", "ltip", "m3w", "vtp"]
   # 1536 = 3 * 2^9 chips cannot split the paper's global batches evenly: the plan says so.
@@ -154,8 +191,14 @@ def test_paper_plans_print_and_fit(size, devices):
   plan = plan_lib.make_plan(flamingo_config.get_config(f"size={size}"), devices)
   table = plan_lib.format_table(plan)
   print(table)
-  for label in ("frozen params (bfloat16)", "trainable params (fp32)", "optimizer state",
-                "gradients", "activations (all datasets)", "total"):
+  for label in (
+    "frozen params (bfloat16)",
+    "trainable params (fp32)",
+    "optimizer state",
+    "gradients",
+    "activations (all datasets)",
+    "total",
+  ):
     assert label in table
   assert plan["fits"], table
   rows = plan["rows"]
@@ -164,16 +207,24 @@ def test_paper_plans_print_and_fit(size, devices):
 
 
 def test_shard_math():
-  assert plan_lib.shard_shape((80, 8192, 8192), P(None, "fsdp", "tensor"),
-                              {"data": 3, "fsdp": 64, "tensor": 8}) == (80, 128, 1024)
+  assert plan_lib.shard_shape(
+    (80, 8192, 8192), P(None, "fsdp", "tensor"), {"data": 3, "fsdp": 64, "tensor": 8}
+  ) == (80, 128, 1024)
   assert plan_lib.shard_shape((256, 7), P(("data", "fsdp")), {"data": 2, "fsdp": 4}) == (32, 7)
-  tree = {"lm/layers": {"q": jax.ShapeDtypeStruct((4, 64, 32), jnp.float32),
-                        "attn_norm": jax.ShapeDtypeStruct((4, 64), jnp.float32)}}
+  tree = {
+    "lm/layers": {
+      "q": jax.ShapeDtypeStruct((4, 64, 32), jnp.float32),
+      "attn_norm": jax.ShapeDtypeStruct((4, 64), jnp.float32),
+    }
+  }
   sizes = {"fsdp": 4, "tensor": 2}
   assert plan_lib.sharded_bytes(tree, "flamingo", sizes) == 4 * 16 * 16 * 4 + 4 * 64 * 4
   assert plan_lib.sharded_bytes(tree, "flamingo", sizes, jnp.bfloat16) == (4 * 16 * 16 + 4 * 64) * 2
   assert plan_lib.mesh_sizes({"fsdp": 64, "data": -1, "tensor": 8}, 1536) == {
-      "data": 3, "fsdp": 64, "tensor": 8}
+    "data": 3,
+    "fsdp": 64,
+    "tensor": 8,
+  }
   assert plan_lib.parse_mesh("data=3,fsdp=-1") == {"data": 3, "fsdp": -1}
   with pytest.raises(ValueError, match="axis=size"):
     plan_lib.parse_mesh("fsdp:4")

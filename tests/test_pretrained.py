@@ -1,4 +1,5 @@
 """Tests of flamingo_jax.pretrained helpers that need no LM file."""
+
 import numpy as np
 
 from flamingo_jax import pretrained
@@ -7,9 +8,9 @@ from flamingo_jax import pretrained
 def _params(tied: bool):
   rng = np.random.default_rng(0)
   params = {
-      "lm/embed": {"embeddings": rng.normal(size=(6, 4)).astype(np.float32)},
-      "lm/extra_embed": {"embeddings": rng.normal(size=(2, 4)).astype(np.float32)},
-      "perceiver_resampler": {"latents": rng.normal(size=(3, 4)).astype(np.float32)},
+    "lm/embed": {"embeddings": rng.normal(size=(6, 4)).astype(np.float32)},
+    "lm/extra_embed": {"embeddings": rng.normal(size=(2, 4)).astype(np.float32)},
+    "perceiver_resampler": {"latents": rng.normal(size=(3, 4)).astype(np.float32)},
   }
   if not tied:
     params["lm/unembed"] = {"w": rng.normal(size=(4, 6)).astype(np.float32)}
@@ -25,8 +26,9 @@ def test_new_token_rows_start_from_the_lm_rows_tied():
   np.testing.assert_array_equal(extra[1], params["lm/embed"]["embeddings"][2])
   assert extra.dtype == np.float32
   # Nothing else changes, and the input is not modified in place.
-  np.testing.assert_array_equal(out["perceiver_resampler"]["latents"],
-                                params["perceiver_resampler"]["latents"])
+  np.testing.assert_array_equal(
+    out["perceiver_resampler"]["latents"], params["perceiver_resampler"]["latents"]
+  )
   assert not np.array_equal(params["lm/extra_embed"]["embeddings"][1], extra[1])
 
 
@@ -36,5 +38,4 @@ def test_new_token_rows_start_from_the_lm_rows_untied():
   w = out["lm/extra_unembed"]["w"]
   np.testing.assert_allclose(w[:, 0], params["lm/unembed"]["w"].mean(axis=1), rtol=1e-6)
   np.testing.assert_array_equal(w[:, 1], params["lm/unembed"]["w"][:, 5])
-  np.testing.assert_array_equal(out["lm/extra_embed"]["embeddings"][1],
-                                params["lm/embed"]["embeddings"][5])
+  np.testing.assert_array_equal(out["lm/extra_embed"]["embeddings"][1], params["lm/embed"]["embeddings"][5])

@@ -1,4 +1,5 @@
 """Parameter counts of the paper sizes (from shapes only) against the paper's Table 4 / App. B.1.1."""
+
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ SIZES = ("3b", "9b", "80b")
 PAPER_TOTAL = {"3b": 3.2e9, "9b": 9.3e9, "80b": 80e9}
 PAPER_LM = {"3b": 1.4e9, "9b": 7.1e9, "80b": 70e9}
 PAPER_RESAMPLER = 194e6
-PAPER_VISION = 435e6          # NFNet-F6
+PAPER_VISION = 435e6  # NFNet-F6
 
 
 def _close(value, target, rel):
@@ -34,9 +35,19 @@ def cli():
   the model section and the trainable rules are those of plain `size=3b`.
   """
   proc = subprocess.Popen(
-      [sys.executable, "-m", "flamingo_jax.summary", "--config",
-       "configs/flamingo.py:size=3b,data=synthetic", "--json"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "flamingo_jax.summary",
+      "--config",
+      "configs/flamingo.py:size=3b,data=synthetic",
+      "--json",
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   yield proc
   if proc.poll() is None:
     proc.kill()
@@ -45,8 +56,12 @@ def cli():
 
 @pytest.fixture(scope="module")
 def counts(cli):
-  counts = {size: summary.count_by_component(summary.param_shapes(flamingo.model_config(size)),
-                                             flamingo_config.TRAINABLE) for size in ("9b", "80b")}
+  counts = {
+    size: summary.count_by_component(
+      summary.param_shapes(flamingo.model_config(size)), flamingo_config.TRAINABLE
+    )
+    for size in ("9b", "80b")
+  }
   stdout, stderr = cli.communicate(timeout=300)
   assert cli.returncode == 0, stderr[-3000:]
   report = json.loads(stdout)
@@ -78,7 +93,7 @@ def test_trainable_and_frozen_partition_the_total(counts, size):
   # Paper §2.4: the resampler, the xattn blocks and the new token rows train; the rest is frozen.
   assert c["trainable"] == c["resampler"] + c["xattn"] + c["lm_extra_tokens"]
   assert c["frozen"] == c["vision"] + c["lm"]
-  assert c["lm_extra_tokens"] == 2 * 2 * flamingo.SIZES[size]["lm"]["dim"]   # <image>, <EOC>; untied
+  assert c["lm_extra_tokens"] == 2 * 2 * flamingo.SIZES[size]["lm"]["dim"]  # <image>, <EOC>; untied
 
 
 def test_3b_xattn_blocks_match_the_paper(counts):

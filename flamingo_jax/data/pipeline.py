@@ -22,26 +22,27 @@ positions of all later examples stay put. Drops are counted per reason from the 
 yielded (`metrics()`), the first of each reason is logged with its file, and a drop ratio above
 `max_drop_ratio` (once `drop_check_after` examples were seen) raises `DataError`.
 """
+
 import collections
 import dataclasses
 import functools
 import logging
 import weakref
 import zlib
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import tensorflow as tf
 
-from flamingo_jax.data import interleaved
-from flamingo_jax.data import pairs
-from flamingo_jax.data import preprocess
-from flamingo_jax.data import sequence
-from flamingo_jax.data import video
+from flamingo_jax.data import interleaved, pairs, preprocess, sequence, video
 
-KINDS = {'pairs': pairs.process_pair, 'interleaved': interleaved.process_document,
-         'video': video.process_clip}
-_INFO = ('_reason', '_notes', '_detail')
+KINDS = {
+  "pairs": pairs.process_pair,
+  "interleaved": interleaved.process_document,
+  "video": video.process_clip,
+}
+_INFO = ("_reason", "_notes", "_detail")
 _log = logging.getLogger(__name__)
 
 
@@ -69,36 +70,39 @@ class RecordSource(Protocol):
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """What one dataset yields. batch_size is GLOBAL (over all hosts)."""
+
   name: str
-  kind: str                    # 'pairs' | 'interleaved' | 'video'
+  kind: str  # 'pairs' | 'interleaved' | 'video'
   batch_size: int
-  max_tokens: int              # T
-  max_images: int = 1          # N (1 for pairs and video)
-  num_frames: int = 1          # F (1 for pairs and interleaved)
+  max_tokens: int  # T
+  max_images: int = 1  # N (1 for pairs and video)
+  num_frames: int = 1  # F (1 for pairs and interleaved)
   image: preprocess.ImageOptions = preprocess.ImageOptions()
-  text_template: str = '{text}'
-  p_next: float = 0.0          # per-sequence probability of attending to the next image (training)
-  loss_from: str = ''          # pairs: the loss starts at this template field ('' = all the text)
+  text_template: str = "{text}"
+  p_next: float = 0.0  # per-sequence probability of attending to the next image (training)
+  loss_from: str = ""  # pairs: the loss starts at this template field ('' = all the text)
   max_drop_ratio: float = 0.05
   drop_check_after: int = 200  # examples seen before the drop ratio is checked
   num_parallel_calls: int = tf.data.AUTOTUNE  # AUTOTUNE = the CPU count (autotuning is off)
-  prefetch: int = 2            # batches
+  prefetch: int = 2  # batches
 
   def __post_init__(self):
     if self.kind not in KINDS:
-      raise ValueError(f'dataset {self.name!r}: kind {self.kind!r} not in {sorted(KINDS)}')
-    if self.kind != 'interleaved' and self.max_images != 1:
-      raise ValueError(f'dataset {self.name!r}: {self.kind} has one media item; max_images must be 1')
-    if self.loss_from and self.kind != 'pairs':
-      raise ValueError(f'dataset {self.name!r}: loss_from is for pairs, not {self.kind}')
-    if self.loss_from and '{' + self.loss_from + '}' not in self.text_template:
-      raise ValueError(f'dataset {self.name!r}: loss_from {self.loss_from!r} is not a field of '
-                       f'text_template {self.text_template!r}')
-    if self.kind != 'video' and self.num_frames != 1:
-      raise ValueError(f'dataset {self.name!r}: {self.kind} images have num_frames=1')
-    for key in ('batch_size', 'max_tokens', 'max_images', 'num_frames'):
+      raise ValueError(f"dataset {self.name!r}: kind {self.kind!r} not in {sorted(KINDS)}")
+    if self.kind != "interleaved" and self.max_images != 1:
+      raise ValueError(f"dataset {self.name!r}: {self.kind} has one media item; max_images must be 1")
+    if self.loss_from and self.kind != "pairs":
+      raise ValueError(f"dataset {self.name!r}: loss_from is for pairs, not {self.kind}")
+    if self.loss_from and "{" + self.loss_from + "}" not in self.text_template:
+      raise ValueError(
+        f"dataset {self.name!r}: loss_from {self.loss_from!r} is not a field of "
+        f"text_template {self.text_template!r}"
+      )
+    if self.kind != "video" and self.num_frames != 1:
+      raise ValueError(f"dataset {self.name!r}: {self.kind} images have num_frames=1")
+    for key in ("batch_size", "max_tokens", "max_images", "num_frames"):
       if getattr(self, key) < 1:
-        raise ValueError(f'dataset {self.name!r}: {key} must be >= 1')
+        raise ValueError(f"dataset {self.name!r}: {key} must be >= 1")
 
   @property
   def key(self) -> int:
@@ -109,41 +113,68 @@ class DatasetSpec:
 def example_shapes(spec: DatasetSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{key: (shape, dtype)} of one example (a batch row)."""
   s, t = spec.image.size, spec.max_tokens
-  return {'images': ((spec.max_images, spec.num_frames, s, s, 3), tf.float32),
-          'media_mask': ((spec.max_images,), tf.bool), 'tokens': ((t,), tf.int32),
-          'targets': ((t,), tf.int32), 'loss_mask': ((t,), tf.float32),
-          'media_index': ((t,), tf.int32), 'token_mask': ((t,), tf.bool)}
+  return {
+    "images": ((spec.max_images, spec.num_frames, s, s, 3), tf.float32),
+    "media_mask": ((spec.max_images,), tf.bool),
+    "tokens": ((t,), tf.int32),
+    "targets": ((t,), tf.int32),
+    "loss_mask": ((t,), tf.float32),
+    "media_index": ((t,), tf.int32),
+    "token_mask": ((t,), tf.bool),
+  }
 
 
 class DatasetPipeline:
   """An iterator of host batches of one dataset, starting at a given step (see module docstring)."""
 
-  def __init__(self, spec: DatasetSpec, source: RecordSource, tokenizer, *, seed: int,
-               process_index: int = 0, process_count: int = 1, training: bool = True,
-               step: int = 0):
+  def __init__(
+    self,
+    spec: DatasetSpec,
+    source: RecordSource,
+    tokenizer,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    training: bool = True,
+    step: int = 0,
+  ):
     if spec.batch_size % process_count:
-      raise ValueError(f'dataset {spec.name!r}: global batch_size {spec.batch_size} is not '
-                       f'divisible by process_count {process_count}')
+      raise ValueError(
+        f"dataset {spec.name!r}: global batch_size {spec.batch_size} is not "
+        f"divisible by process_count {process_count}"
+      )
     if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+      raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if seed < 0:
-      raise ValueError(f'seed must be >= 0, got {seed}')
+      raise ValueError(f"seed must be >= 0, got {seed}")
     self.spec = spec
     self.num_records = len(source)
     if not self.num_records:
-      raise ValueError(f'dataset {spec.name!r}: the source has no records')
+      raise ValueError(f"dataset {spec.name!r}: the source has no records")
     self._source = source
     self._seed = int(seed)
     self._process_index = process_index
     self._host_batch = spec.batch_size // process_count
     self._training = training
     self._process: Callable = functools.partial(
-        KINDS[spec.kind], tokenizer=tokenizer, image_options=spec.image,
-        max_tokens=spec.max_tokens, max_images=spec.max_images, num_frames=spec.num_frames,
-        text_template=spec.text_template, p_next=spec.p_next, loss_from=spec.loss_from)
+      KINDS[spec.kind],
+      tokenizer=tokenizer,
+      image_options=spec.image,
+      max_tokens=spec.max_tokens,
+      max_images=spec.max_images,
+      num_frames=spec.num_frames,
+      text_template=spec.text_template,
+      p_next=spec.p_next,
+      loss_from=spec.loss_from,
+    )
     self._empty = sequence.empty_example(
-        max_tokens=spec.max_tokens, max_images=spec.max_images, num_frames=spec.num_frames,
-        image_size=spec.image.size, pad_id=tokenizer.pad_id)
+      max_tokens=spec.max_tokens,
+      max_images=spec.max_images,
+      num_frames=spec.num_frames,
+      image_size=spec.image.size,
+      pad_id=tokenizer.pad_id,
+    )
     self._counts = collections.Counter()
     self._logged: set[str] = set()
     self._step = int(step)
@@ -171,16 +202,20 @@ class DatasetPipeline:
   def _load(self, position: np.int64, index: np.int64) -> tuple:
     g, index = int(position), int(index)
     rng = np.random.default_rng([self._seed, self.spec.key, g]) if self._training else None
-    reason, notes, detail = 0, 0, ''
+    reason, notes, detail = 0, 0, ""
     try:
       example, notes = self._process(self._source[index], rng)
     except sequence.Dropped as e:
       example, reason, detail = self._empty, sequence.reason_code(e.reason), e.detail
     except Exception as e:  # pylint: disable=broad-except  (bad data must not stop training)
-      example, reason = self._empty, sequence.reason_code('bad_example')
-      detail = f'record {index}: {type(e).__name__}: {e}'
-    return (*(example[k] for k in example_shapes(self.spec)), np.int32(reason), np.int32(notes),
-            np.bytes_(detail.encode('utf-8', 'replace')))
+      example, reason = self._empty, sequence.reason_code("bad_example")
+      detail = f"record {index}: {type(e).__name__}: {e}"
+    return (
+      *(example[k] for k in example_shapes(self.spec)),
+      np.int32(reason),
+      np.int32(notes),
+      np.bytes_(detail.encode("utf-8", "replace")),
+    )
 
   # -- tf.data ------------------------------------------------------------------------------------
 
@@ -191,8 +226,9 @@ class DatasetPipeline:
     r = tf.constant(self.num_records, tf.int64)
     if not self._training or self.num_records == 1:
       return g, g % r
-    seed = tf.stack([tf.constant(self._seed, tf.int64),
-                     tf.constant(self.spec.key, tf.int64) * (2 ** 32) + g // r])
+    seed = tf.stack(
+      [tf.constant(self._seed, tf.int64), tf.constant(self.spec.key, tf.int64) * (2**32) + g // r]
+    )
     return g, tf.random.experimental.index_shuffle(g % r, seed, r - 1)
 
   def dataset(self, step: int) -> tf.data.Dataset:
@@ -204,7 +240,7 @@ class DatasetPipeline:
       g, index = self._positions(k)
       out = tf.numpy_function(self._load, [g, index], tout, stateful=False)
       example = {key: tf.ensure_shape(v, shape) for (key, (shape, _)), v in zip(shapes.items(), out)}
-      return {**example, **{key: tf.ensure_shape(v, []) for key, v in zip(_INFO, out[len(shapes):])}}
+      return {**example, **{key: tf.ensure_shape(v, []) for key, v in zip(_INFO, out[len(shapes) :])}}
 
     start = step * self._host_batch
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
@@ -231,31 +267,36 @@ class DatasetPipeline:
     return batch
 
   def _account(self, reasons: np.ndarray, notes: np.ndarray, details: np.ndarray) -> None:
-    self._counts['examples'] += len(reasons)
+    self._counts["examples"] += len(reasons)
     for r, n, d in zip(reasons.tolist(), notes.tolist(), details.tolist()):
       for bit, note in enumerate(sequence.NOTES):
         if n >> bit & 1:
           self._counts[note] += 1
       if r:
         reason = sequence.DROP_REASONS[r - 1]
-        self._counts['dropped'] += 1
-        self._counts[f'dropped/{reason}'] += 1
+        self._counts["dropped"] += 1
+        self._counts[f"dropped/{reason}"] += 1
         if reason not in self._logged:
           self._logged.add(reason)
-          _log.warning('dataset %r: dropped an example (%s): %s; further drops of this kind are '
-                       'only counted', self.spec.name, reason, d.decode('utf-8', 'replace'))
-    seen, dropped = self._counts['examples'], self._counts['dropped']
+          _log.warning(
+            "dataset %r: dropped an example (%s): %s; further drops of this kind are only counted",
+            self.spec.name,
+            reason,
+            d.decode("utf-8", "replace"),
+          )
+    seen, dropped = self._counts["examples"], self._counts["dropped"]
     if seen >= self.spec.drop_check_after and dropped > self.spec.max_drop_ratio * seen:
       raise DataError(
-          f'dataset {self.spec.name!r}: {dropped} of {seen} examples dropped '
-          f'({dropped / seen:.1%} > max_drop_ratio {self.spec.max_drop_ratio:.1%}); by reason: '
-          f'{ {k: v for k, v in self.metrics().items() if k.startswith("dropped/") and v} }; '
-          f'see the warnings above for the first file of each reason')
+        f"dataset {self.spec.name!r}: {dropped} of {seen} examples dropped "
+        f"({dropped / seen:.1%} > max_drop_ratio {self.spec.max_drop_ratio:.1%}); by reason: "
+        f"{ {k: v for k, v in self.metrics().items() if k.startswith('dropped/') and v} }; "
+        f"see the warnings above for the first file of each reason"
+      )
 
   def metrics(self) -> dict[str, float]:
     """This host's counts since construction: examples, dropped (+ per reason), truncations."""
-    out = {'examples': self._counts['examples'], 'dropped': self._counts['dropped']}
-    out.update({f'dropped/{r}': self._counts[f'dropped/{r}'] for r in sequence.DROP_REASONS})
+    out = {"examples": self._counts["examples"], "dropped": self._counts["dropped"]}
+    out.update({f"dropped/{r}": self._counts[f"dropped/{r}"] for r in sequence.DROP_REASONS})
     out.update({n: self._counts[n] for n in sequence.NOTES})
-    out['drop_ratio'] = out['dropped'] / max(out['examples'], 1)
+    out["drop_ratio"] = out["dropped"] / max(out["examples"], 1)
     return out

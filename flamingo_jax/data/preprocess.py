@@ -13,9 +13,10 @@ Training augmentation (`rng` given): a random horizontal flip (p=0.5) and colour
 luma (in that order, then clipped to [0,1]). It applies to the image before padding, so the padding
 stays `pad_value`. The frames of one clip share one draw of the augmentation.
 """
+
 import dataclasses
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,12 +24,13 @@ from PIL import Image, ImageOps
 from flamingo_jax.data.sequence import Dropped
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-_EXIF_FORMATS = ('JPEG', 'MPO', 'TIFF', 'WEBP', 'HEIF')
+_EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP", "HEIF")
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
   """size: output side S; pad_value: RGB in [0,1]; the rest: training augmentation (0 = off)."""
+
   size: int = 320
   pad_value: tuple[float, float, float] = (0.5, 0.5, 0.5)
   flip: bool = True
@@ -40,20 +42,23 @@ class ImageOptions:
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """One draw of the training augmentation."""
+
   flip: bool = False
   brightness: float = 0.0
   contrast: float = 1.0
   saturation: float = 1.0
 
   @classmethod
-  def draw(cls, rng: np.random.Generator | None, options: ImageOptions) -> 'Augment':
+  def draw(cls, rng: np.random.Generator | None, options: ImageOptions) -> "Augment":
     if rng is None:
       return cls()
     u = rng.uniform(-1.0, 1.0, size=3)
-    return cls(flip=bool(options.flip and rng.random() < 0.5),
-               brightness=float(u[0] * options.brightness),
-               contrast=float(1.0 + u[1] * options.contrast),
-               saturation=float(1.0 + u[2] * options.saturation))
+    return cls(
+      flip=bool(options.flip and rng.random() < 0.5),
+      brightness=float(u[0] * options.brightness),
+      contrast=float(1.0 + u[1] * options.contrast),
+      saturation=float(1.0 + u[2] * options.saturation),
+    )
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
     """float32 [h,w,3] -> float32 [h,w,3] in [0,1].
@@ -66,11 +71,11 @@ class Augment:
     if (self.brightness, self.contrast, self.saturation) == (0.0, 1.0, 1.0):
       return x
     d, c, s = self.brightness, self.contrast, self.saturation
-    pixels = x.reshape(-1, 3)                             # one [h*w, 3] matmul, not h small ones
-    mean = float((pixels @ _LUMA).mean()) + d             # luma weights sum to 1
-    luma = np.repeat(_LUMA[:, None], 3, axis=1)           # x @ luma = the luma in every channel
+    pixels = x.reshape(-1, 3)  # one [h*w, 3] matmul, not h small ones
+    mean = float((pixels @ _LUMA).mean()) + d  # luma weights sum to 1
+    luma = np.repeat(_LUMA[:, None], 3, axis=1)  # x @ luma = the luma in every channel
     a = (s * np.eye(3, dtype=np.float32) + (1 - s) * luma) * c
-    b = np.float32(c * d + (1 - c) * mean)                # a constant grey: saturation keeps it
+    b = np.float32(c * d + (1 - c) * mean)  # a constant grey: saturation keeps it
     out = pixels @ a
     out += b
     return np.clip(out, 0.0, 1.0, out=out).reshape(x.shape)
@@ -79,37 +84,37 @@ class Augment:
 def to_rgb(image: Image.Image) -> Image.Image:
   """Any PIL mode -> RGB (alpha composited on white, high bit depths scaled to 8 bits)."""
   mode = image.mode
-  if mode == 'RGB' and 'transparency' not in image.info:
+  if mode == "RGB" and "transparency" not in image.info:
     return image
-  if mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or 'transparency' in image.info:
-    rgba = image.convert('RGBA')
-    white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert('RGB')
-  if mode.startswith('I') or mode == 'F':
+  if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  if mode.startswith("I") or mode == "F":
     x = np.asarray(image, dtype=np.float32)
     if x.max(initial=0) > 255:
       x = x / 257.0 if x.max() <= 65535 else x * (255.0 / x.max())
-    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), 'L').convert('RGB')
-  return image.convert('RGB')  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), "L").convert("RGB")
+  return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
 def decode(data: bytes, *, missing: bool, path: str, size: int) -> Image.Image:
   """Encoded bytes -> an RGB PIL image (JPEGs decoded at the smallest scale >= size)."""
   if missing:
-    raise Dropped('missing_image', path)
+    raise Dropped("missing_image", path)
   if not data:
-    raise Dropped('empty_image', path)
+    raise Dropped("empty_image", path)
   try:
     image = Image.open(io.BytesIO(data))
-    image.draft('RGB', (size, size))
+    image.draft("RGB", (size, size))
     if image.format in _EXIF_FORMATS:  # PNG/GIF carry no orientation in practice; skip the parse
       image = ImageOps.exif_transpose(image)
     image.load()
     image = to_rgb(image)
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
-    raise Dropped('corrupt_image', f'{path}: {type(e).__name__}: {e}') from None
+    raise Dropped("corrupt_image", f"{path}: {type(e).__name__}: {e}") from None
   if min(image.size) < 1:
-    raise Dropped('corrupt_image', f'{path}: empty image {image.size}')
+    raise Dropped("corrupt_image", f"{path}: empty image {image.size}")
   return image
 
 
@@ -131,12 +136,13 @@ def pad(x: np.ndarray, size: int, pad_value: Sequence[float]) -> np.ndarray:
   out = np.empty([size, size, 3], np.float32)
   out[...] = np.asarray(pad_value, np.float32)
   top, left = (size - h) // 2, (size - w) // 2
-  out[top:top + h, left:left + w] = x
+  out[top : top + h, left : left + w] = x
   return out
 
 
-def load_image(data: bytes, *, missing: bool, path: str, options: ImageOptions,
-               augment: Augment | None = None) -> np.ndarray:
+def load_image(
+  data: bytes, *, missing: bool, path: str, options: ImageOptions, augment: Augment | None = None
+) -> np.ndarray:
   """Encoded bytes -> float32 [S,S,3] in [0,1] (raises Dropped on bad input)."""
   x = resize(decode(data, missing=missing, path=path, size=options.size), options.size)
   x = x.astype(np.float32) / 255.0

@@ -14,22 +14,23 @@ A sequence `seq` of L <= T+1 ids (e.g. `[BOS, <image>, a, cat, EOC, EOS]`) gives
                `<image>` at or after t instead, -1 after the last. -1 on padding. This is exactly
                `flamingo_jax.models.masking.media_index_from_tokens` on the real positions.
 """
+
 import numpy as np
 
 # Why an example is dropped (code = index + 1; 0 = kept).
 DROP_REASONS = (
-    'missing_image',         # an image/frame file could not be read when the dataset was built
-    'empty_image',           # a zero-byte image file
-    'corrupt_image',         # undecodable image bytes (truncated, not an image, decompression bomb)
-    'no_image',              # a document or clip without any image
-    'no_image_in_budget',    # no image left within the token budget
-    'image_count_mismatch',  # `<image>` markers in the text != number of images
-    'text_too_long',         # a caption that does not fit in max_tokens
-    'empty_text',            # a caption/document without text
-    'bad_example',           # anything else unexpected (the error is logged)
+  "missing_image",  # an image/frame file could not be read when the dataset was built
+  "empty_image",  # a zero-byte image file
+  "corrupt_image",  # undecodable image bytes (truncated, not an image, decompression bomb)
+  "no_image",  # a document or clip without any image
+  "no_image_in_budget",  # no image left within the token budget
+  "image_count_mismatch",  # `<image>` markers in the text != number of images
+  "text_too_long",  # a caption that does not fit in max_tokens
+  "empty_text",  # a caption/document without text
+  "bad_example",  # anything else unexpected (the error is logged)
 )
 # What was cut from a kept example (bit i of the notes).
-NOTES = ('truncated_tokens', 'truncated_images')
+NOTES = ("truncated_tokens", "truncated_images")
 
 
 class Dropped(Exception):
@@ -37,8 +38,8 @@ class Dropped(Exception):
 
   def __init__(self, reason: str, detail: str):
     if reason not in DROP_REASONS:
-      raise ValueError(f'unknown drop reason {reason!r}; expected one of {DROP_REASONS}')
-    super().__init__(f'{reason}: {detail}')
+      raise ValueError(f"unknown drop reason {reason!r}; expected one of {DROP_REASONS}")
+    super().__init__(f"{reason}: {detail}")
     self.reason = reason
     self.detail = detail
 
@@ -54,9 +55,9 @@ def note_bits(*notes: str) -> int:
 def media_index(tokens: np.ndarray, image_id: int, attend_next: bool, length: int) -> np.ndarray:
   """phi, int32 [T], for the first `length` positions of `tokens` (int [T]); -1 elsewhere."""
   is_image = (tokens[:length] == image_id).astype(np.int32)
-  seen = np.cumsum(is_image)                     # markers at or before t
+  seen = np.cumsum(is_image)  # markers at or before t
   if attend_next:
-    before = seen - is_image                     # markers strictly before t
+    before = seen - is_image  # markers strictly before t
     phi = np.where(before < seen[-1:], before, -1) if length else before
   else:
     phi = seen - 1
@@ -65,15 +66,21 @@ def media_index(tokens: np.ndarray, image_id: int, attend_next: bool, length: in
   return out
 
 
-def text_arrays(seq: list[int], *, max_tokens: int, pad_id: int, image_id: int,
-                attend_next: bool = False,
-                loss_flags: list[bool] | None = None) -> dict[str, np.ndarray]:
+def text_arrays(
+  seq: list[int],
+  *,
+  max_tokens: int,
+  pad_id: int,
+  image_id: int,
+  attend_next: bool = False,
+  loss_flags: list[bool] | None = None,
+) -> dict[str, np.ndarray]:
   """tokens/targets int32 [T], loss_mask f32 [T], media_index int32 [T], token_mask bool [T].
 
   `loss_flags` (one per id of `seq`): the loss further limited to the targets flagged True.
   """
   if not 2 <= len(seq) <= max_tokens + 1:
-    raise ValueError(f'sequence of {len(seq)} ids; need 2..{max_tokens + 1}')
+    raise ValueError(f"sequence of {len(seq)} ids; need 2..{max_tokens + 1}")
   n = len(seq) - 1
   tokens = np.full([max_tokens], pad_id, np.int32)
   targets = np.full([max_tokens], pad_id, np.int32)
@@ -83,27 +90,33 @@ def text_arrays(seq: list[int], *, max_tokens: int, pad_id: int, image_id: int,
   loss_mask = token_mask & (targets != image_id)
   if loss_flags is not None:
     if len(loss_flags) != len(seq):
-      raise ValueError(f'{len(loss_flags)} loss flags for a sequence of {len(seq)} ids')
+      raise ValueError(f"{len(loss_flags)} loss flags for a sequence of {len(seq)} ids")
     loss_mask[:n] &= np.asarray(loss_flags[1:], bool)
   loss_mask = loss_mask.astype(np.float32)
-  return {'tokens': tokens, 'targets': targets, 'loss_mask': loss_mask,
-          'media_index': media_index(tokens, image_id, attend_next, n), 'token_mask': token_mask}
+  return {
+    "tokens": tokens,
+    "targets": targets,
+    "loss_mask": loss_mask,
+    "media_index": media_index(tokens, image_id, attend_next, n),
+    "token_mask": token_mask,
+  }
 
 
-def empty_example(*, max_tokens: int, max_images: int, num_frames: int, image_size: int,
-                  pad_id: int) -> dict[str, np.ndarray]:
+def empty_example(
+  *, max_tokens: int, max_images: int, num_frames: int, image_size: int, pad_id: int
+) -> dict[str, np.ndarray]:
   """The stand-in for a dropped example: no media, no real tokens, no loss."""
   return {
-      'images': np.zeros([max_images, num_frames, image_size, image_size, 3], np.float32),
-      'media_mask': np.zeros([max_images], bool),
-      'tokens': np.full([max_tokens], pad_id, np.int32),
-      'targets': np.full([max_tokens], pad_id, np.int32),
-      'loss_mask': np.zeros([max_tokens], np.float32),
-      'media_index': np.full([max_tokens], -1, np.int32),
-      'token_mask': np.zeros([max_tokens], bool),
+    "images": np.zeros([max_images, num_frames, image_size, image_size, 3], np.float32),
+    "media_mask": np.zeros([max_images], bool),
+    "tokens": np.full([max_tokens], pad_id, np.int32),
+    "targets": np.full([max_tokens], pad_id, np.int32),
+    "loss_mask": np.zeros([max_tokens], np.float32),
+    "media_index": np.full([max_tokens], -1, np.int32),
+    "token_mask": np.zeros([max_tokens], bool),
   }
 
 
 def as_text(value) -> str:
   """A TFDS text feature (bytes) as str."""
-  return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
+  return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

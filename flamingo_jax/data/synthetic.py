@@ -5,14 +5,25 @@ and `Mixture`-like interface (`__next__`, `get_state`, `set_state`, `metrics`, `
 `flamingo_jax/data/mixture.py`. Each dataset config needs: weight, batch_size (global), max_tokens,
 max_images, num_frames, image_size; plus `vocab_size` and `image_id` from the model.
 """
-from typing import Any, Mapping
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 
-def synthetic_batch(rng: np.random.Generator, *, batch_size: int, max_tokens: int, max_images: int,
-                    num_frames: int, image_size: int, vocab_size: int, image_id: int,
-                    eoc_id: int) -> dict:
+def synthetic_batch(
+  rng: np.random.Generator,
+  *,
+  batch_size: int,
+  max_tokens: int,
+  max_images: int,
+  num_frames: int,
+  image_size: int,
+  vocab_size: int,
+  image_id: int,
+  eoc_id: int,
+) -> dict:
   """One batch: `max_images` chunks of `<image> text... <EOC>`, the last two tokens padded on odd rows."""
   b, t, n = batch_size, max_tokens, max_images
   tokens = rng.integers(0, vocab_size, size=(b, t + 1)).astype(np.int32)
@@ -31,15 +42,31 @@ def synthetic_batch(rng: np.random.Generator, *, batch_size: int, max_tokens: in
   is_image = (inputs == image_id).astype(np.int32)
   media_index = (np.cumsum(is_image, axis=1) - 1).astype(np.int32)
   images = rng.uniform(size=(b, n, num_frames, image_size, image_size, 3)).astype(np.float32)
-  return dict(images=images, media_mask=np.ones((b, n), bool), tokens=inputs, targets=targets,
-              loss_mask=loss_mask, media_index=media_index, token_mask=token_mask)
+  return dict(
+    images=images,
+    media_mask=np.ones((b, n), bool),
+    tokens=inputs,
+    targets=targets,
+    loss_mask=loss_mask,
+    media_index=media_index,
+    token_mask=token_mask,
+  )
 
 
 class SyntheticMixture:
   """`{name: host batch}` per step; host p of P gets rows [p B/P, (p+1) B/P) of each global batch."""
 
-  def __init__(self, datasets: Mapping[str, Any], *, vocab_size: int, image_id: int, eoc_id: int,
-               seed: int = 0, process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    datasets: Mapping[str, Any],
+    *,
+    vocab_size: int,
+    image_id: int,
+    eoc_id: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     self.datasets = {name: dict(cfg) for name, cfg in datasets.items()}
     self.weights = {name: float(cfg["weight"]) for name, cfg in self.datasets.items()}
     self.vocab_size, self.image_id, self.eoc_id = vocab_size, image_id, eoc_id
@@ -53,10 +80,17 @@ class SyntheticMixture:
     out = {}
     for i, (name, cfg) in enumerate(sorted(self.datasets.items())):
       rng = np.random.default_rng([self.seed, self.step, i])
-      full = synthetic_batch(rng, batch_size=cfg["batch_size"], max_tokens=cfg["max_tokens"],
-                             max_images=cfg["max_images"], num_frames=cfg["num_frames"],
-                             image_size=cfg["image_size"], vocab_size=self.vocab_size,
-                             image_id=self.image_id, eoc_id=self.eoc_id)
+      full = synthetic_batch(
+        rng,
+        batch_size=cfg["batch_size"],
+        max_tokens=cfg["max_tokens"],
+        max_images=cfg["max_images"],
+        num_frames=cfg["num_frames"],
+        image_size=cfg["image_size"],
+        vocab_size=self.vocab_size,
+        image_id=self.image_id,
+        eoc_id=self.eoc_id,
+      )
       per_host = cfg["batch_size"] // self.process_count
       rows = slice(self.process_index * per_host, (self.process_index + 1) * per_host)
       out[name] = {k: v[rows] for k, v in full.items()}

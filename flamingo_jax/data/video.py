@@ -9,20 +9,20 @@ All F frames share one augmentation draw. The text is paired as in `pairs.py`:
 `<BOS><image>{text}<EOC><EOS>` (leading space with p=0.5 in training). A clip with no frames is
 dropped ('no_image'); one bad frame drops the clip (with that frame's reason).
 """
-from typing import Any, Mapping
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from flamingo_jax.data import pairs
-from flamingo_jax.data import preprocess
-from flamingo_jax.data import sequence
+from flamingo_jax.data import pairs, preprocess, sequence
 from flamingo_jax.data.sequence import Dropped
 
 
 def frame_indices(n: int, num_frames: int, rng: np.random.Generator | None = None) -> np.ndarray:
   """int [F] indices into n frames: evenly spaced; with rng, shifted by a random offset."""
   if n < 1:
-    raise ValueError('a clip needs at least one frame')
+    raise ValueError("a clip needs at least one frame")
   if rng is None or n <= num_frames:
     return np.round(np.linspace(0, n - 1, num_frames)).astype(np.int64)
   # Evenly spaced over a window of `span` frames placed at a random start.
@@ -31,32 +31,45 @@ def frame_indices(n: int, num_frames: int, rng: np.random.Generator | None = Non
   return start + np.round(np.linspace(0, span - 1, num_frames)).astype(np.int64)
 
 
-def process_clip(example: Mapping[str, Any], rng: np.random.Generator | None, *, tokenizer,
-                 image_options: preprocess.ImageOptions, max_tokens: int, num_frames: int,
-                 text_template: str = '{text}', p_next: float = 0.0,
-                 **unused) -> tuple[dict[str, np.ndarray], int]:
+def process_clip(
+  example: Mapping[str, Any],
+  rng: np.random.Generator | None,
+  *,
+  tokenizer,
+  image_options: preprocess.ImageOptions,
+  max_tokens: int,
+  num_frames: int,
+  text_template: str = "{text}",
+  p_next: float = 0.0,
+  **unused,
+) -> tuple[dict[str, np.ndarray], int]:
   """One clip -> ({images [1,F,S,S,3], media_mask [1], text arrays [T]}, notes); rng None = eval.
 
   Raises Dropped for a bad example.
   """
   del unused
-  frames = list(example['frames'])
-  paths = [sequence.as_text(p) for p in example['frame_paths']]
-  missing = [bool(m) for m in example['frame_missing']]
-  where = paths[0] if paths else '<clip without frames>'
+  frames = list(example["frames"])
+  paths = [sequence.as_text(p) for p in example["frame_paths"]]
+  missing = [bool(m) for m in example["frame_missing"]]
+  where = paths[0] if paths else "<clip without frames>"
   if not frames:
-    raise Dropped('no_image', where)
+    raise Dropped("no_image", where)
   text = pairs.fill_template(example, text_template, where)
   leading_space = rng is not None and rng.random() < 0.5
-  seq = pairs.caption_sequence(text, tokenizer, leading_space=leading_space,
-                               max_tokens=max_tokens, where=where)
+  seq = pairs.caption_sequence(
+    text, tokenizer, leading_space=leading_space, max_tokens=max_tokens, where=where
+  )
   indices = frame_indices(len(frames), num_frames, rng)
   augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
-  loaded = {int(i): preprocess.load_image(frames[i], missing=missing[i], path=paths[i],
-                                          options=image_options, augment=augment)
-            for i in sorted(set(indices.tolist()))}
+  loaded = {
+    int(i): preprocess.load_image(
+      frames[i], missing=missing[i], path=paths[i], options=image_options, augment=augment
+    )
+    for i in sorted(set(indices.tolist()))
+  }
   images = np.stack([loaded[int(i)] for i in indices])
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next
-  arrays = sequence.text_arrays(seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id,
-                                image_id=tokenizer.image_id, attend_next=attend_next)
-  return {'images': images[None], 'media_mask': np.ones([1], bool), **arrays}, 0
+  arrays = sequence.text_arrays(
+    seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id, image_id=tokenizer.image_id, attend_next=attend_next
+  )
+  return {"images": images[None], "media_mask": np.ones([1], bool), **arrays}, 0

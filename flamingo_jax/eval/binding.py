@@ -18,18 +18,18 @@ prompt to a multiple of `media_bucket` (blank slots no token attends to), so the
 compiles a few shapes only. Metric keys: `eval/easy_vqa_binding/{N}way/{K}shot/{metric}` for the
 invented names and `eval/easy_vqa_binding/{N}way/{K}shot/{control}/{metric}` for the controls.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from flamingo_jax.data import binding as binding_lib
-from flamingo_jax.eval import engine
-from flamingo_jax.eval import fewshot_data
-from flamingo_jax.eval import evaluators
+from flamingo_jax.eval import engine, evaluators, fewshot_data
 from flamingo_jax.eval.metrics import vqa as vqa_lib
 
 TASK = "easy_vqa_binding"
@@ -45,14 +45,25 @@ def metric_key(n_way: int, k_shot: int, control: str, metric: str) -> str:
 class BindingEvaluator:
   """The binding sweep over ways x shots x controls x seeds (see the module docstring)."""
 
-  def __init__(self, images: Sequence[tuple[str, str, str]], load: Callable, names: Sequence[str],
-               *, class_mode: str, ways: Sequence[int], shots: Sequence[int], episodes: int,
-               controls: Sequence[str], ranked: bool, max_new_tokens: int,
-               prompt_bucket: int = 32, media_bucket: int = 8):
+  def __init__(
+    self,
+    images: Sequence[tuple[str, str, str]],
+    load: Callable,
+    names: Sequence[str],
+    *,
+    class_mode: str,
+    ways: Sequence[int],
+    shots: Sequence[int],
+    episodes: int,
+    controls: Sequence[str],
+    ranked: bool,
+    max_new_tokens: int,
+    prompt_bucket: int = 32,
+    media_bucket: int = 8,
+  ):
     unknown = [c for c in controls if c not in binding_lib.CONTROLS or c == "none"]
     if unknown:
-      raise ValueError(f"{TASK}: unknown controls {unknown}; expected some of "
-                       f"{binding_lib.CONTROLS[1:]}")
+      raise ValueError(f"{TASK}: unknown controls {unknown}; expected some of {binding_lib.CONTROLS[1:]}")
     if episodes < 1 or not ways or not shots:
       raise ValueError(f"{TASK}: needs episodes >= 1, ways and shots; got {episodes}, {ways}, {shots}")
     self.pool = binding_lib.class_pool(images, class_mode)
@@ -64,20 +75,30 @@ class BindingEvaluator:
     self.predictions: list[dict[str, Any]] = []
 
   @classmethod
-  def from_config(cls, config, image_size: int, train_names: Sequence[str],
-                  train_names_path: str = "train") -> "BindingEvaluator":
+  def from_config(
+    cls, config, image_size: int, train_names: Sequence[str], train_names_path: str = "train"
+  ) -> BindingEvaluator:
     """From `config.task_options.easy_vqa_binding` of configs/fewshot_eval.py; checks that the
     evaluation names share no word with the training names."""
     o = config.task_options[TASK]
     names_path = binding_lib.resolve_word_list(o.names_file, "eval")
     names = binding_lib.read_word_list(names_path)
-    binding_lib.check_disjoint(train_names, names, train_path=train_names_path,
-                               eval_path=names_path)
+    binding_lib.check_disjoint(train_names, names, train_path=train_names_path, eval_path=names_path)
     images, load = fewshot_data.easy_vqa_images(
-        config.data_dir, image_size, "test", None if o.max_examples < 0 else o.max_examples)
-    return cls(images, load, names, class_mode=o.class_mode, ways=o.ways, shots=o.shots,
-               episodes=o.episodes, controls=o.controls, ranked=o.ranked,
-               max_new_tokens=o.max_new_tokens)
+      config.data_dir, image_size, "test", None if o.max_examples < 0 else o.max_examples
+    )
+    return cls(
+      images,
+      load,
+      names,
+      class_mode=o.class_mode,
+      ways=o.ways,
+      shots=o.shots,
+      episodes=o.episodes,
+      controls=o.controls,
+      ranked=o.ranked,
+      max_new_tokens=o.max_new_tokens,
+    )
 
   def _prompts(self, episodes, control, tokenizer):
     """(prompt ids, media refs padded to the bucket) of the episodes."""
@@ -92,17 +113,26 @@ class BindingEvaluator:
     media = [tuple(m) + (fewshot_data.BLANK,) * (width - len(m)) for m in media]
     return ids, media, engine.bucket(max(len(i) for i in ids), self.prompt_bucket)
 
-  def cell(self, model: engine.EvalModel, params, tokenizer, *, n_way: int, k_shot: int,
-           seed: int, control: str) -> dict[str, int]:
+  def cell(
+    self, model: engine.EvalModel, params, tokenizer, *, n_way: int, k_shot: int, seed: int, control: str
+  ) -> dict[str, int]:
     """Statistics {correct, ranked_correct, follows, count} of one cell, summed over hosts."""
     indices = range(jax.process_index(), self.episodes, jax.process_count())
-    episodes = [binding_lib.make_episode(self.pool, self.names, n_way=n_way, k_shot=k_shot,
-                                         seed=seed, index=i, control=control) for i in indices]
+    episodes = [
+      binding_lib.make_episode(
+        self.pool, self.names, n_way=n_way, k_shot=k_shot, seed=seed, index=i, control=control
+      )
+      for i in indices
+    ]
     ids, media, prompt_len = self._prompts(episodes, control, tokenizer)
     lm_only = control == "text_only"
     newline = tokenizer.encode("\n") if lm_only else []
-    kw = dict(prompt_len=prompt_len, max_new_tokens=self.max_new_tokens, lm_only=lm_only,
-              extra_stop_ids=newline if len(newline) == 1 else ())
+    kw = dict(
+      prompt_len=prompt_len,
+      max_new_tokens=self.max_new_tokens,
+      lm_only=lm_only,
+      extra_stop_ids=newline if len(newline) == 1 else (),
+    )
     ranked = None
     if self.ranked:
       conts = [[tokenizer.encode(f" {name}") for name in e.names] for e in episodes]
@@ -116,10 +146,16 @@ class BindingEvaluator:
       prediction = vqa_lib.postprocess_generation(tokenizer.decode(out))
       said = vqa_lib.normalize_answer(prediction)
       shown = next(n for (_, c), n in zip(e.support, e.shown) if c == e.query_class)
-      record = dict(episode=indices[j], classes=list(e.classes), names=list(e.names),
-                    answer=e.answer, shown=shown, prediction=prediction,
-                    correct=said == vqa_lib.normalize_answer(e.answer),
-                    follows=said == vqa_lib.normalize_answer(shown))
+      record = dict(
+        episode=indices[j],
+        classes=list(e.classes),
+        names=list(e.names),
+        answer=e.answer,
+        shown=shown,
+        prediction=prediction,
+        correct=said == vqa_lib.normalize_answer(e.answer),
+        follows=said == vqa_lib.normalize_answer(shown),
+      )
       if ranked is not None:
         record["ranked"] = e.names[int(ranked[j])]
         stats["ranked_correct"] += int(ranked[j]) == e.query_class
@@ -130,8 +166,15 @@ class BindingEvaluator:
     total = evaluators.sum_over_hosts(np.asarray([stats[k] for k in _STATS], np.float64))
     return {k: int(v) for k, v in zip(_STATS, total)}
 
-  def sweep(self, model, params, tokenizer, *, seeds: Sequence[int],
-            on_cell: Callable[[str, dict], None] | None = None) -> tuple[dict, dict]:
+  def sweep(
+    self,
+    model,
+    params,
+    tokenizer,
+    *,
+    seeds: Sequence[int],
+    on_cell: Callable[[str, dict], None] | None = None,
+  ) -> tuple[dict, dict]:
     """(task results, flat metrics) over every cell and seed; `on_cell(name, record)` after each
     cell (e.g. to write its predictions). Values in percent; mean and std (ddof 0) over seeds."""
     per_seed: dict[tuple, dict[str, dict[int, float]]] = {}
@@ -140,8 +183,7 @@ class BindingEvaluator:
         for k_shot in self.shots:
           for control in self.controls:
             t0 = time.time()
-            s = self.cell(model, params, tokenizer, n_way=n_way, k_shot=k_shot, seed=seed,
-                          control=control)
+            s = self.cell(model, params, tokenizer, n_way=n_way, k_shot=k_shot, seed=seed, control=control)
             values = {"accuracy": s["correct"], "follows_support": s["follows"]}
             if self.ranked:
               values["ranked_accuracy"] = s["ranked_correct"]
@@ -149,21 +191,32 @@ class BindingEvaluator:
             for metric, v in values.items():
               cell.setdefault(metric, {})[seed] = 100.0 * v / s["count"]
             name = f"{n_way}way_{k_shot}shot_{control}_seed{seed}"
-            print(f"{TASK} {name}: " + " ".join(f"{m} {cell[m][seed]:.1f}" for m in values)
-                  + f" (chance {100 / n_way:.1f}; {s['count']} episodes; {time.time() - t0:.1f} s)",
-                  flush=True)
+            print(
+              f"{TASK} {name}: "
+              + " ".join(f"{m} {cell[m][seed]:.1f}" for m in values)
+              + f" (chance {100 / n_way:.1f}; {s['count']} episodes; {time.time() - t0:.1f} s)",
+              flush=True,
+            )
             if on_cell is not None:
               on_cell(name, {"predictions": self.predictions})
-    results = {"metric": "accuracy", "episodes": self.episodes, "seeds": list(seeds),
-               "chance": {f"{n}way": 100.0 / n for n in self.ways}, "cells": {}}
+    results = {
+      "metric": "accuracy",
+      "episodes": self.episodes,
+      "seeds": list(seeds),
+      "chance": {f"{n}way": 100.0 / n for n in self.ways},
+      "cells": {},
+    }
     metrics = {}
     for (n_way, k_shot, control), cell in per_seed.items():
       out = results["cells"].setdefault(control, {}).setdefault(f"{n_way}way", {})
       out[f"{k_shot}shot"] = {}
       for metric, values in cell.items():
         v = np.asarray(list(values.values()))
-        out[f"{k_shot}shot"][metric] = {"mean": float(v.mean()), "std": float(v.std()),
-                                        "seeds": {str(k): float(x) for k, x in values.items()}}
+        out[f"{k_shot}shot"][metric] = {
+          "mean": float(v.mean()),
+          "std": float(v.std()),
+          "seeds": {str(k): float(x) for k, x in values.items()},
+        }
         metrics[metric_key(n_way, k_shot, control, metric)] = float(v.mean())
     return results, metrics
 
@@ -186,9 +239,12 @@ def format_table(results: dict) -> str:
 def plot(results: dict, path: str, write: Callable[[str, bytes], None]) -> None:
   """Accuracy vs shots, one panel per N: invented names (open and ranked), controls, chance."""
   import io  # pylint: disable=g-import-not-at-top
+
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
   cells, ways = results["cells"], list(results["cells"]["none"])
   fig, axes = plt.subplots(1, len(ways), figsize=(4.5 * len(ways), 4), squeeze=False)
   styles = {"none": "o-", "text_only": "k--", "shuffled": "r:", "real_names": "g-."}
@@ -205,9 +261,17 @@ def plot(results: dict, path: str, write: Callable[[str, bytes], None]) -> None:
         mean = np.array([by_shot[s][metric]["mean"] for s in shots])
         std = np.array([by_shot[s][metric]["std"] for s in shots])
         label = ("invented names" if control == "none" else control) + (
-            " (ranked)" if metric == "ranked_accuracy" else "")
-        ax.errorbar(x, mean, yerr=std, fmt=style if metric == "accuracy" else "s-", alpha=
-                    1.0 if metric == "accuracy" else 0.6, label=label, capsize=3)
+          " (ranked)" if metric == "ranked_accuracy" else ""
+        )
+        ax.errorbar(
+          x,
+          mean,
+          yerr=std,
+          fmt=style if metric == "accuracy" else "s-",
+          alpha=1.0 if metric == "accuracy" else 0.6,
+          label=label,
+          capsize=3,
+        )
     ax.axhline(results["chance"][way], color="gray", lw=1, label="chance")
     ax.set_title(f"{TASK}: {way}")
     ax.set_xlabel("shots per class (K)")

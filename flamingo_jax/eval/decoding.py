@@ -18,10 +18,12 @@ Shapes: B batch, T prompt tokens, V vocabulary, K beams, N = max_new_tokens.
 Outputs are tokens [B,N] (the stop token included, pad_id after it) and summed fp32 log-probs
 (beam search: divided by the GNMT length penalty ((5 + len) / 6) ** alpha).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +58,13 @@ class _AxesReorder:
   def __call__(self, cache: PyTree, indices: jax.Array) -> PyTree:
     leaves, treedef = jax.tree.flatten(cache)
     if treedef != self._treedef:
-      raise ValueError(f"cache_batch_axes has the structure {self._treedef} but the cache has "
-                       f"{treedef}")
-    return jax.tree.unflatten(treedef, [
-        leaf if axis is None else jnp.take(leaf, indices, axis=axis)
-        for axis, leaf in zip(self._axes, leaves)])
+      raise ValueError(f"cache_batch_axes has the structure {self._treedef} but the cache has {treedef}")
+    return jax.tree.unflatten(
+      treedef,
+      [
+        leaf if axis is None else jnp.take(leaf, indices, axis=axis) for axis, leaf in zip(self._axes, leaves)
+      ],
+    )
 
   def _key(self):
     return (self._treedef, self._axes)
@@ -94,16 +98,25 @@ def _as_ids(stop_ids: int | Sequence[int]) -> tuple[int, ...]:
 
 def _check_prompt(tokens, token_mask, max_new_tokens):
   if tokens.ndim != 2 or token_mask.shape != tokens.shape:
-    raise ValueError(f"tokens must be [B,T] with token_mask of the same shape, got {tokens.shape} "
-                     f"and {token_mask.shape}")
+    raise ValueError(
+      f"tokens must be [B,T] with token_mask of the same shape, got {tokens.shape} and {token_mask.shape}"
+    )
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
-def greedy_decode(prefill_fn: PrefillFn, decode_step_fn: DecodeStepFn, params: PyTree,
-                  tokens: jax.Array, token_mask: jax.Array, *, max_new_tokens: int,
-                  stop_ids: int | Sequence[int], pad_id: int,
-                  prefill_inputs: dict[str, Any] | None = None) -> DecodeOutput:
+def greedy_decode(
+  prefill_fn: PrefillFn,
+  decode_step_fn: DecodeStepFn,
+  params: PyTree,
+  tokens: jax.Array,
+  token_mask: jax.Array,
+  *,
+  max_new_tokens: int,
+  stop_ids: int | Sequence[int],
+  pad_id: int,
+  prefill_inputs: dict[str, Any] | None = None,
+) -> DecodeOutput:
   """Greedy decoding in a `lax.while_loop` until every row emitted a stop id or N tokens.
 
   Args:
@@ -117,25 +130,35 @@ def greedy_decode(prefill_fn: PrefillFn, decode_step_fn: DecodeStepFn, params: P
     prefill_inputs: extra keyword arrays for prefill_fn (e.g. images).
   """
   _check_prompt(tokens, token_mask, max_new_tokens)
-  return _greedy_decode(prefill_fn, decode_step_fn, params, tokens, token_mask,
-                        max_new_tokens=max_new_tokens, stop_ids=_as_ids(stop_ids),
-                        pad_id=int(pad_id), prefill_inputs=prefill_inputs)
+  return _greedy_decode(
+    prefill_fn,
+    decode_step_fn,
+    params,
+    tokens,
+    token_mask,
+    max_new_tokens=max_new_tokens,
+    stop_ids=_as_ids(stop_ids),
+    pad_id=int(pad_id),
+    prefill_inputs=prefill_inputs,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("prefill_fn", "decode_step_fn", "max_new_tokens",
-                                             "stop_ids", "pad_id"))
-def _greedy_decode(prefill_fn, decode_step_fn, params, tokens, token_mask, *, max_new_tokens,
-                   stop_ids, pad_id, prefill_inputs):
+@functools.partial(
+  jax.jit, static_argnames=("prefill_fn", "decode_step_fn", "max_new_tokens", "stop_ids", "pad_id")
+)
+def _greedy_decode(
+  prefill_fn, decode_step_fn, params, tokens, token_mask, *, max_new_tokens, stop_ids, pad_id, prefill_inputs
+):
   batch = tokens.shape[0]
   logits, cache = prefill_fn(params, tokens, token_mask, **(prefill_inputs or {}))
   init = dict(
-      step=jnp.int32(0),
-      logits=logits[:, -1].astype(jnp.float32),  # [B, V]: predicts the token at `step`
-      cache=cache,
-      out=jnp.full([batch, max_new_tokens], pad_id, jnp.int32),
-      done=jnp.zeros([batch], bool),
-      scores=jnp.zeros([batch], jnp.float32),
-      lengths=jnp.zeros([batch], jnp.int32),
+    step=jnp.int32(0),
+    logits=logits[:, -1].astype(jnp.float32),  # [B, V]: predicts the token at `step`
+    cache=cache,
+    out=jnp.full([batch, max_new_tokens], pad_id, jnp.int32),
+    done=jnp.zeros([batch], bool),
+    scores=jnp.zeros([batch], jnp.float32),
+    lengths=jnp.zeros([batch], jnp.int32),
   )
 
   def cond(s):
@@ -150,10 +173,15 @@ def _greedy_decode(prefill_fn, decode_step_fn, params, tokens, token_mask, *, ma
     out = s["out"].at[:, s["step"]].set(tok)
     # One decode step per emitted token: the last one is unused but keeps the loop branch-free.
     logits, cache = decode_step_fn(params, tok[:, None], s["cache"])
-    return dict(step=s["step"] + 1, logits=logits[:, -1].astype(jnp.float32), cache=cache, out=out,
-                done=s["done"] | (live & _stop_mask(tok, stop_ids)),
-                scores=s["scores"] + jnp.where(live, tok_logp, 0.0),
-                lengths=s["lengths"] + live.astype(jnp.int32))
+    return dict(
+      step=s["step"] + 1,
+      logits=logits[:, -1].astype(jnp.float32),
+      cache=cache,
+      out=out,
+      done=s["done"] | (live & _stop_mask(tok, stop_ids)),
+      scores=s["scores"] + jnp.where(live, tok_logp, 0.0),
+      lengths=s["lengths"] + live.astype(jnp.int32),
+    )
 
   s = jax.lax.while_loop(cond, body, init)
   return DecodeOutput(tokens=s["out"], scores=s["scores"], lengths=s["lengths"])
@@ -164,11 +192,22 @@ def length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
   return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
-def beam_search(prefill_fn: PrefillFn, decode_step_fn: DecodeStepFn, params: PyTree,
-                tokens: jax.Array, token_mask: jax.Array, *, max_new_tokens: int,
-                stop_ids: int | Sequence[int], pad_id: int, num_beams: int = 3, alpha: float = 0.6,
-                reorder_cache: ReorderFn | None = None, cache_batch_axes: PyTree = None,
-                prefill_inputs: dict[str, Any] | None = None) -> BeamOutput:
+def beam_search(
+  prefill_fn: PrefillFn,
+  decode_step_fn: DecodeStepFn,
+  params: PyTree,
+  tokens: jax.Array,
+  token_mask: jax.Array,
+  *,
+  max_new_tokens: int,
+  stop_ids: int | Sequence[int],
+  pad_id: int,
+  num_beams: int = 3,
+  alpha: float = 0.6,
+  reorder_cache: ReorderFn | None = None,
+  cache_batch_axes: PyTree = None,
+  prefill_inputs: dict[str, Any] | None = None,
+) -> BeamOutput:
   """Beam search with fixed shapes in a `lax.while_loop`.
 
   Each step extends the K alive beams, keeps the best K continuations that did not stop as the new
@@ -192,17 +231,49 @@ def beam_search(prefill_fn: PrefillFn, decode_step_fn: DecodeStepFn, params: PyT
     reorder_cache = make_reorder_fn(cache_batch_axes)
   if num_beams < 1:
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-  return _beam_search(prefill_fn, decode_step_fn, params, tokens, token_mask,
-                      max_new_tokens=max_new_tokens, stop_ids=_as_ids(stop_ids), pad_id=int(pad_id),
-                      num_beams=int(num_beams), alpha=jnp.float32(alpha),
-                      reorder_cache=reorder_cache, prefill_inputs=prefill_inputs)
+  return _beam_search(
+    prefill_fn,
+    decode_step_fn,
+    params,
+    tokens,
+    token_mask,
+    max_new_tokens=max_new_tokens,
+    stop_ids=_as_ids(stop_ids),
+    pad_id=int(pad_id),
+    num_beams=int(num_beams),
+    alpha=jnp.float32(alpha),
+    reorder_cache=reorder_cache,
+    prefill_inputs=prefill_inputs,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "prefill_fn", "decode_step_fn", "max_new_tokens", "stop_ids", "pad_id", "num_beams",
-    "reorder_cache"))
-def _beam_search(prefill_fn, decode_step_fn, params, tokens, token_mask, *, max_new_tokens,
-                 stop_ids, pad_id, num_beams, alpha, reorder_cache, prefill_inputs):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "prefill_fn",
+    "decode_step_fn",
+    "max_new_tokens",
+    "stop_ids",
+    "pad_id",
+    "num_beams",
+    "reorder_cache",
+  ),
+)
+def _beam_search(
+  prefill_fn,
+  decode_step_fn,
+  params,
+  tokens,
+  token_mask,
+  *,
+  max_new_tokens,
+  stop_ids,
+  pad_id,
+  num_beams,
+  alpha,
+  reorder_cache,
+  prefill_inputs,
+):
   batch, k, n = tokens.shape[0], num_beams, max_new_tokens
   logits, cache = prefill_fn(params, tokens, token_mask, **(prefill_inputs or {}))
   vocab = logits.shape[-1]
@@ -211,18 +282,17 @@ def _beam_search(prefill_fn, decode_step_fn, params, tokens, token_mask, *, max_
   cache = reorder_cache(cache, jnp.repeat(jnp.arange(batch, dtype=jnp.int32), k))  # B -> B*K rows
   neg_inf = jnp.float32(-jnp.inf)
   init = dict(
-      step=jnp.int32(0),
-      logits=jnp.repeat(logits[:, -1].astype(jnp.float32), k, axis=0),  # [B*K, V]
-      cache=cache,
-      alive_seqs=jnp.full([batch, k, n], pad_id, jnp.int32),
-      # Only beam 0 is live at first: the K copies of the prompt must not yield duplicates.
-      alive_logp=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (batch, 1)),
-      fin_seqs=jnp.full([batch, k, n], pad_id, jnp.int32),
-      fin_scores=jnp.full([batch, k], neg_inf),
-      fin_lengths=jnp.zeros([batch, k], jnp.int32),
+    step=jnp.int32(0),
+    logits=jnp.repeat(logits[:, -1].astype(jnp.float32), k, axis=0),  # [B*K, V]
+    cache=cache,
+    alive_seqs=jnp.full([batch, k, n], pad_id, jnp.int32),
+    # Only beam 0 is live at first: the K copies of the prompt must not yield duplicates.
+    alive_logp=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg_inf), (batch, 1)),
+    fin_seqs=jnp.full([batch, k, n], pad_id, jnp.int32),
+    fin_scores=jnp.full([batch, k], neg_inf),
+    fin_lengths=jnp.zeros([batch, k], jnp.int32),
   )
-  best_possible_lp = jnp.maximum(length_penalty(jnp.int32(1), alpha),
-                                 length_penalty(jnp.int32(n), alpha))
+  best_possible_lp = jnp.maximum(length_penalty(jnp.int32(1), alpha), length_penalty(jnp.int32(n), alpha))
 
   def cond(s):
     # Log-probs only decrease, so an alive beam's best final score is logp / (largest penalty).
@@ -253,21 +323,28 @@ def _beam_search(prefill_fn, decode_step_fn, params, tokens, token_mask, *, max_
     # As in Hugging Face beam search, a stopped candidate counts only if it ranks among the top K
     # continuations of this step (so K = 1 with alpha = 0 is exactly greedy decoding).
     in_top_k = (jnp.arange(num_cand) < k)[None, :]
-    new_scores = jnp.where(stopped & in_top_k & jnp.isfinite(cand_logp),
-                           cand_logp / length_penalty(length, alpha), neg_inf)
+    new_scores = jnp.where(
+      stopped & in_top_k & jnp.isfinite(cand_logp), cand_logp / length_penalty(length, alpha), neg_inf
+    )
     all_scores = jnp.concatenate([s["fin_scores"], new_scores], axis=1)
     all_seqs = jnp.concatenate([s["fin_seqs"], seqs], axis=1)
-    all_lengths = jnp.concatenate(
-        [s["fin_lengths"], jnp.full(new_scores.shape, length, jnp.int32)], axis=1)
+    all_lengths = jnp.concatenate([s["fin_lengths"], jnp.full(new_scores.shape, length, jnp.int32)], axis=1)
     fin_scores, fin_pick = jax.lax.top_k(all_scores, k)
     fin_seqs = jnp.take_along_axis(all_seqs, fin_pick[:, :, None], axis=1)
     fin_lengths = jnp.take_along_axis(all_lengths, fin_pick, axis=1)
 
     cache = reorder_cache(s["cache"], (alive_parent + batch_offsets).reshape(-1))
     logits, cache = decode_step_fn(params, alive_tok.reshape(batch * k, 1), cache)
-    return dict(step=step + 1, logits=logits[:, -1].astype(jnp.float32), cache=cache,
-                alive_seqs=alive_seqs, alive_logp=alive_logp, fin_seqs=fin_seqs,
-                fin_scores=fin_scores, fin_lengths=fin_lengths)
+    return dict(
+      step=step + 1,
+      logits=logits[:, -1].astype(jnp.float32),
+      cache=cache,
+      alive_seqs=alive_seqs,
+      alive_logp=alive_logp,
+      fin_seqs=fin_seqs,
+      fin_scores=fin_scores,
+      fin_lengths=fin_lengths,
+    )
 
   s = jax.lax.while_loop(cond, body, init)
   # Rows where nothing finished: fall back to the alive beams, truncated at the last step taken.
@@ -276,5 +353,10 @@ def _beam_search(prefill_fn, decode_step_fn, params, tokens, token_mask, *, max_
   beam_scores = jnp.where(none_finished, alive_scores, s["fin_scores"])
   beam_tokens = jnp.where(none_finished[:, :, None], s["alive_seqs"], s["fin_seqs"])
   lengths = jnp.where(none_finished, s["step"], s["fin_lengths"])
-  return BeamOutput(tokens=beam_tokens[:, 0], scores=beam_scores[:, 0], lengths=lengths[:, 0],
-                    beam_tokens=beam_tokens, beam_scores=beam_scores)
+  return BeamOutput(
+    tokens=beam_tokens[:, 0],
+    scores=beam_scores[:, 0],
+    lengths=lengths[:, 0],
+    beam_tokens=beam_tokens,
+    beam_scores=beam_scores,
+  )

@@ -19,24 +19,33 @@ computed), keeps only the media K/V of each row's last medium (the query's: all 
 attends to), then runs the last token; decoding is `eval/decoding.py` (greedy or beam search).
 `lm_only=True` is the frozen LM alone: no cross-attention, no media.
 """
+
 from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.eval import decoding
-from flamingo_jax.eval import scoring
+from flamingo_jax.eval import decoding, scoring
 from flamingo_jax.models import masking
 
 # Batch axis of each KV-cache leaf (models/lm.py: init_cache) for beam reordering.
-_CACHE_BATCH_AXES = {"k": 1, "v": 1, "valid": 0, "index": None, "positions": 0, "last_media": 0,
-                     "xattn_k": 1, "xattn_v": 1, "xattn_owner": None}
+_CACHE_BATCH_AXES = {
+  "k": 1,
+  "v": 1,
+  "valid": 0,
+  "index": None,
+  "positions": 0,
+  "last_media": 0,
+  "xattn_k": 1,
+  "xattn_v": 1,
+  "xattn_owner": None,
+}
 
 
 def bucket(length: int, multiple: int) -> int:
@@ -51,8 +60,8 @@ def _left_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int):
   for i, ids in enumerate(rows):
     if len(ids) > length:
       raise ValueError(f"Prompt {i} has {len(ids)} tokens > the padded length {length}")
-    tokens[i, length - len(ids):] = ids
-    mask[i, length - len(ids):] = True
+    tokens[i, length - len(ids) :] = ids
+    mask[i, length - len(ids) :] = True
   return tokens, mask
 
 
@@ -68,12 +77,15 @@ def _last_media_only(cache: dict, num_latents: int) -> dict:
   row = jnp.maximum(cache["last_media"], 0)[None, :, None, None, None, None]
 
   def pick(kv):  # -> [X, B, R, H, dh]
-    return jnp.take_along_axis(kv.reshape(x, b, nr // num_latents, num_latents, h, d), row,
-                               axis=2)[:, :, 0]
+    return jnp.take_along_axis(kv.reshape(x, b, nr // num_latents, num_latents, h, d), row, axis=2)[:, :, 0]
 
-  return dict(cache, xattn_k=pick(cache["xattn_k"]), xattn_v=pick(cache["xattn_v"]),
-              xattn_owner=jnp.zeros([num_latents], jnp.int32),
-              last_media=jnp.where(cache["last_media"] >= 0, 0, -1))
+  return dict(
+    cache,
+    xattn_k=pick(cache["xattn_k"]),
+    xattn_v=pick(cache["xattn_v"]),
+    xattn_owner=jnp.zeros([num_latents], jnp.int32),
+    last_media=jnp.where(cache["last_media"] >= 0, 0, -1),
+  )
 
 
 class EvalModel:
@@ -84,10 +96,19 @@ class EvalModel:
   `chex.assert_max_traces(n=max_traces)`.
   """
 
-  def __init__(self, model, tokenizer, *, batch_size: int = 16, num_beams: int = 3,
-               length_penalty: float = 0.0, image_batch_size: int = 32,
-               visual_cache_size: int = 4096, banned_ids: Sequence[int] = (),
-               max_traces: int | None = None):
+  def __init__(
+    self,
+    model,
+    tokenizer,
+    *,
+    batch_size: int = 16,
+    num_beams: int = 3,
+    length_penalty: float = 0.0,
+    image_batch_size: int = 32,
+    visual_cache_size: int = 4096,
+    banned_ids: Sequence[int] = (),
+    max_traces: int | None = None,
+  ):
     self.model, self.batch_size, self.num_beams = model, int(batch_size), int(num_beams)
     self.length_penalty, self.image_batch_size = float(length_penalty), int(image_batch_size)
     self.pad_id, self.image_id, self.bos_id = tokenizer.pad_id, tokenizer.image_id, tokenizer.bos_id
@@ -114,19 +135,24 @@ class EvalModel:
     return self._fns[key]
 
   # ---------------------------------------------------------------------------- vision
-  def _chunked(self, name: str, params, items: Sequence[Hashable],
-               load: Callable[[Hashable], np.ndarray]) -> jax.Array:
+  def _chunked(
+    self, name: str, params, items: Sequence[Hashable], load: Callable[[Hashable], np.ndarray]
+  ) -> jax.Array:
     """A vision function over `load(item)` of each item in fixed-size calls (loaded per call)."""
     m = self.model
-    fn = self._fn(name, lambda: {
+    fn = self._fn(
+      name,
+      lambda: {
         "encode": lambda p, x: m.encode_media(p, None, x[:, None])[:, 0],  # [C,F,S,S,3]->[C,R,Dr]
-        "features": lambda p, x: m.vision_features(p, None, x)}[name])    # [C,S,S,3]->[C,Dv]
+        "features": lambda p, x: m.vision_features(p, None, x),
+      }[name],
+    )  # [C,S,S,3]->[C,Dv]
     c, outs = self.image_batch_size, []
     for start in range(0, len(items), c):
-      part = [load(i) for i in items[start:start + c]]
+      part = [load(i) for i in items[start : start + c]]
       chunk = np.zeros((c,) + part[0].shape, np.float32)
-      chunk[:len(part)] = part
-      outs.append(fn(params, chunk)[:len(part)])
+      chunk[: len(part)] = part
+      outs.append(fn(params, chunk)[: len(part)])
     return jnp.concatenate(outs)
 
   def encode(self, params, refs: Sequence[Hashable], load) -> jax.Array:
@@ -162,16 +188,15 @@ class EvalModel:
     def prefill(params, tokens, token_mask, visual=None):
       """Prompt [B,T] (left-padded) -> (logits of its last token [B,1,V], cache)."""
       b, t = tokens.shape
-      cache = m.init_cache(b, t + max_new_tokens, 0 if visual is None else visual.shape[1],
-                           m.configs.dtype)
+      cache = m.init_cache(b, t + max_new_tokens, 0 if visual is None else visual.shape[1], m.configs.dtype)
       phi = None if visual is None else masking.media_index_from_tokens(tokens, image_id)[:, :-1]
       # All but the last token: their logits are never computed (the outputs are unused).
-      _, cache = m.lm_forward(params, None, tokens[:, :-1], visual, phi, token_mask[:, :-1],
-                              cache, lm_only)
+      _, cache = m.lm_forward(params, None, tokens[:, :-1], visual, phi, token_mask[:, :-1], cache, lm_only)
       if visual is not None and "xattn_k" in cache:
         cache = _last_media_only(cache, latents)
-      logits, cache = m.lm_forward(params, None, tokens[:, -1:], None, None, token_mask[:, -1:],
-                                   cache, lm_only)
+      logits, cache = m.lm_forward(
+        params, None, tokens[:, -1:], None, None, token_mask[:, -1:], cache, lm_only
+      )
       return self._ban(logits), cache
 
     return prefill
@@ -204,15 +229,24 @@ class EvalModel:
   def _generated(result, real: int, stops: tuple[int, ...]) -> list[list[int]]:
     """The first `real` rows of a decoding result as id lists, stop ids dropped."""
     ids, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
-    return [[int(i) for i in ids[r, :lengths[r]] if int(i) not in stops] for r in range(real)]
+    return [[int(i) for i in ids[r, : lengths[r]] if int(i) not in stops] for r in range(real)]
 
-  def generate(self, params, prompts: Sequence[Sequence[int]],
-               media: Sequence[Sequence[Hashable]], load: Callable[[Hashable], np.ndarray], *,
-               prompt_len: int, max_new_tokens: int, lm_only: bool = False,
-               extra_stop_ids: Sequence[int] = ()) -> list[list[int]]:
+  def generate(
+    self,
+    params,
+    prompts: Sequence[Sequence[int]],
+    media: Sequence[Sequence[Hashable]],
+    load: Callable[[Hashable], np.ndarray],
+    *,
+    prompt_len: int,
+    max_new_tokens: int,
+    lm_only: bool = False,
+    extra_stop_ids: Sequence[int] = (),
+  ) -> list[list[int]]:
     """Generated ids (stop token excluded) of each prompt (ids with BOS; media refs per prompt)."""
-    prefill = self._fn(("prefill", max_new_tokens, lm_only),
-                       lambda: self._prefill(max_new_tokens, lm_only), jit=False)
+    prefill = self._fn(
+      ("prefill", max_new_tokens, lm_only), lambda: self._prefill(max_new_tokens, lm_only), jit=False
+    )
     step = self._fn(("step", lm_only), lambda: self._decode_step(lm_only), jit=False)
     stops = self._stops(extra_stop_ids)
     kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad_id)
@@ -220,12 +254,20 @@ class EvalModel:
     for rows, real, tokens, mask in self._batches(prompts, prompt_len):
       inputs = None if lm_only else {"visual": self._visual(params, [media[i] for i in rows], load)}
       if self.num_beams == 1:
-        result = decoding.greedy_decode(prefill, step, params, tokens, mask, prefill_inputs=inputs,
-                                        **kw)
+        result = decoding.greedy_decode(prefill, step, params, tokens, mask, prefill_inputs=inputs, **kw)
       else:
-        result = decoding.beam_search(prefill, step, params, tokens, mask, prefill_inputs=inputs,
-                                      num_beams=self.num_beams, alpha=self.length_penalty,
-                                      reorder_cache=self._reorder, **kw)
+        result = decoding.beam_search(
+          prefill,
+          step,
+          params,
+          tokens,
+          mask,
+          prefill_inputs=inputs,
+          num_beams=self.num_beams,
+          alpha=self.length_penalty,
+          reorder_cache=self._reorder,
+          **kw,
+        )
       out += self._generated(result, real, stops)
     return out
 
@@ -239,24 +281,38 @@ class EvalModel:
       first, cache = prefill(params, tokens, token_mask, visual)
       scores = []
       for c in range(conts.shape[1]):
-        logits, _ = m.lm_forward(params, None, conts[:, c], None, None, cont_mask[:, c], cache,
-                                 lm_only)
+        logits, _ = m.lm_forward(params, None, conts[:, c], None, None, cont_mask[:, c], cache, lm_only)
         logits = jnp.concatenate([first, self._ban(logits)[:, :-1]], axis=1).astype(jnp.float32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), conts[:, c, :, None], axis=-1)
         scores.append(jnp.sum(logp[..., 0] * cont_mask[:, c], axis=-1))
       decoded = decoding.greedy_decode(
-          _prefilled, step, params, tokens, token_mask, max_new_tokens=max_new_tokens,
-          stop_ids=stops, pad_id=self.pad_id, prefill_inputs={"logits": first, "cache": cache})
+        _prefilled,
+        step,
+        params,
+        tokens,
+        token_mask,
+        max_new_tokens=max_new_tokens,
+        stop_ids=stops,
+        pad_id=self.pad_id,
+        prefill_inputs={"logits": first, "cache": cache},
+      )
       return decoded, jnp.stack(scores, axis=1)
 
     return run
 
-  def generate_and_score(self, params, prompts: Sequence[Sequence[int]],
-                         media: Sequence[Sequence[Hashable]],
-                         continuations: Sequence[Sequence[Sequence[int]]],
-                         load: Callable[[Hashable], np.ndarray], *, prompt_len: int,
-                         max_new_tokens: int, lm_only: bool = False,
-                         extra_stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], np.ndarray]:
+  def generate_and_score(
+    self,
+    params,
+    prompts: Sequence[Sequence[int]],
+    media: Sequence[Sequence[Hashable]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    load: Callable[[Hashable], np.ndarray],
+    *,
+    prompt_len: int,
+    max_new_tokens: int,
+    lm_only: bool = False,
+    extra_stop_ids: Sequence[int] = (),
+  ) -> tuple[list[list[int]], np.ndarray]:
     """(greedy generations as in `generate`, summed log-probs [Q, C] of each prompt's C
     continuations) from one prefill per prompt: open- and close-ended answers of the same prompts,
     where the candidates differ per prompt. Every prompt has the same number C of continuations."""
@@ -265,16 +321,17 @@ class EvalModel:
       raise ValueError(f"every prompt needs the same number of continuations, got {sorted(count)}")
     length = max(len(x) for c in continuations for x in c)
     stops = self._stops(extra_stop_ids)
-    fn = self._fn(("generate_and_score", length, max_new_tokens, stops, lm_only),
-                  lambda: self._generate_and_score(max(length, max_new_tokens), max_new_tokens,
-                                                   stops, lm_only))
+    fn = self._fn(
+      ("generate_and_score", length, max_new_tokens, stops, lm_only),
+      lambda: self._generate_and_score(max(length, max_new_tokens), max_new_tokens, stops, lm_only),
+    )
     c, texts, out = count.pop(), [], []
     for rows, real, tokens, mask in self._batches(prompts, prompt_len):
       conts = np.full([len(rows), c, length], self.pad_id, np.int32)
       cont_mask = np.zeros([len(rows), c, length], bool)
       for r, i in enumerate(rows):
         for j, ids in enumerate(continuations[i]):
-          conts[r, j, :len(ids)], cont_mask[r, j, :len(ids)] = ids, True
+          conts[r, j, : len(ids)], cont_mask[r, j, : len(ids)] = ids, True
       visual = None if lm_only else self._visual(params, [media[i] for i in rows], load)
       decoded, scores = fn(params, tokens, mask, conts, cont_mask, visual)
       texts += self._generated(decoded, real, stops)
@@ -288,15 +345,23 @@ class EvalModel:
       def forward(tokens, token_mask, visual=None):
         phi = None if visual is None else masking.media_index_from_tokens(tokens, image_id)
         return m.lm_forward(params, None, tokens, visual, phi, token_mask, None, lm_only)[0]
+
       extra = {} if visual is None else {"visual": visual}
       return scoring.make_logprob_fn(forward)(tokens, token_mask, target_mask, **extra)
 
     return score
 
-  def rank(self, params, prompts: Sequence[Sequence[Sequence[int]]],
-           media: Sequence[Sequence[Sequence[Hashable]]], candidates: Sequence[Sequence[int]],
-           load: Callable[[Hashable], np.ndarray], *, prompt_len: int,
-           lm_only: bool = False) -> scoring.RankingResult:
+  def rank(
+    self,
+    params,
+    prompts: Sequence[Sequence[Sequence[int]]],
+    media: Sequence[Sequence[Sequence[Hashable]]],
+    candidates: Sequence[Sequence[int]],
+    load: Callable[[Hashable], np.ndarray],
+    *,
+    prompt_len: int,
+    lm_only: bool = False,
+  ) -> scoring.RankingResult:
     """`scoring.rank_candidates` of the same candidates for every query; prompts[q][p] (ids) with
     media[q][p]; queries are processed `batch_size` at a time (their visual tokens held on host)."""
     fn = self._fn(("score", lm_only), lambda: self._score(lm_only))
@@ -311,8 +376,16 @@ class EvalModel:
         visual = np.asarray(self._visual(params, flat, load))
         it = iter(visual)
         row_inputs = [[{"visual": next(it)} for _ in media[q]] for q in q_range]
-      parts.append(scoring.rank_candidates(
-          logprob, [prompts[q] for q in q_range], [list(candidates)] * len(q_range),
-          prompt_len=prompt_len, candidate_len=cand_len, pad_id=self.pad_id,
-          batch_size=self.batch_size, row_inputs=row_inputs))
+      parts.append(
+        scoring.rank_candidates(
+          logprob,
+          [prompts[q] for q in q_range],
+          [list(candidates)] * len(q_range),
+          prompt_len=prompt_len,
+          candidate_len=cand_len,
+          pad_id=self.pad_id,
+          batch_size=self.batch_size,
+          row_inputs=row_inputs,
+        )
+      )
     return scoring.RankingResult(*(np.concatenate(x) for x in zip(*parts)))

@@ -23,18 +23,18 @@ text-only baseline), by default as plain text (`<image>` dropped, `<EOC>` -> new
 stops decoding). Accumulated statistics are merged across hosts (`_merge_hosts`); CIDEr needs every
 caption, so captioning runs all queries on every host.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
-from flamingo_jax.eval import fewshot_data
-from flamingo_jax.eval import prompting
+from flamingo_jax.eval import engine, fewshot_data, prompting
 from flamingo_jax.eval import rices as rices_lib
-from flamingo_jax.eval import engine
 from flamingo_jax.eval.metrics import cider as cider_lib
 from flamingo_jax.eval.metrics import vqa as vqa_lib
 
@@ -48,6 +48,7 @@ def sum_over_hosts(values: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return values
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   return np.asarray(multihost_utils.process_allgather(values), np.float64).sum(0)
 
 
@@ -76,12 +77,20 @@ class Evaluator:
 
   After `run`, `predictions` holds one JSON-able record per query of this host.
   """
-  task = "vqa"          # prompting template
+
+  task = "vqa"  # prompting template
   metric = "accuracy"
   shard_queries = True  # False: every host runs every query (metrics needing all predictions)
 
-  def __init__(self, data: fewshot_data.FewShotData, *, max_new_tokens: int = 8,
-               prompt_bucket: int = 32, num_prompts: int = 1, text_only_format: str = "lm"):
+  def __init__(
+    self,
+    data: fewshot_data.FewShotData,
+    *,
+    max_new_tokens: int = 8,
+    prompt_bucket: int = 32,
+    num_prompts: int = 1,
+    text_only_format: str = "lm",
+  ):
     if text_only_format not in ("lm", "flamingo"):
       raise ValueError(f"text_only_format must be 'lm' or 'flamingo', got {text_only_format!r}")
     self.data, self.max_new_tokens = data, int(max_new_tokens)
@@ -91,9 +100,19 @@ class Evaluator:
     self._rices_key, self._rices, self._query_feats = None, None, None
     self._prompt_len: dict[tuple[int, bool], int] = {}  # (shots, plain) -> padded length T
 
-  def run(self, model: engine.EvalModel, params, tokenizer, *, shots: int,
-          selection: str = "random", seed: int = 0, lm_only: bool = False, rices_dir: str | None = None,
-          model_id: str = "init") -> Iterator[tuple[str, float]]:
+  def run(
+    self,
+    model: engine.EvalModel,
+    params,
+    tokenizer,
+    *,
+    shots: int,
+    selection: str = "random",
+    seed: int = 0,
+    lm_only: bool = False,
+    rices_dir: str | None = None,
+    model_id: str = "init",
+  ) -> Iterator[tuple[str, float]]:
     """Evaluates one (shots, selection, seed) setting; yields (metric name, value).
 
     `lm_only`: the frozen LM alone (no cross-attention, no images); with text_only_format 'lm'
@@ -102,8 +121,11 @@ class Evaluator:
     if selection not in ("random", "rices"):
       raise ValueError(f"selection must be 'random' or 'rices', got {selection!r}")
     count = len(self.data.queries)
-    queries = (list(range(jax.process_index(), count, jax.process_count()))
-               if self.shard_queries else list(range(count)))
+    queries = (
+      list(range(jax.process_index(), count, jax.process_count()))
+      if self.shard_queries
+      else list(range(count))
+    )
     supports = self._select(model, params, queries, shots, selection, seed, rices_dir, model_id)
     prompts = []
     for q, support in zip(queries, supports):
@@ -111,8 +133,9 @@ class Evaluator:
       if shots == 0:
         prompts.append([prompting.zero_shot_prompt(support, query, self.task)])
       else:
-        prompts.append(prompting.permuted_prompts(support, query, self.task, self.num_prompts,
-                                                  seed=_seed(seed, q)))
+        prompts.append(
+          prompting.permuted_prompts(support, query, self.task, self.num_prompts, seed=_seed(seed, q))
+        )
     plain = lm_only and self.text_only_format == "lm"
     if plain:
       prompts = [[(plain_text(t), m) for t, m in p] for p in prompts]
@@ -122,14 +145,28 @@ class Evaluator:
     if self._prompt_len.get((shots, plain), 0) < needed:
       self._prompt_len[shots, plain] = engine.bucket(needed, self.prompt_bucket)
     self.predictions = []
-    outputs = self._outputs(model, params, tokenizer, ids, [[m for _, m in p] for p in prompts],
-                            prompt_len=self._prompt_len[shots, plain], lm_only=lm_only,
-                            plain=plain)
+    outputs = self._outputs(
+      model,
+      params,
+      tokenizer,
+      ids,
+      [[m for _, m in p] for p in prompts],
+      prompt_len=self._prompt_len[shots, plain],
+      lm_only=lm_only,
+      plain=plain,
+    )
     for q, support, p, out in zip(queries, supports, prompts, outputs):
-      self.predictions.append(dict(query=q, image=str(self.data.queries[q].image),
-                                   question=self.data.queries[q].question,
-                                   references=list(self.data.references[q]),
-                                   support=[str(e.image) for e in support], prompt=p[0][0], **out))
+      self.predictions.append(
+        dict(
+          query=q,
+          image=str(self.data.queries[q].image),
+          question=self.data.queries[q].question,
+          references=list(self.data.references[q]),
+          support=[str(e.image) for e in support],
+          prompt=p[0][0],
+          **out,
+        )
+      )
     yield from self._metrics()
 
   def _select(self, model, params, queries, shots, selection, seed, rices_dir, model_id):
@@ -137,11 +174,13 @@ class Evaluator:
     d = self.data
     if shots == 0 or selection == "random":
       k = ZERO_SHOT_EXAMPLES if shots == 0 else shots
-      return [prompting.random_support(d.support, k, _seed(seed, q), exclude=d.queries[q].image)
-              for q in queries]
+      return [
+        prompting.random_support(d.support, k, _seed(seed, q), exclude=d.queries[q].image) for q in queries
+      ]
     rices = self._rices_for(model, params, rices_dir, model_id)
-    ranked = rices.select(self._query_feats[queries], shots,
-                          exclude_ids=[d.queries[q].image for q in queries])
+    ranked = rices.select(
+      self._query_feats[queries], shots, exclude_ids=[d.queries[q].image for q in queries]
+    )
     media = [str(m) for m in rices.support()[0]]  # the ids of the (cached) feature rows
     out = []
     for q, row in zip(queries, ranked):
@@ -155,9 +194,13 @@ class Evaluator:
     if self._rices_key != (rices_dir, str(model_id)):
       d, still = self.data, _middle_frame(self.data.load)
       self._rices = rices_lib.RICES(
-          lambda: (np.asarray(d.support_media), model.features(params, d.support_media, still)),
-          rices_dir, model_id=model_id, dataset=d.name, split="train",
-          count=len(d.support_media))
+        lambda: (np.asarray(d.support_media), model.features(params, d.support_media, still)),
+        rices_dir,
+        model_id=model_id,
+        dataset=d.name,
+        split="train",
+        count=len(d.support_media),
+      )
       media = [q.image for q in d.queries]
       distinct = list(dict.fromkeys(media))
       feats = model.features(params, distinct, still)
@@ -168,9 +211,16 @@ class Evaluator:
   def _outputs(self, model, params, tokenizer, ids, media, *, prompt_len, lm_only, plain):
     """One dict per query: at least {'prediction': str}."""
     newline = tokenizer.encode("\n") if plain else []
-    texts = model.generate(params, [i[0] for i in ids], [m[0] for m in media], self.data.load,
-                           prompt_len=prompt_len, max_new_tokens=self.max_new_tokens,
-                           lm_only=lm_only, extra_stop_ids=newline if len(newline) == 1 else ())
+    texts = model.generate(
+      params,
+      [i[0] for i in ids],
+      [m[0] for m in media],
+      self.data.load,
+      prompt_len=prompt_len,
+      max_new_tokens=self.max_new_tokens,
+      lm_only=lm_only,
+      extra_stop_ids=newline if len(newline) == 1 else (),
+    )
     return [dict(prediction=vqa_lib.postprocess_generation(tokenizer.decode(t))) for t in texts]
 
   def _metrics(self) -> Iterator[tuple[str, float]]:
@@ -188,12 +238,12 @@ class VQAEvaluator(Evaluator):
 
 class CaptionEvaluator(Evaluator):
   """Captioning (images or video clips): beam search, CIDEr-D x 100 (paper units)."""
+
   task, metric, shard_queries = "captioning", "cider", False
 
   def _metrics(self):
     preds = {r["query"]: r["prediction"] for r in self.predictions}
-    score, per_query = cider_lib.cider_d(preds, {r["query"]: r["references"]
-                                                 for r in self.predictions})
+    score, per_query = cider_lib.cider_d(preds, {r["query"]: r["references"] for r in self.predictions})
     for r in self.predictions:
       r["cider"] = 100.0 * per_query[r["query"]]
     yield self.metric, 100.0 * score
@@ -203,38 +253,51 @@ class CaptionEvaluator(Evaluator):
 class ClassificationEvaluator(Evaluator):
   """Close-ended: rank the answer set by log-likelihood, averaged over `num_prompts` support orders
   (prompt ensembling; zero-shot has one prompt); accuracy in percent."""
+
   task = "classification"
 
   def _outputs(self, model, params, tokenizer, ids, media, *, prompt_len, lm_only, plain):
     candidates = self.data.candidates
-    cand_ids = [tokenizer.encode(plain_text(prompting.continuation(c)) if plain
-                                 else prompting.continuation(c)) for c in candidates]
-    result = model.rank(params, ids, media, cand_ids, self.data.load, prompt_len=prompt_len,
-                        lm_only=lm_only)
-    return [dict(prediction=candidates[int(b)],
-                 scores={c: float(s) for c, s in zip(candidates, row)})
-            for b, row in zip(result.best, result.scores)]
+    cand_ids = [
+      tokenizer.encode(plain_text(prompting.continuation(c)) if plain else prompting.continuation(c))
+      for c in candidates
+    ]
+    result = model.rank(params, ids, media, cand_ids, self.data.load, prompt_len=prompt_len, lm_only=lm_only)
+    return [
+      dict(prediction=candidates[int(b)], scores={c: float(s) for c, s in zip(candidates, row)})
+      for b, row in zip(result.best, result.scores)
+    ]
 
 
 def make_evaluator(name: str, config, image_size: int) -> Evaluator:
   """The evaluator `name` (a key of EVALUATORS) from the few-shot eval config."""
   if name not in EVALUATORS:
-    raise KeyError(f"Unknown evaluator {name!r} in config.tasks; expected one of "
-                   f"{sorted(EVALUATORS)}")
+    raise KeyError(f"Unknown evaluator {name!r} in config.tasks; expected one of {sorted(EVALUATORS)}")
   options = config.task_options[name]
   num_queries = config.num_queries if options.num_queries < 0 else options.num_queries
   cls, make_data = EVALUATORS[name]
   data = make_data(config, options, image_size).subset(num_queries)
-  max_new = (config.max_new_tokens if cls is VQAEvaluator else config.caption_max_new_tokens)
-  return cls(data, max_new_tokens=max_new, prompt_bucket=config.prompt_bucket,
-             num_prompts=config.num_prompts if cls is ClassificationEvaluator else 1,
-             text_only_format=config.text_only_format)
+  max_new = config.max_new_tokens if cls is VQAEvaluator else config.caption_max_new_tokens
+  return cls(
+    data,
+    max_new_tokens=max_new,
+    prompt_bucket=config.prompt_bucket,
+    num_prompts=config.num_prompts if cls is ClassificationEvaluator else 1,
+    text_only_format=config.text_only_format,
+  )
 
 
 def _easy(kind, **kw):
   def make(c, o, size):
-    return fewshot_data.easy_vqa_data(kind, c.data_dir, size, **kw, num_frames=c.video_frames,
-                                      max_examples=None if o.max_examples < 0 else o.max_examples)
+    return fewshot_data.easy_vqa_data(
+      kind,
+      c.data_dir,
+      size,
+      **kw,
+      num_frames=c.video_frames,
+      max_examples=None if o.max_examples < 0 else o.max_examples,
+    )
+
   return make
 
 
@@ -243,11 +306,11 @@ def _jsonl(kind):
 
 
 EVALUATORS = {
-    "easy_vqa": (VQAEvaluator, _easy("vqa")),
-    "easy_vqa_captions": (CaptionEvaluator, _easy("captions")),
-    "easy_vqa_color": (ClassificationEvaluator, _easy("classification", attribute="color")),
-    "easy_vqa_shape": (ClassificationEvaluator, _easy("classification", attribute="shape")),
-    "easy_vqa_video": (CaptionEvaluator, _easy("video")),
-    "jsonl_vqa": (VQAEvaluator, _jsonl("vqa")),
-    "jsonl_captions": (CaptionEvaluator, _jsonl("captions")),
+  "easy_vqa": (VQAEvaluator, _easy("vqa")),
+  "easy_vqa_captions": (CaptionEvaluator, _easy("captions")),
+  "easy_vqa_color": (ClassificationEvaluator, _easy("classification", attribute="color")),
+  "easy_vqa_shape": (ClassificationEvaluator, _easy("classification", attribute="shape")),
+  "easy_vqa_video": (CaptionEvaluator, _easy("video")),
+  "jsonl_vqa": (VQAEvaluator, _jsonl("vqa")),
+  "jsonl_captions": (CaptionEvaluator, _jsonl("captions")),
 }

@@ -8,11 +8,12 @@ and colour/shape classification, `video` with any number of frames) and users' J
 strings ('train/123' for easy-VQA, the resolved path for JSONL) and decoded on demand
 (`preprocess.load_image`, eval mode: no augmentation) as float32 [F,S,S,3] in [0,1].
 """
+
 from __future__ import annotations
 
 import json
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -28,12 +29,17 @@ class FewShotData:
   strings (RICES caches them as ids).
   """
 
-  def __init__(self, name: str, support: Sequence[prompting.Example],
-               queries: Sequence[prompting.Example], references: Sequence[Sequence[str]],
-               load: Callable[[str], np.ndarray], candidates: Sequence[str] = ()):
+  def __init__(
+    self,
+    name: str,
+    support: Sequence[prompting.Example],
+    queries: Sequence[prompting.Example],
+    references: Sequence[Sequence[str]],
+    load: Callable[[str], np.ndarray],
+    candidates: Sequence[str] = (),
+  ):
     if not support or not queries:
-      raise ValueError(f"{name}: needs support examples and queries, got {len(support)} and "
-                       f"{len(queries)}")
+      raise ValueError(f"{name}: needs support examples and queries, got {len(support)} and {len(queries)}")
     self.name, self.support, self.queries = name, list(support), list(queries)
     self.references, self.load = [tuple(r) for r in references], load
     self.candidates = tuple(candidates)
@@ -42,31 +48,48 @@ class FewShotData:
       self.by_media.setdefault(e.image, []).append(i)
     self.support_media = list(self.by_media)
 
-  def subset(self, num_queries: int) -> "FewShotData":
+  def subset(self, num_queries: int) -> FewShotData:
     """The same data with a fixed random sample (seed 0, original order) of the queries."""
     if num_queries < 0 or num_queries >= len(self.queries):
       return self
     keep = sorted(random.Random(0).sample(range(len(self.queries)), num_queries))
-    return FewShotData(self.name, self.support, [self.queries[i] for i in keep],
-                       [self.references[i] for i in keep], self.load, self.candidates)
+    return FewShotData(
+      self.name,
+      self.support,
+      [self.queries[i] for i in keep],
+      [self.references[i] for i in keep],
+      self.load,
+      self.candidates,
+    )
 
 
 def _loader(options: preprocess.ImageOptions, read: Callable[[str], list[tuple[bytes, str]]]):
   """ref -> [F,S,S,3] float32 from `read(ref)` = [(encoded bytes, path), ...] (one per frame)."""
+
   def load(ref: str) -> np.ndarray:
-    return np.stack([preprocess.load_image(data, missing=not data, path=path, options=options)
-                     for data, path in read(ref)])
+    return np.stack(
+      [preprocess.load_image(data, missing=not data, path=path, options=options) for data, path in read(ref)]
+    )
+
   return load
 
 
 def _easy_vqa_builder(data_dir: str, **kwargs):
   """The prepared easy_vqa builder (built into data_dir on first use, offline)."""
   from flamingo_jax.data import builders  # pylint: disable=g-import-not-at-top  (TFDS is heavy)
+
   return builders.prepare(builders.make_builder("easy_vqa", data_dir, **kwargs))
 
 
-def easy_vqa_data(kind: str, data_dir: str, image_size: int, *, attribute: str = "color",
-                  num_frames: int = 8, max_examples: int | None = None) -> FewShotData:
+def easy_vqa_data(
+  kind: str,
+  data_dir: str,
+  image_size: int,
+  *,
+  attribute: str = "color",
+  num_frames: int = 8,
+  max_examples: int | None = None,
+) -> FewShotData:
   """easy-VQA as VQA (kind 'vqa'), captioning ('captions'), colour/shape classification
   ('classification', `attribute`) or video captioning ('video', `num_frames` per clip)."""
   options = preprocess.ImageOptions(size=image_size)
@@ -80,14 +103,14 @@ def easy_vqa_data(kind: str, data_dir: str, image_size: int, *, attribute: str =
   for split, source in sources.items():
     examples, refs = [], []
     for start in range(0, len(source), 4096):
-      for index, r in enumerate(source.__getitems__(range(start, min(start + 4096, len(source)))),
-                                start=start):
+      for index, r in enumerate(
+        source.__getitems__(range(start, min(start + 4096, len(source)))), start=start
+      ):
         ref = f"{split}/{int(r['image_id'])}"
         where.setdefault(ref, (split, index))
         if kind == "vqa":
           answer = as_text(r["answer"])
-          examples.append(prompting.Example(image=ref, question=as_text(r["question"]),
-                                            answers=(answer,)))
+          examples.append(prompting.Example(image=ref, question=as_text(r["question"]), answers=(answer,)))
           refs.append((answer,))
         elif kind == "classification":
           examples.append(prompting.Example(image=ref, label=as_text(r[attribute])))
@@ -105,15 +128,21 @@ def easy_vqa_data(kind: str, data_dir: str, image_size: int, *, attribute: str =
     return [(r["image"], as_text(r["image_path"]))]
 
   from flamingo_jax.data.builders import easy_vqa_facts  # pylint: disable=g-import-not-at-top
+
   candidates = {"color": tuple(easy_vqa_facts.COLORS), "shape": easy_vqa_facts.SHAPES}
   name = {"classification": f"easy_vqa_{attribute}"}.get(kind, f"easy_vqa_{kind}")
-  return FewShotData(name, split_examples["train"][0], *split_examples["test"],
-                     load=_loader(options, read),
-                     candidates=candidates[attribute] if kind == "classification" else ())
+  return FewShotData(
+    name,
+    split_examples["train"][0],
+    *split_examples["test"],
+    load=_loader(options, read),
+    candidates=candidates[attribute] if kind == "classification" else (),
+  )
 
 
 def _read_jsonl(path: str, kind: str) -> tuple[list[prompting.Example], list[tuple[str, ...]]]:
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{kind} JSONL file {path} does not exist")
@@ -130,15 +159,16 @@ def _read_jsonl(path: str, kind: str) -> tuple[list[prompting.Example], list[tup
     needed = ("image", "question", field) if kind == "vqa" else ("image", field)
     missing = [k for k in needed if k not in r]
     if missing or not isinstance(r.get(field), list) or not r[field]:
-      raise ValueError(f"{where}: needs the fields {needed} with a non-empty list {field!r}; "
-                       f"missing {missing}")
-    image = r["image"] if ("://" in r["image"] or r["image"].startswith("/")) else str(
-        path.parent / r["image"])
+      raise ValueError(
+        f"{where}: needs the fields {needed} with a non-empty list {field!r}; missing {missing}"
+      )
+    image = (
+      r["image"] if ("://" in r["image"] or r["image"].startswith("/")) else str(path.parent / r["image"])
+    )
     if kind == "vqa":
       # The most frequent answer is shown when the example is in the prompt.
       answers = sorted(r[field], key=lambda a, c=r[field]: -c.count(a))
-      examples.append(prompting.Example(image=image, question=r["question"],
-                                        answers=tuple(answers)))
+      examples.append(prompting.Example(image=image, question=r["question"], answers=tuple(answers)))
     else:
       examples.append(prompting.Example(image=image, caption=r[field][0]))
     refs.append(tuple(r[field]))
@@ -148,8 +178,9 @@ def _read_jsonl(path: str, kind: str) -> tuple[list[prompting.Example], list[tup
 def jsonl_data(kind: str, support: str, queries: str, image_size: int) -> FewShotData:
   """Users' VQA (`{"image", "question", "answers"}`) or caption (`{"image", "captions"}`) JSONL."""
   if not support or not queries:
-    raise ValueError(f"jsonl_{kind}: set task_options.jsonl_{kind}.support and .queries "
-                     f"(got {support!r}, {queries!r})")
+    raise ValueError(
+      f"jsonl_{kind}: set task_options.jsonl_{kind}.support and .queries (got {support!r}, {queries!r})"
+    )
   from etils import epath  # pylint: disable=g-import-not-at-top
 
   def read(ref):
@@ -159,23 +190,27 @@ def jsonl_data(kind: str, support: str, queries: str, image_size: int) -> FewSho
       return [(b"", ref)]  # load_image raises Dropped('missing_image') naming the path
 
   pool, _ = _read_jsonl(support, kind)
-  return FewShotData(f"jsonl_{kind}", pool, *_read_jsonl(queries, kind),
-                     load=_loader(preprocess.ImageOptions(size=image_size), read))
+  return FewShotData(
+    f"jsonl_{kind}",
+    pool,
+    *_read_jsonl(queries, kind),
+    load=_loader(preprocess.ImageOptions(size=image_size), read),
+  )
 
 
 BLANK = ""  # the media ref of a padding slot: loads as a black image that no token attends to
 
 
-def easy_vqa_images(data_dir: str, image_size: int, split: str = "test",
-                    max_examples: int | None = None):
+def easy_vqa_images(data_dir: str, image_size: int, split: str = "test", max_examples: int | None = None):
   """([(ref, colour, shape)] of the split's images, loader ref -> [1,S,S,3] f32; BLANK -> zeros)."""
   builder = _easy_vqa_builder(data_dir, kind="captions", max_examples=max_examples)
   source = builder.as_data_source(split)
   records = source.__getitems__(range(len(source)))
-  images = [(f"{split}/{int(r['image_id'])}", as_text(r["color"]), as_text(r["shape"]))
-            for r in records]
+  images = [(f"{split}/{int(r['image_id'])}", as_text(r["color"]), as_text(r["shape"])) for r in records]
   index = {ref: i for i, (ref, _, _) in enumerate(images)}
-  load = _loader(preprocess.ImageOptions(size=image_size), lambda ref: [
-      (records[index[ref]]["image"], as_text(records[index[ref]]["image_path"]))])
+  load = _loader(
+    preprocess.ImageOptions(size=image_size),
+    lambda ref: [(records[index[ref]]["image"], as_text(records[index[ref]]["image_path"]))],
+  )
   blank = np.zeros([1, image_size, image_size, 3], np.float32)
   return images, lambda ref: blank if ref == BLANK else load(ref)

@@ -14,12 +14,13 @@ Zero-shot (paper): two text-only support examples, i.e. their `<image>` removed 
 The text holds no BOS: the caller prepends the tokenizer's `bos_id`. `image_refs` lists the image of
 each `<image>` of the text, in order (support images, then the query's).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import random
 import types
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 IMAGE_TOKEN = "<image>"
 EOC_TOKEN = "<EOC>"
@@ -33,6 +34,7 @@ class Example:
   For VQA, `answers[0]` is the answer shown when the example is a support example (put the most
   frequent answer first); all `answers` are used by the metric.
   """
+
   image: Hashable
   question: str | None = None
   answers: tuple[str, ...] = ()
@@ -44,6 +46,7 @@ class Example:
 class PromptTemplate:
   """`example` renders a support example (fields: question, answer, caption, label); `query` renders
   the query with the answer left open; `separator` goes between consecutive examples."""
+
   example: str
   query: str
   separator: str = ""
@@ -57,12 +60,15 @@ class PromptTemplate:
       raise ValueError(f"PromptTemplate.example must end with {EOC_TOKEN!r}, got {self.example!r}")
 
 
-DEFAULT_TEMPLATES = types.MappingProxyType({
-    "vqa": PromptTemplate(example="<image>Question: {question} Answer: {answer}<EOC>",
-                          query="<image>Question: {question} Answer:"),
+DEFAULT_TEMPLATES = types.MappingProxyType(
+  {
+    "vqa": PromptTemplate(
+      example="<image>Question: {question} Answer: {answer}<EOC>", query="<image>Question: {question} Answer:"
+    ),
     "captioning": PromptTemplate(example="<image>Output: {caption}<EOC>", query="<image>Output:"),
     "classification": PromptTemplate(example="<image>Output: {label}<EOC>", query="<image>Output:"),
-})
+  }
+)
 
 
 def _template(task: str, template: PromptTemplate | None) -> PromptTemplate:
@@ -109,9 +115,15 @@ def continuation(answer: str) -> str:
   return f" {answer}{EOC_TOKEN}"
 
 
-def build_prompt(support: Sequence[Example], query: Example, task: str, *,
-                 template: PromptTemplate | None = None, shuffle_seed: int | None = None,
-                 text_only_support: bool = False) -> tuple[str, list[Hashable]]:
+def build_prompt(
+  support: Sequence[Example],
+  query: Example,
+  task: str,
+  *,
+  template: PromptTemplate | None = None,
+  shuffle_seed: int | None = None,
+  text_only_support: bool = False,
+) -> tuple[str, list[Hashable]]:
   """The few-shot prompt text and the images of its `<image>` markers.
 
   Args:
@@ -141,15 +153,23 @@ def build_prompt(support: Sequence[Example], query: Example, task: str, *,
   image_refs.append(query.image)
   text = tmpl.separator.join(parts)
   if text.count(IMAGE_TOKEN) != len(image_refs):
-    raise ValueError(f"Prompt has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} markers but "
-                     f"{len(image_refs)} images; does a question or answer contain "
-                     f"{IMAGE_TOKEN!r}? Prompt: {text!r}")
+    raise ValueError(
+      f"Prompt has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} markers but "
+      f"{len(image_refs)} images; does a question or answer contain "
+      f"{IMAGE_TOKEN!r}? Prompt: {text!r}"
+    )
   return text, image_refs
 
 
-def permuted_prompts(support: Sequence[Example], query: Example, task: str, num_prompts: int, *,
-                     seed: int = 0, template: PromptTemplate | None = None,
-                     ) -> list[tuple[str, list[Hashable]]]:
+def permuted_prompts(
+  support: Sequence[Example],
+  query: Example,
+  task: str,
+  num_prompts: int,
+  *,
+  seed: int = 0,
+  template: PromptTemplate | None = None,
+) -> list[tuple[str, list[Hashable]]]:
   """Prompts for prompt ensembling: the given order, then `num_prompts - 1` shuffled orders."""
   if num_prompts < 1:
     raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
@@ -159,17 +179,18 @@ def permuted_prompts(support: Sequence[Example], query: Example, task: str, num_
   return prompts
 
 
-def zero_shot_prompt(text_examples: Sequence[Example], query: Example, task: str, *,
-                     template: PromptTemplate | None = None) -> tuple[str, list[Hashable]]:
+def zero_shot_prompt(
+  text_examples: Sequence[Example], query: Example, task: str, *, template: PromptTemplate | None = None
+) -> tuple[str, list[Hashable]]:
   """Zero-shot prompt as in the paper: two text-only support examples, then the query."""
   if len(text_examples) != 2:
-    raise ValueError("Zero-shot prompts use exactly 2 text-only examples, got "
-                     f"{len(text_examples)}")
+    raise ValueError(f"Zero-shot prompts use exactly 2 text-only examples, got {len(text_examples)}")
   return build_prompt(text_examples, query, task, template=template, text_only_support=True)
 
 
-def random_support(pool: Sequence[Example], k: int, seed: int, *,
-                   exclude: Hashable | None = None) -> list[Example]:
+def random_support(
+  pool: Sequence[Example], k: int, seed: int, *, exclude: Hashable | None = None
+) -> list[Example]:
   """`k` examples drawn without replacement from `pool` (never one whose image is `exclude`)."""
   candidates = [e for e in pool if exclude is None or e.image != exclude]
   if k > len(candidates):

@@ -12,6 +12,7 @@ dataset, split, count); the file is written atomically (temporary file + rename)
 later calls. In multi-host runs every host computes the same features, so a race between writers
 only costs time, never a torn file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,8 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -35,10 +37,15 @@ def l2_normalize(x: Any, eps: float = 1e-12) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def top_k_similar(support_feats: Any, query_feats: Any, k: int, *,
-                  support_ids: Sequence[Hashable] | None = None,
-                  exclude_ids: Sequence[Hashable | None] | None = None,
-                  chunk_size: int = 1024) -> np.ndarray:
+def top_k_similar(
+  support_feats: Any,
+  query_feats: Any,
+  k: int,
+  *,
+  support_ids: Sequence[Hashable] | None = None,
+  exclude_ids: Sequence[Hashable | None] | None = None,
+  chunk_size: int = 1024,
+) -> np.ndarray:
   """Indices [Nq, k] of each query's k most similar support rows, the MOST similar LAST.
 
   Args:
@@ -54,8 +61,9 @@ def top_k_similar(support_feats: Any, query_feats: Any, k: int, *,
   queries = l2_normalize(query_feats)
   num_support, num_queries = support.shape[0], queries.shape[0]
   if support.shape[1] != queries.shape[1]:
-    raise ValueError(f"Support features are {support.shape} but query features are "
-                     f"{queries.shape}: feature widths differ")
+    raise ValueError(
+      f"Support features are {support.shape} but query features are {queries.shape}: feature widths differ"
+    )
   if exclude_ids is not None:
     if support_ids is None:
       raise ValueError("exclude_ids needs support_ids")
@@ -68,16 +76,17 @@ def top_k_similar(support_feats: Any, query_feats: Any, k: int, *,
   if exclude_ids is not None:
     for row, sid in enumerate(np.asarray(support_ids).tolist()):
       rows_of_id.setdefault(sid, []).append(row)
-    max_excluded = max((len(rows_of_id.get(e, ())) for e in np.asarray(exclude_ids).tolist()),
-                       default=0)
+    max_excluded = max((len(rows_of_id.get(e, ())) for e in np.asarray(exclude_ids).tolist()), default=0)
   if not 0 < k <= num_support - max_excluded:
-    raise ValueError(f"k={k} must be in [1, {num_support - max_excluded}] ({num_support} support "
-                     f"examples, up to {max_excluded} excluded per query)")
+    raise ValueError(
+      f"k={k} must be in [1, {num_support - max_excluded}] ({num_support} support "
+      f"examples, up to {max_excluded} excluded per query)"
+    )
 
   out = np.empty([num_queries, k], dtype=np.int64)
   exclude_list = None if exclude_ids is None else np.asarray(exclude_ids).tolist()
   for start in range(0, num_queries, chunk_size):
-    sims = queries[start:start + chunk_size] @ support.T  # [c, Ns]
+    sims = queries[start : start + chunk_size] @ support.T  # [c, Ns]
     if exclude_list is not None:
       for j in range(sims.shape[0]):
         rows = rows_of_id.get(exclude_list[start + j])
@@ -90,14 +99,22 @@ def top_k_similar(support_feats: Any, query_feats: Any, k: int, *,
     top_sims = np.take_along_axis(sims, top, axis=-1)
     # Ascending similarity (most similar last); ties: the lower support index goes later.
     order = np.lexsort((-top, top_sims), axis=-1)
-    out[start:start + sims.shape[0]] = np.take_along_axis(top, order, axis=-1)
+    out[start : start + sims.shape[0]] = np.take_along_axis(top, order, axis=-1)
   return out
 
 
 def fingerprint(*, model_id: str | int, dataset: str, split: str, count: int) -> str:
   """A short stable hash of what determines the support features."""
-  key = json.dumps({"model_id": str(model_id), "dataset": dataset, "split": split,
-                    "count": int(count), "version": _FORMAT_VERSION}, sort_keys=True)
+  key = json.dumps(
+    {
+      "model_id": str(model_id),
+      "dataset": dataset,
+      "split": split,
+      "count": int(count),
+      "version": _FORMAT_VERSION,
+    },
+    sort_keys=True,
+  )
   return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -127,8 +144,9 @@ class RICES:
     dataset, split, count: which support set (count = its number of examples).
   """
 
-  def __init__(self, feature_fn: FeatureFn, cache_dir: str, *, model_id: str | int, dataset: str,
-               split: str, count: int):
+  def __init__(
+    self, feature_fn: FeatureFn, cache_dir: str, *, model_id: str | int, dataset: str, split: str, count: int
+  ):
     self._feature_fn = feature_fn
     self._cache_dir = cache_dir
     self._count = int(count)
@@ -144,8 +162,10 @@ class RICES:
       if missing:
         raise KeyError(f"RICES cache {self.cache_path} lacks the arrays {sorted(missing)}")
       if str(data["fingerprint"]) != self._key:
-        raise ValueError(f"RICES cache {self.cache_path} has fingerprint "
-                         f"{str(data['fingerprint'])!r}, expected {self._key!r}; delete the file")
+        raise ValueError(
+          f"RICES cache {self.cache_path} has fingerprint "
+          f"{str(data['fingerprint'])!r}, expected {self._key!r}; delete the file"
+        )
       return data["ids"], data["features"]
 
   def _compute(self) -> tuple[np.ndarray, np.ndarray]:
@@ -153,14 +173,16 @@ class RICES:
     ids = np.asarray(ids)
     features = l2_normalize(features)
     if ids.dtype == object:
-      raise TypeError("RICES feature_fn must return ids as ints or strings (npz is written without "
-                      f"pickle), got an object array starting with {ids[:3].tolist()}")
+      raise TypeError(
+        "RICES feature_fn must return ids as ints or strings (npz is written without "
+        f"pickle), got an object array starting with {ids[:3].tolist()}"
+      )
     if ids.shape != (features.shape[0],):
-      raise ValueError(f"RICES feature_fn returned ids of shape {ids.shape} for features of shape "
-                       f"{features.shape}")
+      raise ValueError(
+        f"RICES feature_fn returned ids of shape {ids.shape} for features of shape {features.shape}"
+      )
     if features.shape[0] != self._count:
-      raise ValueError(f"RICES feature_fn returned {features.shape[0]} features but "
-                       f"count={self._count}")
+      raise ValueError(f"RICES feature_fn returned {features.shape[0]} features but count={self._count}")
     os.makedirs(self._cache_dir, exist_ok=True)
     _atomic_savez(self.cache_path, ids=ids, features=features, fingerprint=np.array(self._key))
     return ids, features
@@ -174,8 +196,9 @@ class RICES:
         self._ids, self._features = self._compute()
     return self._ids, self._features
 
-  def select(self, query_feats: Any, k: int,
-             exclude_ids: Sequence[Hashable | None] | None = None) -> np.ndarray:
+  def select(
+    self, query_feats: Any, k: int, exclude_ids: Sequence[Hashable | None] | None = None
+  ) -> np.ndarray:
     """Support indices [Nq, k] for each query, most similar LAST.
 
     `exclude_ids[q]` (e.g. the query's own id when queries come from the support split) is never

@@ -13,9 +13,11 @@ from the tokens before it (`make_logprob_fn` builds one from a forward function)
 A candidate's score is its log-likelihood (optionally divided by its token count), averaged over the
 P prompts of its query; the prediction is the argmax.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,11 +59,18 @@ def _rows(prompts, candidates) -> Iterator[tuple[int, int, int]]:
         yield q, p, c
 
 
-def rank_candidates(logprob_fn: LogprobFn, prompts: Sequence[Sequence[Sequence[int]]],
-                    candidates: Sequence[Sequence[Sequence[int]]], *, prompt_len: int,
-                    candidate_len: int, pad_id: int, batch_size: int,
-                    row_inputs: Sequence[Sequence[Mapping[str, Any]]] | None = None,
-                    length_normalize: bool = False) -> RankingResult:
+def rank_candidates(
+  logprob_fn: LogprobFn,
+  prompts: Sequence[Sequence[Sequence[int]]],
+  candidates: Sequence[Sequence[Sequence[int]]],
+  *,
+  prompt_len: int,
+  candidate_len: int,
+  pad_id: int,
+  batch_size: int,
+  row_inputs: Sequence[Sequence[Mapping[str, Any]]] | None = None,
+  length_normalize: bool = False,
+) -> RankingResult:
   """Ranks each query's candidates by log-likelihood, averaged over its prompts.
 
   Args:
@@ -82,8 +91,7 @@ def rank_candidates(logprob_fn: LogprobFn, prompts: Sequence[Sequence[Sequence[i
     raise ValueError(f"{len(candidates)} candidate lists for {num_queries} queries")
   num_prompts = {len(p) for p in prompts}
   if len(num_prompts) != 1 or 0 in num_prompts:
-    raise ValueError("Every query needs the same number (>= 1) of prompts, got "
-                     f"{sorted(num_prompts)}")
+    raise ValueError(f"Every query needs the same number (>= 1) of prompts, got {sorted(num_prompts)}")
   num_prompts = num_prompts.pop()
   if row_inputs is not None and [len(r) for r in row_inputs] != [num_prompts] * num_queries:
     raise ValueError("row_inputs must hold one dict per prompt of every query")
@@ -95,8 +103,7 @@ def rank_candidates(logprob_fn: LogprobFn, prompts: Sequence[Sequence[Sequence[i
       raise ValueError(f"Query {q} has no candidates")
     for c, ids in enumerate(candidates[q]):
       if not 0 < len(ids) <= candidate_len:
-        raise ValueError(f"Candidate {c} of query {q} has {len(ids)} tokens; "
-                         f"candidate_len={candidate_len}")
+        raise ValueError(f"Candidate {c} of query {q} has {len(ids)} tokens; candidate_len={candidate_len}")
 
   max_cands = max(len(c) for c in candidates)
   prompt_scores = np.full([num_queries, num_prompts, max_cands], -np.inf)
@@ -107,15 +114,18 @@ def rank_candidates(logprob_fn: LogprobFn, prompts: Sequence[Sequence[Sequence[i
     tokens = np.full([batch_size, seq_len], pad_id, np.int32)
     token_mask = np.zeros([batch_size, seq_len], bool)
     target_mask = np.zeros([batch_size, seq_len], bool)
-    extras = None if template is None else {
-        k: np.zeros((batch_size,) + v.shape, v.dtype) for k, v in template.items()}
+    extras = (
+      None
+      if template is None
+      else {k: np.zeros((batch_size,) + v.shape, v.dtype) for k, v in template.items()}
+    )
     for r, (q, p, c) in enumerate(batch_rows):
       prompt, cand = prompts[q][p], candidates[q][c]
       start = prompt_len - len(prompt)
       tokens[r, start:prompt_len] = prompt
-      tokens[r, prompt_len:prompt_len + len(cand)] = cand
-      token_mask[r, start:prompt_len + len(cand)] = True
-      target_mask[r, prompt_len:prompt_len + len(cand)] = True
+      tokens[r, prompt_len : prompt_len + len(cand)] = cand
+      token_mask[r, start : prompt_len + len(cand)] = True
+      target_mask[r, prompt_len : prompt_len + len(cand)] = True
       if extras is not None:
         for k in extras:
           extras[k][r] = row_inputs[q][p][k]
@@ -139,10 +149,15 @@ def rank_candidates(logprob_fn: LogprobFn, prompts: Sequence[Sequence[Sequence[i
   return RankingResult(best=np.argmax(scores, axis=-1), scores=scores, prompt_scores=prompt_scores)
 
 
-def rank_text_candidates(logprob_fn: LogprobFn, encode: Callable[[str], list[int]],
-                         prompt_texts: Sequence[Sequence[str]],
-                         candidate_texts: Sequence[Sequence[str]], *, bos_id: int | None,
-                         **kwargs) -> RankingResult:
+def rank_text_candidates(
+  logprob_fn: LogprobFn,
+  encode: Callable[[str], list[int]],
+  prompt_texts: Sequence[Sequence[str]],
+  candidate_texts: Sequence[Sequence[str]],
+  *,
+  bos_id: int | None,
+  **kwargs,
+) -> RankingResult:
   """`rank_candidates` on texts: prompts get `bos_id` prepended (None: none), candidates are encoded
   as the continuation " {candidate}<EOC>" (prompt and continuation are encoded separately)."""
   bos = [] if bos_id is None else [bos_id]

@@ -15,6 +15,7 @@ Parameters (top-level module paths):
   contrastive/text_proj {w, b}    [D, E], [E]
   contrastive {logit_scale}       [] log inverse temperature, init log(10)
 """
+
 import math
 from typing import Any
 
@@ -44,16 +45,17 @@ class ContrastiveModel(hk.Module):
   under `contrastive/`. A Haiku module cannot create top-level siblings.
   """
 
-  def __init__(self, vision_encoder: NFNet, text_encoder: TextEncoder,
-               embed_dim: int, name: str = 'contrastive'):
+  def __init__(
+    self, vision_encoder: NFNet, text_encoder: TextEncoder, embed_dim: int, name: str = "contrastive"
+  ):
     super().__init__(name=name)
     self.vision_encoder = vision_encoder
     self.text_encoder = text_encoder
     self.embed_dim = embed_dim
 
-  def __call__(self, images: jax.Array, tokens: jax.Array,
-               token_mask: jax.Array,
-               is_training: bool) -> dict[str, jax.Array]:
+  def __call__(
+    self, images: jax.Array, tokens: jax.Array, token_mask: jax.Array, is_training: bool
+  ) -> dict[str, jax.Array]:
     """Embeds paired images and texts.
 
     Args:
@@ -66,23 +68,23 @@ class ContrastiveModel(hk.Module):
       {'image_embed': fp32 [B, E] unit norm, 'text_embed': fp32 [B, E] unit
        norm, 'logit_scale': fp32 [] the log inverse temperature}.
     """
-    vision = self.vision_encoder(images, is_training=is_training)['pooled']
-    text = self.text_encoder(tokens, token_mask,
-                             is_training=is_training)['pooled']
-    image_embed = hk.Linear(self.embed_dim, name='image_proj')(
-        vision.astype(jnp.float32))
-    text_embed = hk.Linear(self.embed_dim, name='text_proj')(
-        text.astype(jnp.float32))
+    vision = self.vision_encoder(images, is_training=is_training)["pooled"]
+    text = self.text_encoder(tokens, token_mask, is_training=is_training)["pooled"]
+    image_embed = hk.Linear(self.embed_dim, name="image_proj")(vision.astype(jnp.float32))
+    text_embed = hk.Linear(self.embed_dim, name="text_proj")(text.astype(jnp.float32))
     logit_scale = hk.get_parameter(
-        'logit_scale', (), jnp.float32,
-        init=hk.initializers.Constant(math.log(10.0)))
-    return {'image_embed': l2_normalize(image_embed),
-            'text_embed': l2_normalize(text_embed),
-            'logit_scale': logit_scale}
+      "logit_scale", (), jnp.float32, init=hk.initializers.Constant(math.log(10.0))
+    )
+    return {
+      "image_embed": l2_normalize(image_embed),
+      "text_embed": l2_normalize(text_embed),
+      "logit_scale": logit_scale,
+    }
 
 
-def _one_way(logits: jax.Array, valid: jax.Array, num_valid: jax.Array,
-             label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+def _one_way(
+  logits: jax.Array, valid: jax.Array, num_valid: jax.Array, label_smoothing: float
+) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy of each row (anchor) against all valid columns.
 
   Args:
@@ -97,8 +99,7 @@ def _one_way(logits: jax.Array, valid: jax.Array, num_valid: jax.Array,
   b = logits.shape[0]
   logits = jnp.where(valid[None, :], logits, _NEG)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  targets = ((1.0 - label_smoothing) * jnp.eye(b, dtype=jnp.float32)
-             + label_smoothing / num_valid)
+  targets = (1.0 - label_smoothing) * jnp.eye(b, dtype=jnp.float32) + label_smoothing / num_valid
   targets = jnp.where(valid[None, :], targets, 0.0)
   ce = -jnp.sum(targets * log_probs, axis=-1)  # [B]
   loss = jnp.sum(jnp.where(valid, ce, 0.0)) / num_valid
@@ -108,8 +109,11 @@ def _one_way(logits: jax.Array, valid: jax.Array, num_valid: jax.Array,
 
 
 def contrastive_loss(
-    image_embed: jax.Array, text_embed: jax.Array, logit_scale: jax.Array,
-    valid: jax.Array | None = None, label_smoothing: float = 0.1,
+  image_embed: jax.Array,
+  text_embed: jax.Array,
+  logit_scale: jax.Array,
+  valid: jax.Array | None = None,
+  label_smoothing: float = 0.1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Two-way softmax contrastive loss with label smoothing, in fp32.
 
@@ -132,34 +136,41 @@ def contrastive_loss(
     'inverse_temperature' and 'num_valid', all fp32 scalars.
   """
   if image_embed.ndim != 2 or image_embed.shape != text_embed.shape:
-    raise ValueError(f'contrastive_loss: image_embed {image_embed.shape} and '
-                     f'text_embed {text_embed.shape} must both be [B, E].')
+    raise ValueError(
+      f"contrastive_loss: image_embed {image_embed.shape} and "
+      f"text_embed {text_embed.shape} must both be [B, E]."
+    )
   b = image_embed.shape[0]
   if valid is None:
     valid = jnp.ones((b,), bool)
   elif valid.shape != (b,):
-    raise ValueError(f'contrastive_loss: valid has shape {valid.shape}, '
-                     f'expected ({b},).')
+    raise ValueError(f"contrastive_loss: valid has shape {valid.shape}, expected ({b},).")
   valid = valid.astype(bool)
   num_valid = jnp.sum(valid).astype(jnp.float32)
   safe_n = jnp.maximum(num_valid, 1.0)
   scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
   logits = scale * jnp.einsum(
-      'ie,je->ij', image_embed.astype(jnp.float32),
-      text_embed.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    "ie,je->ij",
+    image_embed.astype(jnp.float32),
+    text_embed.astype(jnp.float32),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   i2t_loss, i2t_acc = _one_way(logits, valid, safe_n, label_smoothing)
   t2i_loss, t2i_acc = _one_way(logits.T, valid, safe_n, label_smoothing)
   loss = 0.5 * (i2t_loss + t2i_loss)
   metrics = {
-      'loss': loss, 'i2t_loss': i2t_loss, 't2i_loss': t2i_loss,
-      'i2t_accuracy': i2t_acc, 't2i_accuracy': t2i_acc,
-      'inverse_temperature': scale, 'num_valid': num_valid,
+    "loss": loss,
+    "i2t_loss": i2t_loss,
+    "t2i_loss": t2i_loss,
+    "i2t_accuracy": i2t_acc,
+    "t2i_accuracy": t2i_acc,
+    "inverse_temperature": scale,
+    "num_valid": num_valid,
   }
   return loss, metrics
 
 
-def make_contrastive_model(config: Any,
-                           dtype: Any = jnp.float32) -> hk.Transformed:
+def make_contrastive_model(config: Any, dtype: Any = jnp.float32) -> hk.Transformed:
   """The stage-1 model as a pure pair of functions.
 
   Args:
@@ -176,15 +187,18 @@ def make_contrastive_model(config: Any,
   vision_variant = config.vision_variant
   embed_dim = config.embed_dim
   text = config.text
-  text_args = dict(vocab_size=text.vocab_size, dim=text.dim,
-                   num_layers=text.num_layers, num_heads=text.num_heads,
-                   max_len=text.max_len)
+  text_args = dict(
+    vocab_size=text.vocab_size,
+    dim=text.dim,
+    num_layers=text.num_layers,
+    num_heads=text.num_heads,
+    max_len=text.max_len,
+  )
 
   def forward(images, tokens, token_mask, is_training):
-    vision_encoder = NFNet(vision_variant, dtype=dtype, name='vision_encoder')
-    text_encoder = TextEncoder(**text_args, dtype=dtype, name='text_encoder')
-    model = ContrastiveModel(vision_encoder, text_encoder, embed_dim,
-                             name='contrastive')
+    vision_encoder = NFNet(vision_variant, dtype=dtype, name="vision_encoder")
+    text_encoder = TextEncoder(**text_args, dtype=dtype, name="text_encoder")
+    model = ContrastiveModel(vision_encoder, text_encoder, embed_dim, name="contrastive")
     return model(images, tokens, token_mask, is_training)
 
   return hk.transform(forward)

@@ -17,17 +17,18 @@ Dv vision width, V+E vocabulary (original + extra tokens).
 The size table `SIZES` gives the paper's 3B/9B/80B (Table 4 / App. B.1.1), the real SmolLM2-135M LM shape
 used on these machines, and a `tiny` size for tests.
 """
+
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flamingo_jax.models import gated_xattn
+from flamingo_jax.models import gated_xattn, nfnet
 from flamingo_jax.models import lm as lm_lib
-from flamingo_jax.models import nfnet
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,44 +41,94 @@ def _paper_lm(num_layers: int, dim: int, num_heads: int) -> dict:
   Transformer-XL relative-position projection. This implementation uses parameter-free RoPE instead, so
   the MLP is made 4.5*D wide to keep each layer at 13*D^2 and the LM at the paper's size.
   """
-  return dict(vocab_size=32000, dim=dim, num_layers=num_layers, num_heads=num_heads,
-              num_kv_heads=num_heads, head_dim=dim // num_heads, ffw_hidden=int(4.5 * dim),
-              mlp="gelu", norm="layer", norm_eps=1e-5, rope_theta=10000.0, tie_embeddings=False,
-              max_seq_len=2048)
+  return dict(
+    vocab_size=32000,
+    dim=dim,
+    num_layers=num_layers,
+    num_heads=num_heads,
+    num_kv_heads=num_heads,
+    head_dim=dim // num_heads,
+    ffw_hidden=int(4.5 * dim),
+    mlp="gelu",
+    norm="layer",
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_embeddings=False,
+    max_seq_len=2048,
+  )
 
 
-_PAPER_RESAMPLER = dict(dim=1536, depth=6, num_latents=64, num_heads=16, head_dim=128, ffw_mult=4,
-                        max_frames=8)
+_PAPER_RESAMPLER = dict(
+  dim=1536, depth=6, num_latents=64, num_heads=16, head_dim=128, ffw_mult=4, max_frames=8
+)
 
 SIZES = {
-    # Unit tests: every shape small; 5 layers with xattn every 2 exercises the tail group.
-    "tiny": dict(
-        vision_variant="test", image_size=32,
-        lm=dict(vocab_size=64, dim=32, num_layers=5, num_heads=4, num_kv_heads=2, head_dim=8,
-                ffw_hidden=64, mlp="swiglu", norm="rms", norm_eps=1e-5, rope_theta=10000.0,
-                tie_embeddings=True, max_seq_len=256),
-        xattn=dict(every=2, num_heads=2, head_dim=16, ffw_mult=4),
-        resampler=dict(dim=24, depth=2, num_latents=4, num_heads=2, head_dim=12, ffw_mult=4,
-                       max_frames=4)),
-    # SmolLM2-135M(-Instruct): the real frozen LM here. xattn before layers 0, 4, ..., 28 (8 blocks).
-    "smollm2": dict(
-        vision_variant="F0", image_size=64,
-        lm=dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                ffw_hidden=1536, mlp="swiglu", norm="rms", norm_eps=1e-5, rope_theta=100000.0,
-                tie_embeddings=True, max_seq_len=8192),
-        xattn=dict(every=4, num_heads=8, head_dim=64, ffw_mult=4),
-        resampler=dict(dim=576, depth=6, num_latents=64, num_heads=8, head_dim=64, ffw_mult=4,
-                       max_frames=8)),
-    # Paper sizes: xattn every 1 / 4 / 7 layers; NFNet-F6 at 320 px; resampler 6 x 64 latents.
-    "3b": dict(vision_variant="F6", image_size=320, lm=_paper_lm(24, 2048, 16),
-               xattn=dict(every=1, num_heads=16, head_dim=128, ffw_mult=4),
-               resampler=_PAPER_RESAMPLER),
-    "9b": dict(vision_variant="F6", image_size=320, lm=_paper_lm(32, 4096, 32),
-               xattn=dict(every=4, num_heads=32, head_dim=128, ffw_mult=4),
-               resampler=_PAPER_RESAMPLER),
-    "80b": dict(vision_variant="F6", image_size=320, lm=_paper_lm(80, 8192, 64),
-                xattn=dict(every=7, num_heads=64, head_dim=128, ffw_mult=4),
-                resampler=_PAPER_RESAMPLER),
+  # Unit tests: every shape small; 5 layers with xattn every 2 exercises the tail group.
+  "tiny": dict(
+    vision_variant="test",
+    image_size=32,
+    lm=dict(
+      vocab_size=64,
+      dim=32,
+      num_layers=5,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=8,
+      ffw_hidden=64,
+      mlp="swiglu",
+      norm="rms",
+      norm_eps=1e-5,
+      rope_theta=10000.0,
+      tie_embeddings=True,
+      max_seq_len=256,
+    ),
+    xattn=dict(every=2, num_heads=2, head_dim=16, ffw_mult=4),
+    resampler=dict(dim=24, depth=2, num_latents=4, num_heads=2, head_dim=12, ffw_mult=4, max_frames=4),
+  ),
+  # SmolLM2-135M(-Instruct): the real frozen LM here. xattn before layers 0, 4, ..., 28 (8 blocks).
+  "smollm2": dict(
+    vision_variant="F0",
+    image_size=64,
+    lm=dict(
+      vocab_size=49152,
+      dim=576,
+      num_layers=30,
+      num_heads=9,
+      num_kv_heads=3,
+      head_dim=64,
+      ffw_hidden=1536,
+      mlp="swiglu",
+      norm="rms",
+      norm_eps=1e-5,
+      rope_theta=100000.0,
+      tie_embeddings=True,
+      max_seq_len=8192,
+    ),
+    xattn=dict(every=4, num_heads=8, head_dim=64, ffw_mult=4),
+    resampler=dict(dim=576, depth=6, num_latents=64, num_heads=8, head_dim=64, ffw_mult=4, max_frames=8),
+  ),
+  # Paper sizes: xattn every 1 / 4 / 7 layers; NFNet-F6 at 320 px; resampler 6 x 64 latents.
+  "3b": dict(
+    vision_variant="F6",
+    image_size=320,
+    lm=_paper_lm(24, 2048, 16),
+    xattn=dict(every=1, num_heads=16, head_dim=128, ffw_mult=4),
+    resampler=_PAPER_RESAMPLER,
+  ),
+  "9b": dict(
+    vision_variant="F6",
+    image_size=320,
+    lm=_paper_lm(32, 4096, 32),
+    xattn=dict(every=4, num_heads=32, head_dim=128, ffw_mult=4),
+    resampler=_PAPER_RESAMPLER,
+  ),
+  "80b": dict(
+    vision_variant="F6",
+    image_size=320,
+    lm=_paper_lm(80, 8192, 64),
+    xattn=dict(every=7, num_heads=64, head_dim=128, ffw_mult=4),
+    resampler=_PAPER_RESAMPLER,
+  ),
 }
 
 
@@ -86,14 +137,20 @@ def model_config(size: str) -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"Unknown model size {size!r}; expected one of {sorted(SIZES)}.")
   s = SIZES[size]
-  return ml_collections.ConfigDict(dict(
-      size=size, vision_variant=s["vision_variant"], image_size=s["image_size"],
-      lm=dict(s["lm"], num_extra_tokens=2), xattn=dict(s["xattn"]), resampler=dict(s["resampler"]),
-      dtype="float32",        # compute dtype of matmuls ('bfloat16' on accelerators)
-      remat="none",           # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
-      scan_unroll=1,          # layer groups per scan iteration (>= number of groups: fully unrolled)
-      freeze_vision=True,     # stop gradients at the vision encoder's output
-  ))
+  return ml_collections.ConfigDict(
+    dict(
+      size=size,
+      vision_variant=s["vision_variant"],
+      image_size=s["image_size"],
+      lm=dict(s["lm"], num_extra_tokens=2),
+      xattn=dict(s["xattn"]),
+      resampler=dict(s["resampler"]),
+      dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
+      remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
+      scan_unroll=1,  # layer groups per scan iteration (>= number of groups: fully unrolled)
+      freeze_vision=True,  # stop gradients at the vision encoder's output
+    )
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +171,16 @@ def parse_configs(cfg) -> Configs:
   xattn = gated_xattn.XAttnConfig(media_dim=res.dim, **dict(cfg.xattn))
   if cfg.dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-  return Configs(lm=lm_lib.LMConfig.from_dict(cfg.lm), xattn=xattn, resampler=res,
-                 vision_variant=cfg.vision_variant, dtype=DTYPES[cfg.dtype], remat=cfg.remat,
-                 freeze_vision=cfg.freeze_vision, scan_unroll=int(cfg.get("scan_unroll", 1)))
+  return Configs(
+    lm=lm_lib.LMConfig.from_dict(cfg.lm),
+    xattn=xattn,
+    resampler=res,
+    vision_variant=cfg.vision_variant,
+    dtype=DTYPES[cfg.dtype],
+    remat=cfg.remat,
+    freeze_vision=cfg.freeze_vision,
+    scan_unroll=int(cfg.get("scan_unroll", 1)),
+  )
 
 
 class _Flamingo:
@@ -125,10 +189,10 @@ class _Flamingo:
   def __init__(self, c: Configs):
     self.c = c
     self.vision = nfnet.NFNet(c.vision_variant, dtype=c.dtype, name="vision_encoder")
-    self.resampler = resampler_lib.PerceiverResampler(c.resampler, dtype=c.dtype,
-                                                      name="perceiver_resampler")
-    self.lm = lm_lib.DecoderLM(c.lm, c.xattn, dtype=c.dtype, remat=c.remat,
-                               scan_unroll=c.scan_unroll, name="lm")
+    self.resampler = resampler_lib.PerceiverResampler(c.resampler, dtype=c.dtype, name="perceiver_resampler")
+    self.lm = lm_lib.DecoderLM(
+      c.lm, c.xattn, dtype=c.dtype, remat=c.remat, scan_unroll=c.scan_unroll, name="lm"
+    )
 
   def vision_features(self, images):
     """images [B, H, W, 3] -> pooled [B, Dv] (frozen encoder, eval mode)."""
@@ -155,14 +219,15 @@ class _Flamingo:
     logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask)
     return logits
 
-  def lm_forward(self, tokens, visual=None, media_index=None, token_mask=None, cache=None,
-                 lm_only=False):
-    return self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask,
-                   cache=cache, lm_only=lm_only)
+  def lm_forward(self, tokens, visual=None, media_index=None, token_mask=None, cache=None, lm_only=False):
+    return self.lm(
+      tokens, visual=visual, media_index=media_index, token_mask=token_mask, cache=cache, lm_only=lm_only
+    )
 
 
 class FlamingoModel(NamedTuple):
   """Pure functions over one params tree (see the module docstring)."""
+
   configs: Configs
   init: Callable
   forward: Callable
@@ -187,11 +252,22 @@ def make_model(model_cfg) -> FlamingoModel:
       media_index = jnp.zeros(tokens.shape, jnp.int32)
       return model.forward(images, tokens, media_index)
 
-    return init, (model.forward, model.encode_media, model.lm_forward, model.vision_features,
-                  model.forward_features)
+    return init, (
+      model.forward,
+      model.encode_media,
+      model.lm_forward,
+      model.vision_features,
+      model.forward_features,
+    )
 
   transformed = hk.multi_transform(template)
   forward, encode_media, lm_forward, vision_features, forward_features = transformed.apply
-  return FlamingoModel(configs=c, init=transformed.init, forward=forward, encode_media=encode_media,
-                       lm_forward=lm_forward, vision_features=vision_features,
-                       forward_features=forward_features)
+  return FlamingoModel(
+    configs=c,
+    init=transformed.init,
+    forward=forward,
+    encode_media=encode_media,
+    lm_forward=lm_forward,
+    vision_features=vision_features,
+    forward_features=forward_features,
+  )

@@ -8,6 +8,7 @@ Both gates start at 0, so at initialisation the block is the identity and Flamin
 Shapes: X blocks, B batch, T tokens, N media per sequence, R visual tokens per media item, M = N*R,
 D LM width, Dr media width, H heads, dh head dim.
 """
+
 import dataclasses
 
 import haiku as hk
@@ -19,11 +20,11 @@ from flamingo_jax.models import layers
 
 @dataclasses.dataclass(frozen=True)
 class XAttnConfig:
-  every: int = 4          # one block before every `every`-th LM layer, starting at layer 0
+  every: int = 4  # one block before every `every`-th LM layer, starting at layer 0
   num_heads: int = 8
   head_dim: int = 64
   ffw_mult: int = 4
-  media_dim: int = 576    # Dr, the resampler's output width
+  media_dim: int = 576  # Dr, the resampler's output width
 
 
 class GatedXAttnParams(hk.Module):
@@ -39,18 +40,18 @@ class GatedXAttnParams(hk.Module):
     init = layers.truncated_normal_init
     get = hk.get_parameter
     return {
-        "attn_gate": get("attn_gate", [x], init=jnp.zeros),
-        "ffw_gate": get("ffw_gate", [x], init=jnp.zeros),
-        "attn_norm_scale": get("attn_norm_scale", [x, d], init=jnp.ones),
-        "attn_norm_bias": get("attn_norm_bias", [x, d], init=jnp.zeros),
-        "q": get("q", [x, d, inner], init=init(d)),
-        "k": get("k", [x, c.media_dim, inner], init=init(c.media_dim)),
-        "v": get("v", [x, c.media_dim, inner], init=init(c.media_dim)),
-        "o": get("o", [x, inner, d], init=init(inner)),
-        "ffw_norm_scale": get("ffw_norm_scale", [x, d], init=jnp.ones),
-        "ffw_norm_bias": get("ffw_norm_bias", [x, d], init=jnp.zeros),
-        "ffw_in": get("ffw_in", [x, d, hidden], init=init(d)),
-        "ffw_out": get("ffw_out", [x, hidden, d], init=init(hidden)),
+      "attn_gate": get("attn_gate", [x], init=jnp.zeros),
+      "ffw_gate": get("ffw_gate", [x], init=jnp.zeros),
+      "attn_norm_scale": get("attn_norm_scale", [x, d], init=jnp.ones),
+      "attn_norm_bias": get("attn_norm_bias", [x, d], init=jnp.zeros),
+      "q": get("q", [x, d, inner], init=init(d)),
+      "k": get("k", [x, c.media_dim, inner], init=init(c.media_dim)),
+      "v": get("v", [x, c.media_dim, inner], init=init(c.media_dim)),
+      "o": get("o", [x, inner, d], init=init(inner)),
+      "ffw_norm_scale": get("ffw_norm_scale", [x, d], init=jnp.ones),
+      "ffw_norm_bias": get("ffw_norm_bias", [x, d], init=jnp.zeros),
+      "ffw_in": get("ffw_in", [x, d, hidden], init=init(d)),
+      "ffw_out": get("ffw_out", [x, hidden, d], init=init(hidden)),
     }
 
 
@@ -62,9 +63,11 @@ def media_kv(p: dict, visual: jax.Array, cfg: XAttnConfig, dtype):
   """
   b, n, r, dr = visual.shape
   flat = visual.reshape(b, n * r, dr).astype(dtype)
+
   def project(w):
     out = jnp.einsum("bmi,xio->xbmo", flat, w.astype(dtype), preferred_element_type=jnp.float32)
     return out.reshape(w.shape[0], b, n * r, cfg.num_heads, cfg.head_dim)
+
   return project(p["k"]), project(p["v"])
 
 
@@ -80,8 +83,9 @@ def xattn_mask(media_index: jax.Array, owner: jax.Array) -> jax.Array:
   return (media_index[:, :, None] == owner[None, None, :]) & (media_index[:, :, None] >= 0)
 
 
-def gated_xattn_block(p: dict, y: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                      cfg: XAttnConfig, dtype) -> jax.Array:
+def gated_xattn_block(
+  p: dict, y: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, cfg: XAttnConfig, dtype
+) -> jax.Array:
   """One block. p: this block's params (no X axis); y: [B, T, D] fp32; k, v: [B, N*R, H, dh];
   mask: [B, T, N*R]. Returns [B, T, D] fp32."""
   b, t, _ = y.shape

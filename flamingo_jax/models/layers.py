@@ -7,7 +7,6 @@ Numerics: every matmul takes its inputs in the compute dtype (bf16 or fp32) and 
 (`preferred_element_type`), which is also the fast path of XLA on CPUs with AMX. Norms, softmax and the
 residual stream stay in fp32.
 """
-from typing import Optional
 
 import haiku as hk
 import jax
@@ -18,8 +17,7 @@ Array = jax.Array
 
 def matmul(x: Array, w: Array, dtype) -> Array:
   """`x @ w` over the last axis of x, inputs cast to `dtype`, fp32 result."""
-  return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype),
-                    preferred_element_type=jnp.float32)
+  return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
@@ -68,16 +66,16 @@ def attention(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
   hkv = k.shape[2]
   groups = hq // hkv
   q = q.reshape(b, t, hkv, groups, dh).astype(dtype)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype),
-                      preferred_element_type=jnp.float32)
-  logits = logits * (dh ** -0.5)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32)
+  logits = logits * (dh**-0.5)
   allowed = mask[:, None, None, :, :]
   logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   any_allowed = jnp.any(mask, axis=-1)[:, None, None, :, None]
   probs = jnp.where(any_allowed & allowed, probs, 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype),
-                   preferred_element_type=jnp.float32)
+  out = jnp.einsum(
+    "bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32
+  )
   return out.reshape(b, t, hq, v.shape[-1])
 
 
@@ -104,7 +102,7 @@ def causal_mask(token_mask: Array) -> Array:
   return causal[None] & token_mask[:, None, :]
 
 
-def positions_from_mask(token_mask: Array, offset: Optional[Array] = None) -> Array:
+def positions_from_mask(token_mask: Array, offset: Array | None = None) -> Array:
   """Positions [B, T] counting valid tokens only (left padding gets position 0), plus an offset [B]."""
   pos = jnp.cumsum(token_mask.astype(jnp.int32), axis=1) - 1
   pos = jnp.maximum(pos, 0)
@@ -116,4 +114,4 @@ def positions_from_mask(token_mask: Array, offset: Optional[Array] = None) -> Ar
 def truncated_normal_init(fan_in: int, scale: float = 1.0):
   """Initialiser with std = scale / sqrt(fan_in); works for stacked shapes (fan_in given explicitly)."""
   # 0.8796 is the std of a standard normal truncated at 2 sigma.
-  return hk.initializers.TruncatedNormal(stddev=scale / (fan_in ** 0.5) / 0.87962566)
+  return hk.initializers.TruncatedNormal(stddev=scale / (fan_in**0.5) / 0.87962566)

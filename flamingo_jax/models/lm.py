@@ -20,34 +20,33 @@ are such slices of the group's copy; a flat scan's one dynamic slice per layer s
 Two LM families: Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU; SmolLM2) and the paper's
 Chinchilla-style GELU MLP with LayerNorm (3B/9B/80B sizes; RoPE stands in for its relative positions).
 """
+
 import dataclasses
 import math
-from typing import Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.models import gated_xattn
-from flamingo_jax.models import layers
+from flamingo_jax.models import gated_xattn, layers
 
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-  vocab_size: int = 49152        # V, the original vocabulary
+  vocab_size: int = 49152  # V, the original vocabulary
   dim: int = 576
   num_layers: int = 30
   num_heads: int = 9
   num_kv_heads: int = 3
   head_dim: int = 64
   ffw_hidden: int = 1536
-  mlp: str = "swiglu"            # 'swiglu' | 'gelu'
-  norm: str = "rms"              # 'rms' | 'layer'
+  mlp: str = "swiglu"  # 'swiglu' | 'gelu'
+  norm: str = "rms"  # 'rms' | 'layer'
   norm_eps: float = 1e-5
   rope_theta: float = 100000.0
   tie_embeddings: bool = True
   max_seq_len: int = 8192
-  num_extra_tokens: int = 2      # E: <image> = V, <EOC> = V+1
+  num_extra_tokens: int = 2  # E: <image> = V, <EOC> = V+1
 
   @classmethod
   def from_dict(cls, d) -> "LMConfig":
@@ -67,16 +66,24 @@ def num_xattn_blocks(num_layers: int, every: int) -> int:
   return math.ceil(num_layers / every) if every > 0 else 0
 
 
-def init_cache(lm: LMConfig, xattn: Optional[gated_xattn.XAttnConfig], batch: int, max_len: int,
-               num_media: int = 0, tokens_per_media: int = 0, dtype=jnp.float32) -> dict:
+def init_cache(
+  lm: LMConfig,
+  xattn: gated_xattn.XAttnConfig | None,
+  batch: int,
+  max_len: int,
+  num_media: int = 0,
+  tokens_per_media: int = 0,
+  dtype=jnp.float32,
+) -> dict:
   """An empty KV cache. Self-attention K/V [L, B, S, Hkv, dh]; media K/V [X, B, N*R, H, dh]."""
   kv_shape = (lm.num_layers, batch, max_len, lm.num_kv_heads, lm.head_dim)
   cache = {
-      "k": jnp.zeros(kv_shape, dtype), "v": jnp.zeros(kv_shape, dtype),
-      "valid": jnp.zeros((batch, max_len), bool),
-      "index": jnp.zeros((), jnp.int32),            # next free slot (shared by the batch)
-      "positions": jnp.zeros((batch,), jnp.int32),  # valid tokens seen per sequence (RoPE offset)
-      "last_media": jnp.full((batch,), -1, jnp.int32),
+    "k": jnp.zeros(kv_shape, dtype),
+    "v": jnp.zeros(kv_shape, dtype),
+    "valid": jnp.zeros((batch, max_len), bool),
+    "index": jnp.zeros((), jnp.int32),  # next free slot (shared by the batch)
+    "positions": jnp.zeros((batch,), jnp.int32),  # valid tokens seen per sequence (RoPE offset)
+    "last_media": jnp.full((batch,), -1, jnp.int32),
   }
   if xattn is not None and xattn.every > 0:
     x = num_xattn_blocks(lm.num_layers, xattn.every)
@@ -129,14 +136,14 @@ def _layer_params(c: LMConfig) -> dict:
   with hk.experimental.name_scope("layers"):
     get = hk.get_parameter
     p = {
-        "attn_norm": get("attn_norm", [n, c.dim], init=jnp.ones),
-        "q": get("q", [n, c.dim, qd], init=init(c.dim)),
-        "k": get("k", [n, c.dim, kvd], init=init(c.dim)),
-        "v": get("v", [n, c.dim, kvd], init=init(c.dim)),
-        "o": get("o", [n, qd, c.dim], init=init(qd)),
-        "mlp_norm": get("mlp_norm", [n, c.dim], init=jnp.ones),
-        "up": get("up", [n, c.dim, c.ffw_hidden], init=init(c.dim)),
-        "down": get("down", [n, c.ffw_hidden, c.dim], init=init(c.ffw_hidden)),
+      "attn_norm": get("attn_norm", [n, c.dim], init=jnp.ones),
+      "q": get("q", [n, c.dim, qd], init=init(c.dim)),
+      "k": get("k", [n, c.dim, kvd], init=init(c.dim)),
+      "v": get("v", [n, c.dim, kvd], init=init(c.dim)),
+      "o": get("o", [n, qd, c.dim], init=init(qd)),
+      "mlp_norm": get("mlp_norm", [n, c.dim], init=jnp.ones),
+      "up": get("up", [n, c.dim, c.ffw_hidden], init=init(c.dim)),
+      "down": get("down", [n, c.ffw_hidden, c.dim], init=init(c.ffw_hidden)),
     }
     if c.mlp == "swiglu":
       p["gate"] = get("gate", [n, c.dim, c.ffw_hidden], init=init(c.dim))
@@ -145,15 +152,17 @@ def _layer_params(c: LMConfig) -> dict:
       p["mlp_norm_bias"] = get("mlp_norm_bias", [n, c.dim], init=jnp.zeros)
   return p
 
+
 def _embeddings(c: LMConfig):
   """Frozen table [V, D] and trainable extra rows [E, D]."""
   with hk.experimental.name_scope("embed"):
-    table = hk.get_parameter("embeddings", [c.vocab_size, c.dim],
-                             init=hk.initializers.TruncatedNormal(1.0))
+    table = hk.get_parameter("embeddings", [c.vocab_size, c.dim], init=hk.initializers.TruncatedNormal(1.0))
   with hk.experimental.name_scope("extra_embed"):
-    extra = hk.get_parameter("embeddings", [c.num_extra_tokens, c.dim],
-                             init=hk.initializers.TruncatedNormal(0.02))
+    extra = hk.get_parameter(
+      "embeddings", [c.num_extra_tokens, c.dim], init=hk.initializers.TruncatedNormal(0.02)
+    )
   return table, extra
+
 
 def _output_weights(c: LMConfig, table, extra):
   """[D, V] and [D, E] output projections (the embedding rows when tied)."""
@@ -164,6 +173,7 @@ def _output_weights(c: LMConfig, table, extra):
   with hk.experimental.name_scope("extra_unembed"):
     w_extra = hk.get_parameter("w", [c.dim, c.num_extra_tokens], init=layers.truncated_normal_init(c.dim))
   return w, w_extra
+
 
 def _final_norm(c: LMConfig, x):
   with hk.experimental.name_scope("final_norm"):
@@ -177,17 +187,31 @@ def _final_norm(c: LMConfig, x):
 class DecoderLM(hk.Module):
   """Decoder LM + interleaved gated cross-attention. See the module docstring for the layout."""
 
-  def __init__(self, cfg: LMConfig, xattn: Optional[gated_xattn.XAttnConfig] = None,
-               dtype=jnp.float32, remat: str = "none", scan_unroll: int = 1, name: str = "lm"):
+  def __init__(
+    self,
+    cfg: LMConfig,
+    xattn: gated_xattn.XAttnConfig | None = None,
+    dtype=jnp.float32,
+    remat: str = "none",
+    scan_unroll: int = 1,
+    name: str = "lm",
+  ):
     super().__init__(name=name)
     self.cfg, self.xcfg, self.dtype, self.remat = cfg, xattn, dtype, remat
     self.scan_unroll = scan_unroll
     self.num_blocks = num_xattn_blocks(cfg.num_layers, xattn.every) if xattn else 0
 
   # ---------------------------------------------------------------------------------------- forward
-  def __call__(self, tokens: jax.Array, *, visual: Optional[jax.Array] = None,
-               media_index: Optional[jax.Array] = None, token_mask: Optional[jax.Array] = None,
-               cache: Optional[dict] = None, lm_only: bool = False):
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    visual: jax.Array | None = None,
+    media_index: jax.Array | None = None,
+    token_mask: jax.Array | None = None,
+    cache: dict | None = None,
+    lm_only: bool = False,
+  ):
     """Logits for `tokens` [B, T].
 
     Args:
@@ -212,9 +236,11 @@ class DecoderLM(hk.Module):
 
     # Embedding lookup: original rows frozen, extra rows (<image>, <EOC>) trainable.
     is_extra = tokens >= c.vocab_size
-    x = jnp.where(is_extra[..., None],
-                  jnp.take(extra, jnp.clip(tokens - c.vocab_size, 0, c.num_extra_tokens - 1), axis=0),
-                  jnp.take(table, jnp.clip(tokens, 0, c.vocab_size - 1), axis=0)).astype(jnp.float32)
+    x = jnp.where(
+      is_extra[..., None],
+      jnp.take(extra, jnp.clip(tokens - c.vocab_size, 0, c.num_extra_tokens - 1), axis=0),
+      jnp.take(table, jnp.clip(tokens, 0, c.vocab_size - 1), axis=0),
+    ).astype(jnp.float32)
 
     # Positions, self-attention mask and the media K/V.
     if cache is None:
@@ -239,8 +265,11 @@ class DecoderLM(hk.Module):
       elif cache is not None and "xattn_k" in cache:
         media_k, media_v, owner = cache["xattn_k"], cache["xattn_v"], cache["xattn_owner"]
       if media_index is None:
-        media_index = (jnp.broadcast_to(cache["last_media"][:, None], (b, t)) if cache is not None
-                       else jnp.full((b, t), -1, jnp.int32))
+        media_index = (
+          jnp.broadcast_to(cache["last_media"][:, None], (b, t))
+          if cache is not None
+          else jnp.full((b, t), -1, jnp.int32)
+        )
       if media_k is None or media_k.shape[2] == 0:
         # No media tokens at all: attention contributes exactly zero; keep shapes static with one dummy.
         xdim = (self.num_blocks, b, 1, self.xcfg.num_heads, self.xcfg.head_dim)
@@ -249,8 +278,9 @@ class DecoderLM(hk.Module):
       else:
         xmask = gated_xattn.xattn_mask(media_index, owner)
 
-    x, new_kv = self._run_layers(x, p_layers, p_x if use_xattn else None, cos, sin, self_mask,
-                                 media_k, media_v, xmask, cache, index)
+    x, new_kv = self._run_layers(
+      x, p_layers, p_x if use_xattn else None, cos, sin, self_mask, media_k, media_v, xmask, cache, index
+    )
     h = _final_norm(c, x)
     w_out, w_extra = _output_weights(c, table, extra)
     logits = jnp.concatenate([layers.matmul(h, w_out, dtype), layers.matmul(h, w_extra, dtype)], axis=-1)
@@ -276,9 +306,10 @@ class DecoderLM(hk.Module):
     every = self.xcfg.every if (self.xcfg and self.num_blocks) else c.num_layers
     n_groups, tail = c.num_layers // every, c.num_layers % every
     use_cache = cache is not None
-    if cache is not None and x.shape[0] * x.shape[1] < UNROLL_MIN_TOKENS:   # static: decoding steps
-      return self._run_layers_flat(x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask,
-                                   cache, index, every)
+    if cache is not None and x.shape[0] * x.shape[1] < UNROLL_MIN_TOKENS:  # static: decoding steps
+      return self._run_layers_flat(
+        x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every
+      )
 
     def group_fn(x, xs):
       p_block, p_group, kv_group, mk, mv = xs
@@ -300,15 +331,15 @@ class DecoderLM(hk.Module):
 
     def split(tree, n_main, size, axis0_total):
       """Leading axis [total] -> ([n_main, size, ...], tail [rest, ...])."""
-      main = jax.tree.map(lambda a: a[:n_main * size].reshape((n_main, size) + a.shape[1:]), tree)
-      rest = jax.tree.map(lambda a: a[n_main * size:axis0_total], tree)
+      main = jax.tree.map(lambda a: a[: n_main * size].reshape((n_main, size) + a.shape[1:]), tree)
+      rest = jax.tree.map(lambda a: a[n_main * size : axis0_total], tree)
       return main, rest
 
     kv = (cache["k"], cache["v"]) if use_cache else None
     # The main groups index the stacked weights inside the loop (a slice [:n_groups*every] taken
     # outside would be a copy of the whole LM's weights on XLA:CPU); the tail is sliced (< every layers).
     group_index = jnp.arange(n_groups, dtype=jnp.int32)
-    p_tail = jax.tree.map(lambda a: a[n_groups * every:], p_layers)
+    p_tail = jax.tree.map(lambda a: a[n_groups * every :], p_layers)
     kv_main, kv_tail = split(kv, n_groups, every, c.num_layers) if use_cache else (None, None)
     if p_x is not None:
       px_main = jax.tree.map(lambda a: a[:n_groups], p_x)
@@ -318,9 +349,12 @@ class DecoderLM(hk.Module):
     else:
       px_main = px_tail = mk_main = mv_main = mk_tail = mv_tail = None
 
-    x, kv_out = jax.lax.scan(self._maybe_remat(indexed_group_fn), x,
-                             (px_main, group_index, kv_main, mk_main, mv_main),
-                             unroll=max(1, min(self.scan_unroll, n_groups)))
+    x, kv_out = jax.lax.scan(
+      self._maybe_remat(indexed_group_fn),
+      x,
+      (px_main, group_index, kv_main, mk_main, mv_main),
+      unroll=max(1, min(self.scan_unroll, n_groups)),
+    )
     if use_cache:
       kv_out = jax.tree.map(lambda a: a.reshape((n_groups * every,) + a.shape[2:]), kv_out)
     if tail:
@@ -335,8 +369,9 @@ class DecoderLM(hk.Module):
     policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self.remat]
     return jax.checkpoint(fn, policy=policy)
 
-  def _run_layers_flat(self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache,
-                       index, every):
+  def _run_layers_flat(
+    self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every
+  ):
     """One `lax.scan` over the L layers; block l // every runs before layer l when l % every == 0.
 
     The same function as the grouped scan of `_run_layers` (tested), for small calls. Returns (x, (k, v)
@@ -346,13 +381,15 @@ class DecoderLM(hk.Module):
     def layer_fn(x, xs):
       layer, p_layer, kv = xs
       if p_x is not None:
+
         def block(x):
           pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer // every, keepdims=False)
-          return gated_xattn.gated_xattn_block(jax.tree.map(pick, p_x), x, pick(media_k),
-                                               pick(media_v), xmask, self.xcfg, dtype)
+          return gated_xattn.gated_xattn_block(
+            jax.tree.map(pick, p_x), x, pick(media_k), pick(media_v), xmask, self.xcfg, dtype
+          )
+
         x = jax.lax.cond(layer % every == 0, block, lambda x: x, x)
       return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
 
     kv = (cache["k"], cache["v"]) if cache is not None else None
-    return jax.lax.scan(self._maybe_remat(layer_fn), x,
-                        (jnp.arange(c.num_layers), p_layers, kv))
+    return jax.lax.scan(self._maybe_remat(layer_fn), x, (jnp.arange(c.num_layers), p_layers, kv))

@@ -4,6 +4,7 @@ Shapes: B batch, T tokens. A token attends to the visual tokens of the last `<im
 it (the marker itself included), or with `attend_next` to the first marker after it (p_next augmentation,
 §3 of the paper's appendix). -1 means "no media": the cross-attention output is then exactly zero.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -20,8 +21,8 @@ def media_index_from_tokens(tokens: jax.Array, image_id: int, attend_next=False)
     int32 [B, T]: the media index per token, -1 where there is none.
   """
   is_image = (tokens == image_id).astype(jnp.int32)
-  seen = jnp.cumsum(is_image, axis=1)               # markers at or before t
-  previous = seen - 1                               # -1 before the first marker
+  seen = jnp.cumsum(is_image, axis=1)  # markers at or before t
+  previous = seen - 1  # -1 before the first marker
   count = seen[:, -1:]
   # Next marker strictly after t, or the marker at t itself: index = markers before t.
   before = seen - is_image

@@ -10,6 +10,7 @@ R latents, K = F*Lv + R keys.
 Only temporal position embeddings are learned (no spatial ones); when more frames than trained are given,
 they are linearly interpolated over time. Images are 1-frame videos.
 """
+
 import dataclasses
 
 import haiku as hk
@@ -21,13 +22,13 @@ from flamingo_jax.models import layers
 
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
-  dim: int = 576             # Dr
+  dim: int = 576  # Dr
   depth: int = 6
-  num_latents: int = 64      # R
+  num_latents: int = 64  # R
   num_heads: int = 8
   head_dim: int = 64
   ffw_mult: int = 4
-  max_frames: int = 8        # temporal embeddings learned (frames used in training)
+  max_frames: int = 8  # temporal embeddings learned (frames used in training)
 
 
 def interpolate_time(table: jax.Array, num_frames: int) -> jax.Array:
@@ -60,12 +61,12 @@ class PerceiverResampler(hk.Module):
     if dv != c.dim:
       w_in = hk.get_parameter("input_proj", [dv, c.dim], init=layers.truncated_normal_init(dv))
       x = layers.matmul(x, w_in, dtype)
-    temporal = hk.get_parameter("temporal_embed", [c.max_frames, c.dim],
-                                init=hk.initializers.TruncatedNormal(0.02))
+    temporal = hk.get_parameter(
+      "temporal_embed", [c.max_frames, c.dim], init=hk.initializers.TruncatedNormal(0.02)
+    )
     x = x + interpolate_time(temporal, f)[None, None, :, None, :]
     x = x.reshape(b * n, f * lv, c.dim)
-    latents = hk.get_parameter("latents", [c.num_latents, c.dim],
-                               init=hk.initializers.TruncatedNormal(0.02))
+    latents = hk.get_parameter("latents", [c.num_latents, c.dim], init=hk.initializers.TruncatedNormal(0.02))
     latents = jnp.broadcast_to(latents, (b * n, c.num_latents, c.dim)).astype(jnp.float32)
 
     def layer(latents):
@@ -93,7 +94,7 @@ class _ResamplerLayer(hk.Module):
     get = hk.get_parameter
     media_n = hk.LayerNorm(-1, True, True, name="media_norm")(x)
     lat_n = hk.LayerNorm(-1, True, True, name="latent_norm")(latents)
-    kv_in = jnp.concatenate([media_n, lat_n], axis=1)                  # [B', K, Dr]
+    kv_in = jnp.concatenate([media_n, lat_n], axis=1)  # [B', K, Dr]
     bp, r, _ = latents.shape
     q = layers.matmul(lat_n, get("q", [c.dim, inner], init=init(c.dim)), dtype)
     k = layers.matmul(kv_in, get("k", [c.dim, inner], init=init(c.dim)), dtype)
@@ -105,5 +106,8 @@ class _ResamplerLayer(hk.Module):
     h = hk.LayerNorm(-1, True, True, name="ffw_norm")(latents)
     hidden = c.ffw_mult * c.dim
     return latents + layers.squared_relu_mlp(
-        h, get("ffw_in", [c.dim, hidden], init=init(c.dim)),
-        get("ffw_out", [hidden, c.dim], init=init(hidden)), dtype)
+      h,
+      get("ffw_in", [c.dim, hidden], init=init(c.dim)),
+      get("ffw_out", [hidden, c.dim], init=init(hidden)),
+      dtype,
+    )

@@ -18,111 +18,115 @@ Named rule sets live in `RULE_SETS`; a config refers to one by name (e.g. `confi
 Activations use *logical* axis names ('batch', 'length', 'embed', 'heads', 'mlp', 'vocab', ...)
 mapped to mesh axes by `DEFAULT_LOGICAL_RULES`; `with_logical_constraint` applies them inside `jit`.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import logging
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.parallel.mesh import MESH_AXES
 
 Rules = Sequence[tuple]
-FALLBACKS = ('raise', 'replicate')
+FALLBACKS = ("raise", "replicate")
 
 # ------------------------------------------------------------------------------------------------
 # Default rule sets (parameter layout of docs/ARCHITECTURE.md). Weights are `x @ w`, i.e. [in, out]:
 # the input dim goes on 'fsdp', the output dim on 'tensor'; output projections (o, down, ffw_out)
 # the reverse, so a Megatron pair (up then down) needs a single reduction. Stacked layer params
 # carry a leading layer axis that is never sharded (the layers are scanned over).
-_IN_OUT = P('fsdp', 'tensor')
-_OUT_IN = P('tensor', 'fsdp')
-_STACKED_IN_OUT = P(None, 'fsdp', 'tensor')
-_STACKED_OUT_IN = P(None, 'tensor', 'fsdp')
-_EMBED = P('tensor', 'fsdp')  # [V, D]: vocabulary on 'tensor', embedding on 'fsdp'.
-_HWIO = P(None, None, None, 'tensor')  # conv kernels: output channels on 'tensor'.
+_IN_OUT = P("fsdp", "tensor")
+_OUT_IN = P("tensor", "fsdp")
+_STACKED_IN_OUT = P(None, "fsdp", "tensor")
+_STACKED_OUT_IN = P(None, "tensor", "fsdp")
+_EMBED = P("tensor", "fsdp")  # [V, D]: vocabulary on 'tensor', embedding on 'fsdp'.
+_HWIO = P(None, None, None, "tensor")  # conv kernels: output channels on 'tensor'.
 
 # Leaf names of biases, norms, gains, gates, latents and temporal embeddings: always replicated,
 # whatever their rank ([D], stacked [L, D], [R, D]).
-_VECTOR = (r'(b|bias|offset|scale|gain|[^/]*_(bias|scale|gain|gate)|[^/]*norm[^/]*|[^/]*latent[^/]*'
-           r'|[^/]*temporal[^/]*)')
-_OUT_PROJ = r'(o|down|out|out_proj|[^/]*_out)'  # o, down, ffw_out, mlp_out, ...
+_VECTOR = (
+  r"(b|bias|offset|scale|gain|[^/]*_(bias|scale|gain|gate)|[^/]*norm[^/]*|[^/]*latent[^/]*"
+  r"|[^/]*temporal[^/]*)"
+)
+_OUT_PROJ = r"(o|down|out|out_proj|[^/]*_out)"  # o, down, ffw_out, mlp_out, ...
 # By rank, for modules whose internal layout is not pinned (Haiku Linear / Conv2D defaults).
 _GENERIC = {0: P(), 1: P(), 2: _IN_OUT, 3: _STACKED_IN_OUT}
 _GENERIC_OUT = {2: _OUT_IN, 3: _STACKED_OUT_IN}
 
 LM_RULES = (
-    (r'lm/embed/embeddings', _EMBED),                      # [V, D]
-    (r'lm/extra_embed/embeddings', P(None, 'fsdp')),       # [E, D]; E = 2 rows, never split.
-    (r'lm/unembed/w', _IN_OUT),                            # [D, V]
-    (r'lm/extra_unembed/w', P('fsdp', None)),              # [D, E]
-    (r'lm/layers/(q|k|v|gate|up)', _STACKED_IN_OUT),       # [L, D, Hq*dh | Hkv*dh | F]
-    (r'lm/layers/(o|down)', _STACKED_OUT_IN),              # [L, Hq*dh | F, D]
-    (r'lm/layers/(attn_norm|attn_norm_bias|mlp_norm|mlp_norm_bias)', P()),  # [L, D]
-    (r'lm/final_norm/(scale|bias)', P()),                  # [D]
-    (r'lm/gated_xattn/(q|k|v|ffw_in)', _STACKED_IN_OUT),   # [X, D | Dr, H*dh | M*D]
-    (r'lm/gated_xattn/(o|ffw_out)', _STACKED_OUT_IN),      # [X, H*dh | M*D, D]
-    (r'lm/gated_xattn/(attn_gate|ffw_gate)', P()),         # [X]
-    (r'lm/gated_xattn/(attn_norm|ffw_norm)_(scale|bias)', P()),  # [X, D]
+  (r"lm/embed/embeddings", _EMBED),  # [V, D]
+  (r"lm/extra_embed/embeddings", P(None, "fsdp")),  # [E, D]; E = 2 rows, never split.
+  (r"lm/unembed/w", _IN_OUT),  # [D, V]
+  (r"lm/extra_unembed/w", P("fsdp", None)),  # [D, E]
+  (r"lm/layers/(q|k|v|gate|up)", _STACKED_IN_OUT),  # [L, D, Hq*dh | Hkv*dh | F]
+  (r"lm/layers/(o|down)", _STACKED_OUT_IN),  # [L, Hq*dh | F, D]
+  (r"lm/layers/(attn_norm|attn_norm_bias|mlp_norm|mlp_norm_bias)", P()),  # [L, D]
+  (r"lm/final_norm/(scale|bias)", P()),  # [D]
+  (r"lm/gated_xattn/(q|k|v|ffw_in)", _STACKED_IN_OUT),  # [X, D | Dr, H*dh | M*D]
+  (r"lm/gated_xattn/(o|ffw_out)", _STACKED_OUT_IN),  # [X, H*dh | M*D, D]
+  (r"lm/gated_xattn/(attn_gate|ffw_gate)", P()),  # [X]
+  (r"lm/gated_xattn/(attn_norm|ffw_norm)_(scale|bias)", P()),  # [X, D]
 )
 RESAMPLER_RULES = (
-    (rf'perceiver_resampler/(.*/)?{_VECTOR}', P()),
-    (rf'perceiver_resampler/(.*/)?{_OUT_PROJ}(/w)?', _GENERIC_OUT, 'replicate'),
-    (r'perceiver_resampler/.*', _GENERIC, 'replicate'),
+  (rf"perceiver_resampler/(.*/)?{_VECTOR}", P()),
+  (rf"perceiver_resampler/(.*/)?{_OUT_PROJ}(/w)?", _GENERIC_OUT, "replicate"),
+  (r"perceiver_resampler/.*", _GENERIC, "replicate"),
 )
 # NFNet (frozen in Flamingo): HWIO kernels shard O on 'tensor' when divisible, else replicate.
 VISION_RULES = (
-    (rf'(.*/)?vision_encoder/(.*/)?{_VECTOR}', P()),
-    (r'(.*/)?vision_encoder/.*', {**_GENERIC, 4: _HWIO}, 'replicate'),
+  (rf"(.*/)?vision_encoder/(.*/)?{_VECTOR}", P()),
+  (r"(.*/)?vision_encoder/.*", {**_GENERIC, 4: _HWIO}, "replicate"),
 )
 TEXT_ENCODER_RULES = (
-    (rf'(.*/)?text_encoder/(.*/)?{_VECTOR}', P()),
-    (r'(.*/)?text_encoder/(.*/)?pos[^/]*(/embeddings)?', P()),  # [T, D] position embeddings.
-    (r'(.*/)?text_encoder/(.*/)?[^/]*embed[^/]*(/embeddings)?', {2: _EMBED}, 'replicate'),
-    (rf'(.*/)?text_encoder/(.*/)?{_OUT_PROJ}(/w)?', _GENERIC_OUT, 'replicate'),
-    (r'(.*/)?text_encoder/.*', _GENERIC, 'replicate'),
+  (rf"(.*/)?text_encoder/(.*/)?{_VECTOR}", P()),
+  (r"(.*/)?text_encoder/(.*/)?pos[^/]*(/embeddings)?", P()),  # [T, D] position embeddings.
+  (r"(.*/)?text_encoder/(.*/)?[^/]*embed[^/]*(/embeddings)?", {2: _EMBED}, "replicate"),
+  (rf"(.*/)?text_encoder/(.*/)?{_OUT_PROJ}(/w)?", _GENERIC_OUT, "replicate"),
+  (r"(.*/)?text_encoder/.*", _GENERIC, "replicate"),
 )
 # Contrastive heads: projections to the shared space; the log inverse temperature is a scalar.
 PROJECTION_RULES = (
-    (r'(.*/)?[^/]*proj[^/]*/(b|bias)', P()),
-    (r'(.*/)?[^/]*proj[^/]*/w', {2: _IN_OUT}, 'replicate'),
+  (r"(.*/)?[^/]*proj[^/]*/(b|bias)", P()),
+  (r"(.*/)?[^/]*proj[^/]*/w", {2: _IN_OUT}, "replicate"),
 )
-SCALAR_RULES = ((r'.*', {0: P()}),)  # Catch-all for scalars only: anything else must be claimed.
+SCALAR_RULES = ((r".*", {0: P()}),)  # Catch-all for scalars only: anything else must be claimed.
 
 FLAMINGO_RULES = LM_RULES + RESAMPLER_RULES + VISION_RULES + SCALAR_RULES
 CONTRASTIVE_RULES = VISION_RULES + TEXT_ENCODER_RULES + PROJECTION_RULES + SCALAR_RULES
-REPLICATED_RULES = ((r'.*', P()),)  # Everything replicated (single device, debugging).
+REPLICATED_RULES = ((r".*", P()),)  # Everything replicated (single device, debugging).
 
 RULE_SETS = {
-    'flamingo': FLAMINGO_RULES,
-    'contrastive': CONTRASTIVE_RULES,
-    'replicated': REPLICATED_RULES,
+  "flamingo": FLAMINGO_RULES,
+  "contrastive": CONTRASTIVE_RULES,
+  "replicated": REPLICATED_RULES,
 }
 
 # Logical activation axes -> mesh axes. The batch is split over both data-parallel axes.
 DEFAULT_LOGICAL_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('length', None),
-    ('embed', None),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('head_dim', None),
-    ('mlp', 'tensor'),
-    ('vocab', 'tensor'),
-    ('media', None),
-    ('latents', None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("embed", None),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("media", None),
+  ("latents", None),
 )
 
 
 # ------------------------------------------------------------------------------------------------
 def path_str(key_path) -> str:
   """A JAX key path as a '/'-joined string: `lm/layers/q`, `0/mu/lm/layers/q`."""
-  return jax.tree_util.keystr(tuple(key_path), simple=True, separator='/')
+  return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def tree_paths(tree: Any) -> Any:
@@ -134,32 +138,34 @@ def get_rules(rules: str | Rules) -> tuple:
   """A rule set by name (a key of `RULE_SETS`), or the given rules, checked."""
   if isinstance(rules, str):
     if rules not in RULE_SETS:
-      raise ValueError(f'unknown sharding rule set {rules!r}; known: {sorted(RULE_SETS)}.')
+      raise ValueError(f"unknown sharding rule set {rules!r}; known: {sorted(RULE_SETS)}.")
     rules = RULE_SETS[rules]
   rules = tuple(rules)
   for i, rule in enumerate(rules):
     if not isinstance(rule, (tuple, list)) or len(rule) not in (2, 3):
-      raise ValueError(f'sharding rule #{i} {rule!r}: expected (regex, spec) or '
-                       '(regex, spec, fallback).')
+      raise ValueError(f"sharding rule #{i} {rule!r}: expected (regex, spec) or (regex, spec, fallback).")
     regex, spec = rule[0], rule[1]
     if not isinstance(regex, str):
-      raise ValueError(f'sharding rule #{i}: regex must be a str, got {regex!r}.')
+      raise ValueError(f"sharding rule #{i}: regex must be a str, got {regex!r}.")
     try:
       re.compile(regex)
     except re.error as e:
-      raise ValueError(f'sharding rule #{i}: bad regex {regex!r}: {e}') from None
+      raise ValueError(f"sharding rule #{i}: bad regex {regex!r}: {e}") from None
     specs = spec.values() if isinstance(spec, Mapping) else [spec]
     if not all(isinstance(s, P) for s in specs):
-      raise ValueError(f'sharding rule #{i} ({regex!r}): spec must be a PartitionSpec or a '
-                       f'dict rank -> PartitionSpec, got {spec!r}.')
+      raise ValueError(
+        f"sharding rule #{i} ({regex!r}): spec must be a PartitionSpec or a "
+        f"dict rank -> PartitionSpec, got {spec!r}."
+      )
     if len(rule) == 3 and rule[2] not in FALLBACKS:
-      raise ValueError(f'sharding rule #{i} ({regex!r}): fallback must be one of {FALLBACKS}, '
-                       f'got {rule[2]!r}.')
+      raise ValueError(
+        f"sharding rule #{i} ({regex!r}): fallback must be one of {FALLBACKS}, got {rule[2]!r}."
+      )
   return rules
 
 
 def _shape(leaf) -> tuple[int, ...]:
-  return tuple(leaf.shape) if hasattr(leaf, 'shape') else tuple(np.shape(leaf))
+  return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
 def _entry_axes(entry) -> tuple[str, ...]:
@@ -182,8 +188,7 @@ def _match(path: str, rank: int, rules: tuple) -> tuple[P, str | None]:
   return None, None
 
 
-def check_spec(name: str, shape: Sequence[int], spec: P, mesh: Mesh, *,
-               fallback: str = 'raise') -> P:
+def check_spec(name: str, shape: Sequence[int], spec: P, mesh: Mesh, *, fallback: str = "raise") -> P:
   """Validates `spec` for an array `shape` on `mesh`; returns it over the mesh's axes only.
 
   Args:
@@ -198,38 +203,45 @@ def check_spec(name: str, shape: Sequence[int], spec: P, mesh: Mesh, *,
       a dimension that the product of its mesh axes does not divide.
   """
   if fallback not in FALLBACKS:
-    raise ValueError(f'fallback must be one of {FALLBACKS}, got {fallback!r}.')
+    raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}.")
   shape = tuple(shape)
   if len(spec) > len(shape):
-    raise ValueError(f'parameter {name!r}: spec {spec} has {len(spec)} entries but the array has '
-                     f'rank {len(shape)} (shape {shape}).')
+    raise ValueError(
+      f"parameter {name!r}: spec {spec} has {len(spec)} entries but the array has "
+      f"rank {len(shape)} (shape {shape})."
+    )
   mesh_sizes = dict(mesh.shape)
   used, entries = set(), []
   for dim, entry in enumerate(spec):
     axes = _entry_axes(entry)
     unknown = [a for a in axes if a not in mesh_sizes and a not in MESH_AXES]
     if unknown:
-      raise ValueError(f'parameter {name!r}: spec {spec} names unknown mesh axes {unknown}; '
-                       f'the mesh has {tuple(mesh_sizes)}.')
+      raise ValueError(
+        f"parameter {name!r}: spec {spec} names unknown mesh axes {unknown}; "
+        f"the mesh has {tuple(mesh_sizes)}."
+      )
     axes = tuple(a for a in axes if a in mesh_sizes)
     if used & set(axes):
-      raise ValueError(f'parameter {name!r}: spec {spec} uses mesh axes {sorted(used & set(axes))} '
-                       'on more than one dimension.')
+      raise ValueError(
+        f"parameter {name!r}: spec {spec} uses mesh axes {sorted(used & set(axes))} "
+        "on more than one dimension."
+      )
     size = math.prod(mesh_sizes[a] for a in axes)
     if shape[dim] % size:
-      msg = (f'parameter {name!r}: dim {dim} of shape {shape} (size {shape[dim]}) is not divisible '
-             f'by mesh axes {axes} (size {size})')
-      if fallback == 'raise':
+      msg = (
+        f"parameter {name!r}: dim {dim} of shape {shape} (size {shape[dim]}) is not divisible "
+        f"by mesh axes {axes} (size {size})"
+      )
+      if fallback == "raise":
         raise ValueError(msg + "; change the rule or the mesh, or use fallback='replicate'.")
-      logging.warning('%s; replicating that dimension.', msg)
+      logging.warning("%s; replicating that dimension.", msg)
       axes = ()
     used |= set(axes)
     entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*entries)
 
 
-def partition_specs(params_or_shapes: Any, rules: str | Rules, mesh: Mesh, *,
-                    fallback: str = 'raise') -> Any:
+def partition_specs(params_or_shapes: Any, rules: str | Rules, mesh: Mesh, *, fallback: str = "raise") -> Any:
   """A PartitionSpec per leaf of a params tree (arrays or `jax.ShapeDtypeStruct`s).
 
   Args:
@@ -250,14 +262,16 @@ def partition_specs(params_or_shapes: Any, rules: str | Rules, mesh: Mesh, *,
     name, shape = path_str(key_path), _shape(leaf)
     spec, rule_fallback = _match(name, len(shape), rules)
     if spec is None:
-      raise ValueError(f'parameter {name!r} (shape {shape}) matches no sharding rule; add a '
-                       '(regex, PartitionSpec) rule for it.')
+      raise ValueError(
+        f"parameter {name!r} (shape {shape}) matches no sharding rule; add a "
+        "(regex, PartitionSpec) rule for it."
+      )
     return check_spec(name, shape, spec, mesh, fallback=rule_fallback or fallback)
 
   return jax.tree_util.tree_map_with_path(one, params_or_shapes)
 
 
-def named_shardings(tree: Any, rules: str | Rules, mesh: Mesh, *, fallback: str = 'raise') -> Any:
+def named_shardings(tree: Any, rules: str | Rules, mesh: Mesh, *, fallback: str = "raise") -> Any:
   """`partition_specs` wrapped into `NamedSharding(mesh, spec)`: ready for `jit`/`device_put`."""
   specs = partition_specs(tree, rules, mesh, fallback=fallback)
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
@@ -284,29 +298,34 @@ def optimizer_state_shardings(opt_state_shapes: Any, param_specs: Any, mesh: Mes
   """
   by_path = {}
   for key_path, spec in jax.tree_util.tree_flatten_with_path(
-      param_specs, is_leaf=lambda x: isinstance(x, (P, NamedSharding)))[0]:
+    param_specs, is_leaf=lambda x: isinstance(x, (P, NamedSharding))
+  )[0]:
     by_path[path_str(key_path)] = spec.spec if isinstance(spec, NamedSharding) else spec
 
   def one(key_path, leaf):
     name, shape = path_str(key_path), _shape(leaf)
-    parts = name.split('/')
+    parts = name.split("/")
     for i in range(len(parts)):
-      suffix = '/'.join(parts[i:])
+      suffix = "/".join(parts[i:])
       if suffix in by_path:
         return NamedSharding(mesh, check_spec(name, shape, by_path[suffix], mesh))
     if not shape:
       return NamedSharding(mesh, P())
-    raise ValueError(f'optimizer state leaf {name!r} (shape {shape}) mirrors no parameter path; '
-                     'its path must end with the path of a parameter.')
+    raise ValueError(
+      f"optimizer state leaf {name!r} (shape {shape}) mirrors no parameter path; "
+      "its path must end with the path of a parameter."
+    )
 
   return jax.tree_util.tree_map_with_path(one, opt_state_shapes)
 
 
 # ------------------------------------------------------------------------------------------------
-def logical_to_spec(logical_axes: Sequence[str | None],
-                    rules: Sequence[tuple] = DEFAULT_LOGICAL_RULES,
-                    mesh_axis_sizes: Mapping[str, int] | None = None,
-                    shape: Sequence[int] | None = None) -> P:
+def logical_to_spec(
+  logical_axes: Sequence[str | None],
+  rules: Sequence[tuple] = DEFAULT_LOGICAL_RULES,
+  mesh_axis_sizes: Mapping[str, int] | None = None,
+  shape: Sequence[int] | None = None,
+) -> P:
   """Maps logical axis names to a PartitionSpec over mesh axes.
 
   Args:
@@ -331,20 +350,29 @@ def logical_to_spec(logical_axes: Sequence[str | None],
       entries.append(None)
       continue
     if logical not in table:
-      raise ValueError(f'logical axis {logical!r} has no rule; known: {sorted(table)}.')
-    axes = tuple(a for a in _entry_axes(table[logical]) if a not in used and
-                 (mesh_axis_sizes is None or a in mesh_axis_sizes))
-    if shape is not None and mesh_axis_sizes is not None:
-      if shape[dim] % math.prod(mesh_axis_sizes[a] for a in axes):
-        axes = ()
+      raise ValueError(f"logical axis {logical!r} has no rule; known: {sorted(table)}.")
+    axes = tuple(
+      a
+      for a in _entry_axes(table[logical])
+      if a not in used and (mesh_axis_sizes is None or a in mesh_axis_sizes)
+    )
+    if (
+      shape is not None
+      and mesh_axis_sizes is not None
+      and shape[dim] % math.prod(mesh_axis_sizes[a] for a in axes)
+    ):
+      axes = ()
     used |= set(axes)
     entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*entries)
 
 
-def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None],
-                            rules: Sequence[tuple] = DEFAULT_LOGICAL_RULES,
-                            mesh: Mesh | None = None) -> jax.Array:
+def with_logical_constraint(
+  x: jax.Array,
+  logical_axes: Sequence[str | None],
+  rules: Sequence[tuple] = DEFAULT_LOGICAL_RULES,
+  mesh: Mesh | None = None,
+) -> jax.Array:
   """`jax.lax.with_sharding_constraint` by logical axis names; a no-op without a mesh.
 
   The mesh is `mesh` if given, else the one set by `jax.set_mesh` (only its `Auto` axes are used);
@@ -357,15 +385,18 @@ def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None],
     mesh: optional concrete mesh.
   """
   if len(logical_axes) != x.ndim:
-    raise ValueError(f'logical axes {tuple(logical_axes)} do not match the rank of an array of '
-                     f'shape {x.shape}.')
+    raise ValueError(
+      f"logical axes {tuple(logical_axes)} do not match the rank of an array of shape {x.shape}."
+    )
   if mesh is None:
     abstract = jax.sharding.get_abstract_mesh()
     if abstract.empty:
       return x
-    sizes = {name: size for name, size, kind in zip(abstract.axis_names, abstract.axis_sizes,
-                                                    abstract.axis_types)
-             if kind == AxisType.Auto}
+    sizes = {
+      name: size
+      for name, size, kind in zip(abstract.axis_names, abstract.axis_sizes, abstract.axis_types)
+      if kind == AxisType.Auto
+    }
     if not sizes:
       return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, sizes, x.shape))

@@ -7,6 +7,7 @@ asks glibc to return that memory (`malloc_trim(0)`): on the CPU benchmark shape 
 the resident set from 2.33 to 1.72 GB after compiling, and the step's peak RSS down by the same.
 Elsewhere (macOS, musl) it does nothing.
 """
+
 import ctypes
 import ctypes.util
 import functools

@@ -4,27 +4,25 @@ Resume order: this workdir's latest checkpoint > `config.init_from` sources > fr
 SIGTERM (a TPU VM preemption notice) makes the loop save and exit cleanly at the next step boundary.
 Run it with `python -m flamingo_jax.train --config configs/<x>.py[:args] --workdir DIR`.
 """
+
 import json
 import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import init_from as init_from_lib
 from flamingo_jax.data import global_batch
 from flamingo_jax.models import flamingo
 from flamingo_jax.parallel import mesh as mesh_lib
-from flamingo_jax.train import host_memory
-from flamingo_jax.train import metrics_writer
+from flamingo_jax.train import host_memory, metrics_writer, partitioning, preemption
 from flamingo_jax.train import objectives as objectives_lib
 from flamingo_jax.train import optimizer as optimizer_lib
-from flamingo_jax.train import partitioning
-from flamingo_jax.train import preemption
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import step as step_lib
 from flamingo_jax.train import trainable as trainable_lib
@@ -39,6 +37,7 @@ def make_tokenizer(spec: str):
   if not spec:
     return None
   from flamingo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+
   if spec == "smollm2":
     return tokenizer_lib.Tokenizer.smollm2()
   kind, _, path = spec.partition(":")
@@ -54,17 +53,25 @@ def make_data(config, tokenizer, seed: int):
   lm = config.model.lm
   if config.data.source == "synthetic":
     from flamingo_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
     return synthetic.SyntheticMixture(
-        {k: dict(v) for k, v in config.data.datasets.items()}, vocab_size=lm.vocab_size,
-        image_id=lm.vocab_size, eoc_id=lm.vocab_size + 1, seed=seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+      {k: dict(v) for k, v in config.data.datasets.items()},
+      vocab_size=lm.vocab_size,
+      image_id=lm.vocab_size,
+      eoc_id=lm.vocab_size + 1,
+      seed=seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
   if config.data.source == "mixture":
     from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
+
     if tokenizer is None:
       raise ValueError("config.data.source='mixture' needs config.tokenizer")
     if tokenizer.vocab_size != lm.vocab_size + lm.num_extra_tokens:
-      raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model "
-                       f"{lm.vocab_size} + {lm.num_extra_tokens} extra")
+      raise ValueError(
+        f"tokenizer has {tokenizer.vocab_size} ids, the model {lm.vocab_size} + {lm.num_extra_tokens} extra"
+      )
     return mixture.make_mixture(config.data, tokenizer, config.data.data_dir, seed=seed)
   raise ValueError(f"config.data.source must be 'mixture' or 'synthetic', got {config.data.source!r}")
 
@@ -74,13 +81,14 @@ def _initial_params(config, objective, example, rng, end_id=None):
 
   With LM weights and the tokenizer's end id, the new token rows start from the LM's own rows
   (`pretrained.init_new_token_rows`)."""
-  first = example[sorted(example)[0]]                  # any dataset's batch fixes the param shapes
+  first = example[sorted(example)[0]]  # any dataset's batch fixes the param shapes
   small = jax.tree.map(lambda x: x[:1], first)
   params = jax.jit(objective.init)(rng, small)
   params = jax.device_get(params)
   init_from = config.init_from
   if init_from.lm:
     from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
+
     _, lm_params = pretrained.lm_source_params(init_from.lm, np.float32)
     params = pretrained.merge_lm_params(params, lm_params)
     if end_id is not None and "lm/extra_embed" in params:
@@ -94,18 +102,20 @@ def _initial_params(config, objective, example, rng, end_id=None):
 
 def to_global(batches, mesh):
   """{name: host batch} -> {name: global jax.Array batch} on `mesh` (batch axis over data/fsdp)."""
-  return {name: global_batch.host_to_global(b, mesh, partitioning.batch_spec(mesh))
-          for name, b in batches.items()}
+  return {
+    name: global_batch.host_to_global(b, mesh, partitioning.batch_spec(mesh)) for name, b in batches.items()
+  }
 
 
 class Setup(NamedTuple):
   """Everything a run steps with (`build`)."""
+
   mesh: jax.sharding.Mesh
-  data: Any                 # the mixture iterator of this process's rows, at step 0
-  example: dict             # its first {dataset: host batch} (fixes shapes)
-  state: state_lib.TrainState   # initial state, placed with `state_shardings`
+  data: Any  # the mixture iterator of this process's rows, at step 0
+  example: dict  # its first {dataset: host batch} (fixes shapes)
+  state: state_lib.TrainState  # initial state, placed with `state_shardings`
   state_shardings: Any
-  step: Callable            # the jitted, sharded train step: (state, global batches) -> (state, metrics)
+  step: Callable  # the jitted, sharded train step: (state, global batches) -> (state, metrics)
 
 
 def build(config, tokenizer=None) -> Setup:
@@ -114,16 +124,16 @@ def build(config, tokenizer=None) -> Setup:
   The abstract shapes come from the data's first batch; the data iterator is rewound to step 0.
   Collective under multi-host: every process calls it."""
   mesh = mesh_lib.create_mesh(config.mesh.shape)
-  special = [] if tokenizer is None else [tokenizer.image_id, tokenizer.eoc_id, tokenizer.bos_id,
-                                          tokenizer.eos_id]
+  special = (
+    [] if tokenizer is None else [tokenizer.image_id, tokenizer.eoc_id, tokenizer.bos_id, tokenizer.eos_id]
+  )
   objective = objectives_lib.make_objective(config, special)
   data = make_data(config, tokenizer, config.train.seed)
   example = next(data)
   data.set_state({**data.get_state(), "step": 0})
 
   rng = jax.random.PRNGKey(config.train.seed)
-  params = _initial_params(config, objective, example, rng,
-                           None if tokenizer is None else tokenizer.eos_id)
+  params = _initial_params(config, objective, example, rng, None if tokenizer is None else tokenizer.eos_id)
   train_p, frozen_p = trainable_lib.split(params, config.trainable, config.frozen)
   frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
   optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
@@ -131,9 +141,10 @@ def build(config, tokenizer=None) -> Setup:
   state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
   state = jax.device_put(state, state_sh)
 
-  datasets = {name: dict(weight=data.weights[name],
-                         micro_batches=int(config.train.micro_batches.get(name, 1)))
-              for name in data.weights}
+  datasets = {
+    name: dict(weight=data.weights[name], micro_batches=int(config.train.micro_batches.get(name, 1)))
+    for name in data.weights
+  }
   schedule = optimizer_lib.learning_rate_schedule(config.optim)
   step_fn = step_lib.make_train_step(objective, optimizer, datasets, schedule)
   batch_sh = partitioning.batch_shardings(to_global(example, mesh), mesh)
@@ -142,14 +153,15 @@ def build(config, tokenizer=None) -> Setup:
 
 
 def _format_line(step, total, metrics, rate, examples_per_s, eta_s):
-  main = " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items()
-                  if k == "loss" or k.startswith("loss/"))
-  return (f"step {step}/{total} | {rate:.2f} steps/s {examples_per_s:.1f} ex/s | "
-          f"ETA {eta_s / 60:.1f} min | {main} | grad_norm={float(metrics['grad_norm']):.3f} "
-          f"skipped={int(metrics['skipped'])}")
+  main = " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if k == "loss" or k.startswith("loss/"))
+  return (
+    f"step {step}/{total} | {rate:.2f} steps/s {examples_per_s:.1f} ex/s | "
+    f"ETA {eta_s / 60:.1f} min | {main} | grad_norm={float(metrics['grad_norm']):.3f} "
+    f"skipped={int(metrics['skipped'])}"
+  )
 
 
-def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str, Any]:
+def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
   """Runs (or resumes) training in `workdir`. Returns the last metrics as floats.
 
   `stop_after`: leave the loop after this many steps of this call (tests of interrupted runs).
@@ -162,8 +174,12 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
   setup = build(config, make_tokenizer(config.tokenizer))
   mesh, data, state, jitted = setup.mesh, setup.data, setup.state, setup.step
 
-  ckpt = checkpoint_lib.Checkpointer(workdir, save_interval_steps=config.train.checkpoint_every,
-                                     max_to_keep=config.train.keep_checkpoints, config=config)
+  ckpt = checkpoint_lib.Checkpointer(
+    workdir,
+    save_interval_steps=config.train.checkpoint_every,
+    max_to_keep=config.train.keep_checkpoints,
+    config=config,
+  )
   if ckpt.latest_step() is not None:
     step, state, data_state = ckpt.restore_newest(state, fallback=config.train.checkpoint_fallback)
     data.set_state(data_state)
@@ -199,11 +215,15 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
         print(_format_line(done, total, metrics, rate, rate * examples_per_step, eta), flush=True)
         writer.write(done, metrics)
         last = metrics
-        if metrics["skipped"] and int(jax.device_get(state.consecutive_skipped)) >= \
-            config.train.max_consecutive_skips:
-          raise TrainingError(f"{int(state.consecutive_skipped)} consecutive non-finite steps at "
-                              f"step {done}; the last good state is in {workdir}")
-      ckpt.check_saves()      # a failed background save stops the run here, naming its step
+        if (
+          metrics["skipped"]
+          and int(jax.device_get(state.consecutive_skipped)) >= config.train.max_consecutive_skips
+        ):
+          raise TrainingError(
+            f"{int(state.consecutive_skipped)} consecutive non-finite steps at "
+            f"step {done}; the last good state is in {workdir}"
+          )
+      ckpt.check_saves()  # a failed background save stops the run here, naming its step
       preempted = preemption.should_stop_all_hosts(preemption.preemption_requested())
       ckpt.save(done, state, data.get_state(), force=preempted or done == total)
       if preempted:
@@ -214,7 +234,7 @@ def train(config, workdir: str, *, stop_after: Optional[int] = None) -> dict[str
         break
   finally:
     try:
-      ckpt.close()            # waits for the last save; raises CheckpointSaveError if it failed
+      ckpt.close()  # waits for the last save; raises CheckpointSaveError if it failed
     finally:
       writer.close()
       uninstall()

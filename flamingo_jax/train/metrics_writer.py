@@ -1,4 +1,5 @@
 """Metrics out: JSONL and TensorBoard event files in the workdir, written by process 0 only."""
+
 import json
 import os
 
@@ -15,9 +16,11 @@ class MetricsWriter:
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      # Open for the writer's lifetime (closed in close()), not one write.
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")  # noqa: SIM115
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:  # TensorBoard output is optional; JSONL is always written.
         self._tb = None

@@ -12,8 +12,10 @@ batch): its weight is 1 per micro-batch, so accumulation averages micro-batch lo
 Batches follow docs/ARCHITECTURE.md ("Batches"): images [B,N,F,H,W,3], tokens/targets/loss_mask/
 media_index/token_mask [B,T].
 """
+
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,7 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """A model and its loss. `init(rng, batch) -> params`; `param_metrics(params) -> dict`."""
+
   name: str
   init: Callable[[jax.Array, dict], Any]
   loss_sum: Callable[[Any, dict, jax.Array], tuple]
@@ -74,8 +77,15 @@ def flamingo_objective(model_cfg) -> Objective:
     return model.init(rng, batch["images"], batch["tokens"])
 
   def loss_sum(params, batch, rng):
-    logits = model.forward(params, rng, batch["images"], batch["tokens"], batch["media_index"],
-                           batch["token_mask"], is_training=True)
+    logits = model.forward(
+      params,
+      rng,
+      batch["images"],
+      batch["tokens"],
+      batch["media_index"],
+      batch["token_mask"],
+      is_training=True,
+    )
     total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
     return total, count, {}
 
@@ -100,7 +110,7 @@ def contrastive_objective(model_cfg, special_ids=()) -> Objective:
   special = jnp.asarray(list(special_ids) or [-1], jnp.int32)
 
   def inputs(batch):
-    images = batch["images"][:, 0, 0]                                   # [B, H, W, 3]
+    images = batch["images"][:, 0, 0]  # [B, H, W, 3]
     tokens = batch["tokens"]
     text_mask = batch["token_mask"] & ~jnp.isin(tokens, special)
     valid = jnp.any(text_mask, axis=1) & batch["media_mask"][:, 0]
@@ -114,8 +124,12 @@ def contrastive_objective(model_cfg, special_ids=()) -> Objective:
     images, tokens, text_mask, valid = inputs(batch)
     out = model.apply(params, rng, images, tokens, text_mask, True)
     loss, metrics = contrastive_lib.contrastive_loss(
-        out["image_embed"], out["text_embed"], out["logit_scale"], valid,
-        label_smoothing=model_cfg.label_smoothing)
+      out["image_embed"],
+      out["text_embed"],
+      out["logit_scale"],
+      valid,
+      label_smoothing=model_cfg.label_smoothing,
+    )
     return loss, jnp.ones((), jnp.float32), {k: v for k, v in metrics.items() if k != "loss"}
 
   def param_metrics(params):

@@ -5,6 +5,7 @@ Perceiver Resampler (0), learning rate warmed up linearly from 0 over `warmup_st
 (regex, factor), scales the step of the matching trainable params (e.g. the tanh gates on a short run).
 Contrastive: Adam(W) with adaptive gradient clipping (AGC, Brock et al. 2021) on the NFNet's parameters.
 """
+
 import re
 
 import optax
@@ -24,9 +25,12 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
 
 def _path_mask(params, patterns, value_if_match: bool):
   """A params-shaped tree of bools: `value_if_match` where the path matches any pattern."""
-  return {module: {name: (any(re.search(p, f"{module}/{name}") for p in patterns) == value_if_match)
-                   for name in leaves}
-          for module, leaves in params.items()}
+  return {
+    module: {
+      name: (any(re.search(p, f"{module}/{name}") for p in patterns) == value_if_match) for name in leaves
+    }
+    for module, leaves in params.items()
+  }
 
 
 def make_optimizer(cfg, trainable_params) -> optax.GradientTransformation:
@@ -40,8 +44,9 @@ def make_optimizer(cfg, trainable_params) -> optax.GradientTransformation:
     parts.append(optax.masked(agc, agc_mask))
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=decay_mask))
+  parts.append(
+    optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+  )
   for pattern, factor in cfg.get("lr_multipliers", ()):
     mask = _path_mask(trainable_params, [pattern], value_if_match=True)
     if not any(any(leaves.values()) for leaves in mask.values()):

@@ -4,9 +4,11 @@ The state's shardings come from the config's parameter rules (flamingo_jax/paral
 and frozen params by path, optimiser-state leaves by the path of the parameter they mirror, scalars
 replicated. Batches are split on their leading axis over the data-parallel mesh axes.
 """
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.parallel import sharding as sharding_lib
 from flamingo_jax.train import state as state_lib
@@ -23,11 +25,14 @@ def state_shardings(abstract_state: state_lib.TrainState, rules, mesh) -> state_
   replicated = NamedSharding(mesh, P())
   param_specs = sharding_lib.partition_specs(abstract_state.params, rules, mesh)
   return state_lib.TrainState(
-      step=replicated,
-      params=jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs),
-      frozen=sharding_lib.named_shardings(abstract_state.frozen, rules, mesh),
-      opt_state=sharding_lib.optimizer_state_shardings(abstract_state.opt_state, param_specs, mesh),
-      rng=replicated, skipped=replicated, consecutive_skipped=replicated)
+    step=replicated,
+    params=jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs),
+    frozen=sharding_lib.named_shardings(abstract_state.frozen, rules, mesh),
+    opt_state=sharding_lib.optimizer_state_shardings(abstract_state.opt_state, param_specs, mesh),
+    rng=replicated,
+    skipped=replicated,
+    consecutive_skipped=replicated,
+  )
 
 
 def batch_shardings(abstract_batches, mesh):
@@ -39,8 +44,12 @@ def batch_shardings(abstract_batches, mesh):
 def jit_train_step(train_step, state_sh, batch_sh, donate: bool = True):
   """`jax.jit` with explicit in/out shardings; the old state's buffers are donated."""
   replicated = NamedSharding(next(iter(jax.tree.leaves(state_sh))).mesh, P())
-  return jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, replicated), donate_argnums=(0,) if donate else ())
+  return jax.jit(
+    train_step,
+    in_shardings=(state_sh, batch_sh),
+    out_shardings=(state_sh, replicated),
+    donate_argnums=(0,) if donate else (),
+  )
 
 
 def cast_frozen(frozen, dtype):

@@ -6,7 +6,8 @@
 clipping of the optimiser chain sees the accumulated gradient. A non-finite loss or gradient skips the
 whole update: params and optimiser state stay bit-identical and the skip counters move.
 """
-from typing import Mapping
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,12 @@ from flamingo_jax.train import trainable as trainable_lib
 
 def split_micro(batch: dict, k: int) -> dict:
   """[B, ...] -> [k, B/k, ...] taking every k-th example, so each micro-batch spans all data shards."""
+
   def one(x):
     if x.shape[0] % k:
       raise ValueError(f"batch size {x.shape[0]} is not divisible by {k} micro-batches")
     return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
   return jax.tree.map(one, batch)
 
 
@@ -31,8 +34,12 @@ def tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def make_train_step(objective: objectives_lib.Objective, optimizer: optax.GradientTransformation,
-                    datasets: Mapping[str, dict], schedule=None):
+def make_train_step(
+  objective: objectives_lib.Objective,
+  optimizer: optax.GradientTransformation,
+  datasets: Mapping[str, dict],
+  schedule=None,
+):
   """Builds `train_step(state, batches) -> (state, metrics)`.
 
   Args:
@@ -76,9 +83,10 @@ def make_train_step(objective: objectives_lib.Objective, optimizer: optax.Gradie
     metrics = {}
     for i, name in enumerate(names):
       spec = datasets[name]
-      g, loss, m = dataset_grads(state.params, state.frozen, batches[name],
-                                 jax.random.fold_in(rng, i), spec["micro_batches"])
-      grads = jax.tree.map(lambda acc, x: acc + spec["weight"] * x, grads, g)
+      g, loss, m = dataset_grads(
+        state.params, state.frozen, batches[name], jax.random.fold_in(rng, i), spec["micro_batches"]
+      )
+      grads = jax.tree.map(lambda acc, x, w=spec["weight"]: acc + w * x, grads, g)
       total_loss = total_loss + spec["weight"] * loss
       metrics[f"loss/{name}"] = loss
       for key, value in m.items():
@@ -90,18 +98,21 @@ def make_train_step(objective: objectives_lib.Objective, optimizer: optax.Gradie
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     skipped = (~finite).astype(jnp.int32)
     new_state = state._replace(
-        step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
-        skipped=state.skipped + skipped,
-        consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1))
-    metrics.update({
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      skipped=state.skipped + skipped,
+      consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1),
+    )
+    metrics.update(
+      {
         "loss": total_loss,
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(new_state.params),
         "skipped": new_state.skipped,
         "update_skipped": skipped,
-    })
+      }
+    )
     if schedule is not None:
       metrics["lr"] = schedule(state.step)
     metrics.update(objective.param_metrics(new_state.params))

@@ -3,8 +3,9 @@
 Paths are 'module/path/param' (e.g. `lm/gated_xattn/q`). Every parameter must be claimed by exactly one
 of the two lists of a config's `freeze` section; anything unclaimed or claimed twice raises, naming it.
 """
+
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import haiku as hk
 
@@ -27,8 +28,7 @@ def check_claims(params, trainable: Sequence[str], frozen: Sequence[str]) -> Non
 def split(params, trainable: Sequence[str], frozen: Sequence[str]):
   """(trainable_params, frozen_params), both Haiku-style dicts. Checks every claim first."""
   check_claims(params, trainable, frozen)
-  return hk.data_structures.partition(
-      lambda module, name, _: _claims(f"{module}/{name}", trainable), params)
+  return hk.data_structures.partition(lambda module, name, _: _claims(f"{module}/{name}", trainable), params)
 
 
 def merge(trainable_params, frozen_params):

@@ -8,27 +8,38 @@ applies RoPE the way each source expects it:
   (j, j + dh/2)).
 Matrices are `[out, in]` in both (`y = x @ W.T`). Shapes: T tokens, D width, dh head dim.
 """
+
 import numpy as np
 
 _NAMES = {
-    'gguf': {
-        'embed': 'token_embd.weight', 'final_norm': 'output_norm.weight',
-        'output': 'output.weight', 'attn_norm': 'blk.{i}.attn_norm.weight',
-        'q': 'blk.{i}.attn_q.weight', 'k': 'blk.{i}.attn_k.weight',
-        'v': 'blk.{i}.attn_v.weight', 'o': 'blk.{i}.attn_output.weight',
-        'mlp_norm': 'blk.{i}.ffn_norm.weight', 'gate': 'blk.{i}.ffn_gate.weight',
-        'up': 'blk.{i}.ffn_up.weight', 'down': 'blk.{i}.ffn_down.weight'},
-    'hf': {
-        'embed': 'model.embed_tokens.weight', 'final_norm': 'model.norm.weight',
-        'output': 'lm_head.weight', 'attn_norm': 'model.layers.{i}.input_layernorm.weight',
-        'q': 'model.layers.{i}.self_attn.q_proj.weight',
-        'k': 'model.layers.{i}.self_attn.k_proj.weight',
-        'v': 'model.layers.{i}.self_attn.v_proj.weight',
-        'o': 'model.layers.{i}.self_attn.o_proj.weight',
-        'mlp_norm': 'model.layers.{i}.post_attention_layernorm.weight',
-        'gate': 'model.layers.{i}.mlp.gate_proj.weight',
-        'up': 'model.layers.{i}.mlp.up_proj.weight',
-        'down': 'model.layers.{i}.mlp.down_proj.weight'},
+  "gguf": {
+    "embed": "token_embd.weight",
+    "final_norm": "output_norm.weight",
+    "output": "output.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight",
+    "q": "blk.{i}.attn_q.weight",
+    "k": "blk.{i}.attn_k.weight",
+    "v": "blk.{i}.attn_v.weight",
+    "o": "blk.{i}.attn_output.weight",
+    "mlp_norm": "blk.{i}.ffn_norm.weight",
+    "gate": "blk.{i}.ffn_gate.weight",
+    "up": "blk.{i}.ffn_up.weight",
+    "down": "blk.{i}.ffn_down.weight",
+  },
+  "hf": {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "output": "lm_head.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight",
+    "q": "model.layers.{i}.self_attn.q_proj.weight",
+    "k": "model.layers.{i}.self_attn.k_proj.weight",
+    "v": "model.layers.{i}.self_attn.v_proj.weight",
+    "o": "model.layers.{i}.self_attn.o_proj.weight",
+    "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "up": "model.layers.{i}.mlp.up_proj.weight",
+    "down": "model.layers.{i}.mlp.down_proj.weight",
+  },
 }
 
 
@@ -72,7 +83,7 @@ def _attention(q, k, v, group):
   heads = []
   for hq in range(num_heads):
     kv = hq // group  # Query head hq reads key/value head hq // (Hq / Hkv).
-    s = q[:, hq] @ k[:, kv].T / np.sqrt(head_dim)            # [T, T]
+    s = q[:, hq] @ k[:, kv].T / np.sqrt(head_dim)  # [T, T]
     s = np.where(causal, s, -np.inf)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p /= p.sum(axis=-1, keepdims=True)
@@ -80,8 +91,9 @@ def _attention(q, k, v, group):
   return np.concatenate(heads, axis=-1)
 
 
-def forward_batch(tensors, sequences, *, layout, num_layers, num_heads, num_kv_heads, head_dim,
-                  norm_eps, rope_theta):
+def forward_batch(
+  tensors, sequences, *, layout, num_layers, num_heads, num_kv_heads, head_dim, norm_eps, rope_theta
+):
   """Logits [T_b, V] (float64) of each token sequence [T_b] (positions 0..T_b-1, causal).
 
   The sequences are packed along the token axis for the dense layers (one weight read per
@@ -93,7 +105,7 @@ def forward_batch(tensors, sequences, *, layout, num_layers, num_heads, num_kv_h
     layout: 'gguf' or 'hf' (names and RoPE layout, see the module docstring).
   """
   names = _NAMES[layout]
-  rope = rope_interleaved if layout == 'gguf' else rope_half
+  rope = rope_interleaved if layout == "gguf" else rope_half
 
   def get(key, i=None):
     name = names[key] if i is None else names[key].format(i=i)
@@ -102,23 +114,23 @@ def forward_batch(tensors, sequences, *, layout, num_layers, num_heads, num_kv_h
   sequences = [np.asarray(s) for s in sequences]
   bounds = np.cumsum([0] + [len(s) for s in sequences])
   segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-  embed = get('embed')
-  x = embed[np.concatenate(sequences)]                         # [sum T, D]
+  embed = get("embed")
+  x = embed[np.concatenate(sequences)]  # [sum T, D]
   group = num_heads // num_kv_heads
   for i in range(num_layers):
-    h = _rms_norm(x, get('attn_norm', i), norm_eps)
-    q_all, k_all, v_all = h @ get('q', i).T, h @ get('k', i).T, h @ get('v', i).T
+    h = _rms_norm(x, get("attn_norm", i), norm_eps)
+    q_all, k_all, v_all = h @ get("q", i).T, h @ get("k", i).T, h @ get("v", i).T
     attn = []
     for seg in segments:
       t = seg.stop - seg.start
       q = rope(q_all[seg].reshape(t, num_heads, head_dim), rope_theta)
       k = rope(k_all[seg].reshape(t, num_kv_heads, head_dim), rope_theta)
       attn.append(_attention(q, k, v_all[seg].reshape(t, num_kv_heads, head_dim), group))
-    x = x + np.concatenate(attn) @ get('o', i).T
-    h = _rms_norm(x, get('mlp_norm', i), norm_eps)
-    x = x + (_silu(h @ get('gate', i).T) * (h @ get('up', i).T)) @ get('down', i).T
-  out = get('output') if names['output'] in tensors else embed
-  logits = _rms_norm(x, get('final_norm'), norm_eps) @ out.T
+    x = x + np.concatenate(attn) @ get("o", i).T
+    h = _rms_norm(x, get("mlp_norm", i), norm_eps)
+    x = x + (_silu(h @ get("gate", i).T) * (h @ get("up", i).T)) @ get("down", i).T
+  out = get("output") if names["output"] in tensors else embed
+  logits = _rms_norm(x, get("final_norm"), norm_eps) @ out.T
   return [logits[seg] for seg in segments]
 
 

@@ -1,9 +1,10 @@
 """Images: modes -> RGB, aspect-preserving resize + pad, augmentation only in training, bad bytes."""
+
 import io
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from flamingo_jax.data import preprocess
 from flamingo_jax.data.sequence import Dropped
@@ -12,25 +13,25 @@ OPTIONS = preprocess.ImageOptions(size=16, pad_value=(0.25, 0.5, 0.75))
 
 
 def _load(data, augment=None, options=OPTIONS):
-  return preprocess.load_image(data, missing=False, path='x.png', options=options,
-                               augment=augment)
+  return preprocess.load_image(data, missing=False, path="x.png", options=options, augment=augment)
 
 
-@pytest.mark.parametrize('name', ['good.png', 'gray.png', 'rgba.png', 'palette.png', 'la.png',
-                                  'cmyk.jpg', 'gray16.png'])
+@pytest.mark.parametrize(
+  "name", ["good.png", "gray.png", "rgba.png", "palette.png", "la.png", "cmyk.jpg", "gray16.png"]
+)
 def test_every_mode_becomes_rgb_in_unit_range(media_dir, name):
   x = _load((media_dir / name).read_bytes())
   assert x.shape == (16, 16, 3) and x.dtype == np.float32
-  assert 0.0 <= x.min() and x.max() <= 1.0
+  assert x.min() >= 0.0 and x.max() <= 1.0
   # 20x12 image -> 16x10 content centred, rows 0..2 and 13..15 are padding.
   np.testing.assert_allclose(x[:3], np.broadcast_to([0.25, 0.5, 0.75], (3, 16, 3)))
   np.testing.assert_allclose(x[13:], np.broadcast_to([0.25, 0.5, 0.75], (3, 16, 3)))
-  if name in ('gray.png', 'gray16.png', 'la.png'):
+  if name in ("gray.png", "gray16.png", "la.png"):
     np.testing.assert_allclose(x[3:13, ..., 0], x[3:13, ..., 1], atol=1e-6)
 
 
 def test_aspect_ratio_kept_for_wide_images(media_dir):
-  x = _load((media_dir / 'wide.jpg').read_bytes())  # 40x10 -> 16x4, rows 6..9
+  x = _load((media_dir / "wide.jpg").read_bytes())  # 40x10 -> 16x4, rows 6..9
   pad = np.array([0.25, 0.5, 0.75], np.float32)
   rows_padded = [bool(np.allclose(x[r], pad)) for r in range(16)]
   assert rows_padded == [True] * 6 + [False] * 4 + [True] * 6
@@ -39,24 +40,30 @@ def test_aspect_ratio_kept_for_wide_images(media_dir):
 def test_alpha_is_composited_on_white():
   rgba = np.zeros([4, 4, 4], np.uint8)  # fully transparent black
   buf = io.BytesIO()
-  Image.fromarray(rgba, 'RGBA').save(buf, format='PNG')
+  Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
   x = _load(buf.getvalue(), options=preprocess.ImageOptions(size=4))
   np.testing.assert_allclose(x, 1.0)
 
 
-@pytest.mark.parametrize('name, missing, reason', [
-    ('missing.png', True, 'missing_image'), ('empty.png', False, 'empty_image'),
-    ('corrupt.png', False, 'corrupt_image'), ('truncated.png', False, 'corrupt_image')])
+@pytest.mark.parametrize(
+  "name, missing, reason",
+  [
+    ("missing.png", True, "missing_image"),
+    ("empty.png", False, "empty_image"),
+    ("corrupt.png", False, "corrupt_image"),
+    ("truncated.png", False, "corrupt_image"),
+  ],
+)
 def test_bad_files_raise_dropped_with_reason_and_path(media_dir, name, missing, reason):
   path = media_dir / name
-  data = b'' if missing else path.read_bytes()
+  data = b"" if missing else path.read_bytes()
   with pytest.raises(Dropped) as e:
     preprocess.load_image(data, missing=missing, path=name, options=OPTIONS)
   assert e.value.reason == reason and name in e.value.detail
 
 
 def test_augmentation_only_with_rng_and_deterministic(media_dir):
-  data = (media_dir / 'good.png').read_bytes()
+  data = (media_dir / "good.png").read_bytes()
   plain = _load(data)
   assert preprocess.Augment.draw(None, OPTIONS) == preprocess.Augment()
   np.testing.assert_array_equal(_load(data, preprocess.Augment()), plain)
@@ -64,8 +71,9 @@ def test_augmentation_only_with_rng_and_deterministic(media_dir):
   assert 5 < sum(d.flip for d in draws) < 35
   assert all(abs(d.brightness) <= 0.1 and abs(d.contrast - 1) <= 0.1 for d in draws)
   a = _load(data, draws[0])
-  np.testing.assert_array_equal(a, _load(data, preprocess.Augment.draw(
-      np.random.default_rng([0, 0]), OPTIONS)))
+  np.testing.assert_array_equal(
+    a, _load(data, preprocess.Augment.draw(np.random.default_rng([0, 0]), OPTIONS))
+  )
   assert not np.array_equal(a, plain)
   # Padding keeps pad_value under augmentation.
   np.testing.assert_allclose(a[0], np.broadcast_to([0.25, 0.5, 0.75], (16, 3)))
@@ -76,14 +84,14 @@ def test_flip_mirrors_content():
   np.testing.assert_array_equal(preprocess.Augment(flip=True)(x), x[:, ::-1])
 
 
-@pytest.mark.parametrize('d, c, s', [(0.05, 1.1, 0.9), (-0.1, 0.9, 1.1), (0.0, 1.0, 0.5)])
+@pytest.mark.parametrize("d, c, s", [(0.05, 1.1, 0.9), (-0.1, 0.9, 1.1), (0.0, 1.0, 0.5)])
 def test_colour_jitter_matches_its_definition(d, c, s):
   luma = np.array([0.299, 0.587, 0.114], np.float32)
   x = np.random.default_rng(0).random((5, 7, 3)).astype(np.float32)
-  y = x + d                                     # brightness
+  y = x + d  # brightness
   m = (y @ luma).mean()
-  y = (y - m) * c + m                           # contrast around the mean luma
+  y = (y - m) * c + m  # contrast around the mean luma
   g = (y @ luma)[..., None]
-  y = (y - g) * s + g                           # saturation around the pixel's luma
+  y = (y - g) * s + g  # saturation around the pixel's luma
   got = preprocess.Augment(brightness=d, contrast=c, saturation=s)(x)
   np.testing.assert_allclose(got, np.clip(y, 0, 1), atol=1e-5)

@@ -1,4 +1,5 @@
 """Shared fixtures of the evaluation tests."""
+
 import pytest
 
 from tests.data.data_helpers import CharTokenizer

@@ -1,4 +1,5 @@
 """Tests for flamingo_jax.eval.metrics.cider."""
+
 import math
 import random
 
@@ -23,7 +24,7 @@ def _reference_cider_d(predictions, references, n=4, sigma=6.0):
   def grams(words, order):
     out = {}
     for i in range(len(words) - order + 1):
-      key = " ".join(words[i:i + order])
+      key = " ".join(words[i : i + order])
       out[key] = out.get(key, 0) + 1
     return out
 
@@ -37,8 +38,7 @@ def _reference_cider_d(predictions, references, n=4, sigma=6.0):
     return total
 
   def g_vector(words, order):
-    return {w: h * math.log(num_images / max(1, doc_count(w, order)))
-            for w, h in grams(words, order).items()}
+    return {w: h * math.log(num_images / max(1, doc_count(w, order))) for w, h in grams(words, order).items()}
 
   scores = {}
   for i in ids:
@@ -54,7 +54,7 @@ def _reference_cider_d(predictions, references, n=4, sigma=6.0):
         norm_r = math.sqrt(sum(v * v for v in gr.values()))
         dot = sum(min(v, gr.get(w, 0.0)) * gr.get(w, 0.0) for w, v in gc.items())
         cos = dot / (norm_c * norm_r) if norm_c > 0 and norm_r > 0 else 0.0
-        acc += math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma ** 2)) * cos
+        acc += math.exp(-((len(cand) - len(ref)) ** 2) / (2 * sigma**2)) * cos
       per_order.append(10.0 * acc / len(references[i]))
     scores[i] = sum(per_order) / n
   return sum(scores.values()) / len(scores), scores
@@ -91,7 +91,22 @@ def test_single_image_scores_zero():
 
 def _random_corpus(seed):
   rng = random.Random(seed)
-  vocab = "a the cat dog man sits on red blue table grass runs with ball".split()
+  vocab = [
+    "a",
+    "the",
+    "cat",
+    "dog",
+    "man",
+    "sits",
+    "on",
+    "red",
+    "blue",
+    "table",
+    "grass",
+    "runs",
+    "with",
+    "ball",
+  ]
 
   def sentence():
     return " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9)))
@@ -101,7 +116,7 @@ def _random_corpus(seed):
   for i in range(8):
     if i % 3 == 0:  # Partly copied from a reference, so that higher-order n-grams match.
       words = rng.choice(references[i]).split()
-      predictions[i] = " ".join(words[:max(1, len(words) - 1)] + [rng.choice(vocab)])
+      predictions[i] = " ".join(words[: max(1, len(words) - 1)] + [rng.choice(vocab)])
     else:
       predictions[i] = sentence()
   predictions[7] = ""  # An empty caption scores 0.
@@ -122,13 +137,16 @@ def test_matches_independent_implementation(seed):
 
 def test_identical_beats_unrelated():
   references = {
-      0: ["a man riding a horse on a beach", "a person rides a horse near the sea"],
-      1: ["two dogs play with a red ball", "dogs playing with a ball in the park"],
-      2: ["a plate of food with broccoli", "a dish with vegetables and rice"],
+    0: ["a man riding a horse on a beach", "a person rides a horse near the sea"],
+    1: ["two dogs play with a red ball", "dogs playing with a ball in the park"],
+    2: ["a plate of food with broccoli", "a dish with vegetables and rice"],
   }
   identical = {i: refs[0] for i, refs in references.items()}
-  unrelated = {0: "a plate of food with broccoli", 1: "a man riding a horse on a beach",
-               2: "two dogs play with a red ball"}
+  unrelated = {
+    0: "a plate of food with broccoli",
+    1: "a man riding a horse on a beach",
+    2: "two dogs play with a red ball",
+  }
   good, good_per_id = cider.cider_d(identical, references)
   bad, bad_per_id = cider.cider_d(unrelated, references)
   assert good > bad
@@ -138,7 +156,12 @@ def test_identical_beats_unrelated():
 def test_tokenize_ptb_like():
   assert cider.tokenize("A Man's dog, isn't it?") == ["a", "man", "'s", "dog", "is", "n't", "it"]
   assert cider.tokenize("black-and-white photo of 3.5 cats.") == [
-      "black-and-white", "photo", "of", "3.5", "cats"]
+    "black-and-white",
+    "photo",
+    "of",
+    "3.5",
+    "cats",
+  ]
   # Punctuation does not change the score.
   a, _ = cider.cider_d({1: "A cat.", 2: "a dog"}, {1: ["a cat"], 2: ["A dog!"]})
   b, _ = cider.cider_d({1: "a cat", 2: "a dog"}, {1: ["a cat"], 2: ["a dog"]})

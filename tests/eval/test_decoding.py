@@ -3,6 +3,7 @@
 The model's next-token log-probs depend on the last two tokens: the previous one lives in the cache,
 so a wrong beam reordering of the cache changes the results.
 """
+
 import itertools
 
 import chex
@@ -79,8 +80,8 @@ def test_greedy_matches_numpy_loop(seed):
   for b in range(tokens.shape[0]):
     expected = _numpy_greedy(np.asarray(table), np.asarray(tokens[b]), N, (STOP, EOS))
     got = np.asarray(out.tokens[b])
-    np.testing.assert_array_equal(got[:len(expected)], expected)
-    assert np.all(got[len(expected):] == PAD)
+    np.testing.assert_array_equal(got[: len(expected)], expected)
+    assert np.all(got[len(expected) :] == PAD)
     assert int(out.lengths[b]) == len(expected)
     assert float(out.scores[b]) == pytest.approx(_seq_logp(table, tokens[b], expected), abs=1e-5)
 
@@ -100,8 +101,9 @@ def test_beam_finds_sequence_greedy_misses():
   tokens, mask = _prompts(last=PAD)
   greedy = decoding.greedy_decode(prefill, decode_step, table, tokens, mask, **KW)
   np.testing.assert_array_equal(greedy.tokens[0], [2] * N)  # never stops
-  beam = decoding.beam_search(prefill, decode_step, table, tokens, mask, num_beams=3, alpha=0.0,
-                              cache_batch_axes=CACHE_AXES, **KW)
+  beam = decoding.beam_search(
+    prefill, decode_step, table, tokens, mask, num_beams=3, alpha=0.0, cache_batch_axes=CACHE_AXES, **KW
+  )
   np.testing.assert_array_equal(beam.tokens, [[3, STOP] + [PAD] * (N - 2)] * 3)
   np.testing.assert_array_equal(beam.lengths, [2, 2, 2])
   assert float(beam.scores[0]) == pytest.approx(_seq_logp(table, tokens[0], [3, STOP]), abs=1e-5)
@@ -113,8 +115,9 @@ def test_beam_one_equals_greedy(seed):
   table = _random_table(seed)
   tokens, mask = _prompts()
   greedy = decoding.greedy_decode(prefill, decode_step, table, tokens, mask, **KW)
-  beam = decoding.beam_search(prefill, decode_step, table, tokens, mask, num_beams=1, alpha=0.0,
-                              cache_batch_axes=CACHE_AXES, **KW)
+  beam = decoding.beam_search(
+    prefill, decode_step, table, tokens, mask, num_beams=1, alpha=0.0, cache_batch_axes=CACHE_AXES, **KW
+  )
   np.testing.assert_array_equal(beam.tokens, greedy.tokens)
   np.testing.assert_array_equal(beam.lengths, greedy.lengths)
   np.testing.assert_allclose(beam.scores, greedy.scores, atol=1e-5)
@@ -137,17 +140,27 @@ def test_wide_beam_is_exact(alpha):
   table = _random_table(7)
   tokens, mask = _prompts()
   k, n = 125, 3
-  beam = decoding.beam_search(prefill, decode_step, table, tokens, mask, max_new_tokens=n,
-                              stop_ids=STOP, pad_id=PAD, num_beams=k, alpha=alpha,
-                              cache_batch_axes=CACHE_AXES)
+  beam = decoding.beam_search(
+    prefill,
+    decode_step,
+    table,
+    tokens,
+    mask,
+    max_new_tokens=n,
+    stop_ids=STOP,
+    pad_id=PAD,
+    num_beams=k,
+    alpha=alpha,
+    cache_batch_axes=CACHE_AXES,
+  )
   for b in range(tokens.shape[0]):
     best = _brute_force(np.asarray(table), np.asarray(tokens[b]), n, alpha)
     assert float(beam.scores[b]) == pytest.approx(best[0][0], abs=1e-5)
-    got = list(np.asarray(beam.tokens[b])[:int(beam.lengths[b])])
+    got = list(np.asarray(beam.tokens[b])[: int(beam.lengths[b])])
     assert got == best[0][1]
     # The finished pool holds the K best finished sequences, in order (ties aside).
     top = [s for s, _ in best[:k]]
-    np.testing.assert_allclose(np.asarray(beam.beam_scores[b])[:len(top)], top, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(beam.beam_scores[b])[: len(top)], top, atol=1e-5)
 
 
 @pytest.mark.parametrize("reorder", ["axes", "fn"])
@@ -157,12 +170,8 @@ def test_beam_scores_match_teacher_forcing(reorder):
   table = _random_table(11)
   tokens, mask = _prompts()
   alpha = 0.6
-  if reorder == "axes":
-    kw = dict(cache_batch_axes=CACHE_AXES)
-  else:
-    kw = dict(reorder_cache=_reorder_fn)
-  beam = decoding.beam_search(prefill, decode_step, table, tokens, mask, num_beams=3, alpha=alpha,
-                              **kw, **KW)
+  kw = dict(cache_batch_axes=CACHE_AXES) if reorder == "axes" else dict(reorder_cache=_reorder_fn)
+  beam = decoding.beam_search(prefill, decode_step, table, tokens, mask, num_beams=3, alpha=alpha, **kw, **KW)
   for b in range(tokens.shape[0]):
     for j in range(3):
       score = float(beam.beam_scores[b, j])
@@ -189,11 +198,11 @@ def test_stop_and_padding_per_row():
   tokens, mask = _prompts(last=jnp.array([3, 2, 3]))
   out = decoding.greedy_decode(prefill, decode_step, table, tokens, mask, **KW)
   pads = [PAD] * (N - 2)
-  np.testing.assert_array_equal(out.tokens,
-                                [[STOP, PAD] + pads, [3, STOP] + pads, [STOP, PAD] + pads])
+  np.testing.assert_array_equal(out.tokens, [[STOP, PAD] + pads, [3, STOP] + pads, [STOP, PAD] + pads])
   np.testing.assert_array_equal(out.lengths, [1, 2, 1])
-  beam = decoding.beam_search(prefill, decode_step, table, tokens, mask, num_beams=3, alpha=0.0,
-                              cache_batch_axes=CACHE_AXES, **KW)
+  beam = decoding.beam_search(
+    prefill, decode_step, table, tokens, mask, num_beams=3, alpha=0.0, cache_batch_axes=CACHE_AXES, **KW
+  )
   np.testing.assert_array_equal(beam.tokens, out.tokens)
 
 
@@ -204,10 +213,27 @@ def test_no_retrace_on_same_shapes():
   for seed in range(3):
     table = _random_table(seed)
     # Fresh but equal arguments: a list of stop ids, a new axes dict, another alpha.
-    decoding.greedy_decode(counted_prefill, counted_decode, table, tokens + 0, mask,
-                           max_new_tokens=N, stop_ids=[STOP, EOS], pad_id=PAD)
-    decoding.beam_search(counted_prefill, counted_decode, table, tokens, mask, num_beams=2,
-                         alpha=0.1 * seed, cache_batch_axes=dict(CACHE_AXES), **KW)
+    decoding.greedy_decode(
+      counted_prefill,
+      counted_decode,
+      table,
+      tokens + 0,
+      mask,
+      max_new_tokens=N,
+      stop_ids=[STOP, EOS],
+      pad_id=PAD,
+    )
+    decoding.beam_search(
+      counted_prefill,
+      counted_decode,
+      table,
+      tokens,
+      mask,
+      num_beams=2,
+      alpha=0.1 * seed,
+      cache_batch_axes=dict(CACHE_AXES),
+      **KW,
+    )
 
 
 def test_bad_arguments_raise():
@@ -216,8 +242,10 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="exactly one"):
     decoding.beam_search(prefill, decode_step, table, tokens, mask, **KW)
   with pytest.raises(ValueError, match="max_new_tokens"):
-    decoding.greedy_decode(prefill, decode_step, table, tokens, mask, max_new_tokens=0,
-                           stop_ids=STOP, pad_id=PAD)
+    decoding.greedy_decode(
+      prefill, decode_step, table, tokens, mask, max_new_tokens=0, stop_ids=STOP, pad_id=PAD
+    )
   with pytest.raises(ValueError, match="structure"):
-    decoding.beam_search(prefill, decode_step, table, tokens, mask, num_beams=4,
-                         cache_batch_axes={"prev": 0}, **KW)
+    decoding.beam_search(
+      prefill, decode_step, table, tokens, mask, num_beams=4, cache_batch_axes={"prev": 0}, **KW
+    )

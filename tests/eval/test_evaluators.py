@@ -5,6 +5,7 @@ has the same padded prompt length: decoding compiles once per number of media (N
 N = 3 two-shot) and `chex.assert_max_traces` on the shared EvalModel turns any retrace into a
 failure. One test builds the easy_vqa `vqa` config with a few examples (TFDS, no model).
 """
+
 import json
 
 import chex
@@ -13,19 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.eval import engine
-from flamingo_jax.eval import evaluators
-from flamingo_jax.eval import fewshot_data
-from flamingo_jax.eval import prompting
+from flamingo_jax.eval import engine, evaluators, fewshot_data, prompting
 from flamingo_jax.eval.metrics import vqa as vqa_lib
-from flamingo_jax.models import flamingo
 from flamingo_jax.models import masking
 from tests.data.data_helpers import image_bytes
 from tests.models import helpers
 
-S = 32            # tiny model image side
-NEW = 4           # max_new_tokens everywhere (shared compilations)
-BUCKET = 256      # every prompt below pads to 256 tokens
+S = 32  # tiny model image side
+NEW = 4  # max_new_tokens everywhere (shared compilations)
+BUCKET = 256  # every prompt below pads to 256 tokens
 COLORS = ("red", "tan", "sky")  # equal lengths: equal prompt lengths
 
 
@@ -38,8 +35,9 @@ def model_and_params(tok):
 @pytest.fixture(scope="module")
 def eval_model(model_and_params, tok):
   """Shared by the tests: at most 2 traces per function (N = 1 and N = 3; images and video)."""
-  return engine.EvalModel(model_and_params[0], tok, batch_size=4, num_beams=1,
-                              image_batch_size=8, max_traces=2)
+  return engine.EvalModel(
+    model_and_params[0], tok, batch_size=4, num_beams=1, image_batch_size=8, max_traces=2
+  )
 
 
 def _media(seed, frames=1):
@@ -54,15 +52,15 @@ def vqa_data():
   media.update({f"test/{i}": _media(100 + i) for i in range(6)})
   media.update({f"dup/{i}": _media(100 + i) for i in range(6)})
   q = "what color is it?"
-  support = [prompting.Example(image=f"train/{i % 4}", question=q, answers=(COLORS[i % 3],))
-             for i in range(12)]
-  support += [prompting.Example(image=f"dup/{i}", question=q, answers=(COLORS[i % 3],))
-              for i in range(6)]
+  support = [
+    prompting.Example(image=f"train/{i % 4}", question=q, answers=(COLORS[i % 3],)) for i in range(12)
+  ]
+  support += [prompting.Example(image=f"dup/{i}", question=q, answers=(COLORS[i % 3],)) for i in range(6)]
   support.append(prompting.Example(image="test/0", question=q, answers=("red",)))
-  queries = [prompting.Example(image=f"test/{i}", question=q, answers=(COLORS[i % 3],))
-             for i in range(6)]
-  return fewshot_data.FewShotData("toy_vqa", support, queries, [e.answers for e in queries],
-                                  media.__getitem__)
+  queries = [prompting.Example(image=f"test/{i}", question=q, answers=(COLORS[i % 3],)) for i in range(6)]
+  return fewshot_data.FewShotData(
+    "toy_vqa", support, queries, [e.answers for e in queries], media.__getitem__
+  )
 
 
 def test_bucket_and_left_pad():
@@ -81,13 +79,12 @@ def test_generate_matches_uncached_greedy(eval_model, model_and_params, tok):
   prompts, media = [], []
   for b in range(4):
     ids = [tok.bos_id]
-    for n in range(3):
+    for _ in range(3):
       ids += [tok.image_id] + rng.integers(3, 200, size=int(rng.integers(3, 9))).tolist()
     prompts.append(ids)
     media.append([f"m{b}", f"m{(b + 1) % 4}", f"m{b + 10}"])  # media shared across rows
   images = {f"m{i}": _media(i) for i in list(range(4)) + list(range(10, 14))}
-  out = eval_model.generate(params, prompts, media, images.__getitem__, prompt_len=BUCKET,
-                            max_new_tokens=NEW)
+  out = eval_model.generate(params, prompts, media, images.__getitem__, prompt_len=BUCKET, max_new_tokens=NEW)
   # Reference: right-padded uncached forwards (causal: later tokens never change earlier logits).
   length = max(map(len, prompts)) + NEW
   refs = sorted(images)
@@ -99,7 +96,7 @@ def test_generate_matches_uncached_greedy(eval_model, model_and_params, tok):
   for _ in range(NEW):
     tokens = np.zeros([4, length], np.int32)
     for b, s in enumerate(seqs):
-      tokens[b, :len(s)] = s
+      tokens[b, : len(s)] = s
     phi = masking.media_index_from_tokens(jnp.asarray(tokens), tok.image_id)
     logits = np.asarray(forward(params, tokens, visual, phi))
     for b in range(4):
@@ -108,12 +105,11 @@ def test_generate_matches_uncached_greedy(eval_model, model_and_params, tok):
         seqs[b].append(nxt)
         done[b] = nxt in eval_model.stop_ids
   for b in range(4):
-    expected = [t for t in seqs[b][len(prompts[b]):] if t not in eval_model.stop_ids]
-    assert out[b] == expected[:len(out[b])] and len(out[b]) == len(expected), b
+    expected = [t for t in seqs[b][len(prompts[b]) :] if t not in eval_model.stop_ids]
+    assert out[b] == expected[: len(out[b])] and len(out[b]) == len(expected), b
 
 
-def test_vqa_random_rices_zero_shot_without_retracing(eval_model, model_and_params, vqa_data, tok,
-                                                      tmp_path):
+def test_vqa_random_rices_zero_shot_without_retracing(eval_model, model_and_params, vqa_data, tok, tmp_path):
   params = model_and_params[2]
   ev = evaluators.VQAEvaluator(vqa_data, max_new_tokens=NEW, prompt_bucket=BUCKET)
   kw = dict(rices_dir=str(tmp_path / "rices"), model_id="test")
@@ -130,16 +126,17 @@ def test_vqa_random_rices_zero_shot_without_retracing(eval_model, model_and_para
     for q, record in enumerate(ev.predictions):
       assert record["prompt"].count("<image>") == 3
       if selection == "rices":
-        assert record["support"][-1] == f"dup/{q}"   # identical pixels: most similar, last
-      assert f"test/{q}" not in record["support"]    # never the query itself
+        assert record["support"][-1] == f"dup/{q}"  # identical pixels: most similar, last
+      assert f"test/{q}" not in record["support"]  # never the query itself
   assert runs["random", 0] != runs["random", 1]
   assert len(list((tmp_path / "rices").glob("rices_*.npz"))) == 1
 
 
 def test_text_only_equals_flamingo_with_closed_gates(eval_model, model_and_params, vqa_data, tok):
   _, init_params, params = model_and_params  # gates at 0: Flamingo computes exactly the LM
-  ev = evaluators.VQAEvaluator(vqa_data, max_new_tokens=NEW, prompt_bucket=BUCKET,
-                               text_only_format="flamingo")  # the identical token sequence
+  ev = evaluators.VQAEvaluator(
+    vqa_data, max_new_tokens=NEW, prompt_bucket=BUCKET, text_only_format="flamingo"
+  )  # the identical token sequence
   dict(ev.run(eval_model, init_params, tok, shots=2, seed=3))
   flamingo_preds = [r["prediction"] for r in ev.predictions]
   dict(ev.run(eval_model, init_params, tok, shots=2, seed=3, lm_only=True))
@@ -170,9 +167,14 @@ def test_classification_ranks_the_answer_set_over_permutations(eval_model, model
   media = {f"i{i}": _media(i) for i in range(12)}
   support = [prompting.Example(image=f"i{i}", label=COLORS[i % 3]) for i in range(8)]
   queries = [prompting.Example(image=f"i{i}") for i in range(8, 12)]
-  data = fewshot_data.FewShotData("toy_cls", support, queries,
-                                  [(COLORS[i % 3],) for i in range(8, 12)], media.__getitem__,
-                                  candidates=COLORS)
+  data = fewshot_data.FewShotData(
+    "toy_cls",
+    support,
+    queries,
+    [(COLORS[i % 3],) for i in range(8, 12)],
+    media.__getitem__,
+    candidates=COLORS,
+  )
   ev = evaluators.ClassificationEvaluator(data, prompt_bucket=BUCKET, num_prompts=2)
   metrics = dict(ev.run(eval_model, params, tok, shots=2, seed=0))
   correct = [r["prediction"] == r["references"][0] for r in ev.predictions]
@@ -196,17 +198,16 @@ def test_jsonl_data(tmp_path):
   (tmp_path / "img").mkdir()
   for i in range(3):
     (tmp_path / "img" / f"{i}.png").write_bytes(image_bytes(seed=i))
-  rows = [{"image": f"img/{i}.png", "question": "what?", "answers": ["b", "a", "a"]}
-          for i in range(3)]
+  rows = [{"image": f"img/{i}.png", "question": "what?", "answers": ["b", "a", "a"]} for i in range(3)]
   path = tmp_path / "vqa.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
   data = fewshot_data.jsonl_data("vqa", str(path), str(path), 16)
   assert len(data.support) == len(data.queries) == 3
-  assert data.queries[0].answers[0] == "a"   # the most frequent answer is shown in prompts
+  assert data.queries[0].answers[0] == "a"  # the most frequent answer is shown in prompts
   assert data.references[0] == ("b", "a", "a")
   x = data.load(data.queries[1].image)
   chex.assert_shape(x, (1, 16, 16, 3))
-  assert 0.0 <= x.min() and x.max() <= 1.0
+  assert x.min() >= 0.0 and x.max() <= 1.0
   path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"image": "x.png"}) + "\n")
   with pytest.raises(ValueError, match=r"vqa.jsonl:2"):
     fewshot_data.jsonl_data("vqa", str(path), str(path), 16)
@@ -226,6 +227,7 @@ def test_easy_vqa_vqa_config_builds(tmp_path):
 
 def test_make_evaluator_rejects_unknown_task():
   from configs import fewshot_eval  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(KeyError, match="easy_vqa_colour"):
     evaluators.make_evaluator("easy_vqa_colour", fewshot_eval.get_config(), 32)
 
@@ -240,10 +242,10 @@ def test_visual_tokens_are_cached_per_params(eval_model, model_and_params):
     return images[ref]
 
   first = eval_model._visual(params, [["c0", "c1"], ["c1", "c2"]], load)
-  assert sorted(loads) == ["c0", "c1", "c2"]       # each distinct medium encoded once
+  assert sorted(loads) == ["c0", "c1", "c2"]  # each distinct medium encoded once
   np.testing.assert_array_equal(first[0, 1], first[1, 0])
   again = eval_model._visual(params, [["c2", "c1"]], load)
-  assert len(loads) == 3                            # cache hits
+  assert len(loads) == 3  # cache hits
   np.testing.assert_array_equal(again[0, 0], first[1, 1])
   eval_model._visual(init_params, [["c0"]], load)  # other params: the cache starts over
   assert loads[-1] == "c0" and len(loads) == 4

@@ -1,4 +1,5 @@
 """Tests for flamingo_jax.eval.prompting."""
+
 import pytest
 
 from flamingo_jax.eval import prompting
@@ -6,8 +7,7 @@ from flamingo_jax.eval.prompting import Example
 
 
 def _vqa_examples():
-  support = [Example(image=f"s{i}", question=f"q{i}?", answers=(f"a{i}", "other"))
-             for i in range(4)]
+  support = [Example(image=f"s{i}", question=f"q{i}?", answers=(f"a{i}", "other")) for i in range(4)]
   query = Example(image="query", question="What colour?", answers=("red",))
   return support, query
 
@@ -15,14 +15,15 @@ def _vqa_examples():
 def test_vqa_prompt():
   support, query = _vqa_examples()
   text, refs = prompting.build_prompt(support[:2], query, "vqa")
-  assert text == ("<image>Question: q0? Answer: a0<EOC><image>Question: q1? Answer: a1<EOC>"
-                  "<image>Question: What colour? Answer:")
+  assert text == (
+    "<image>Question: q0? Answer: a0<EOC><image>Question: q1? Answer: a1<EOC>"
+    "<image>Question: What colour? Answer:"
+  )
   assert refs == ["s0", "s1", "query"]
 
 
 def test_captioning_and_classification_prompts():
-  support = [Example(image=1, caption="A cat.", label="cat"), Example(image=2, caption="A dog.",
-                                                                      label="dog")]
+  support = [Example(image=1, caption="A cat.", label="cat"), Example(image=2, caption="A dog.", label="dog")]
   query = Example(image=3)
   text, refs = prompting.build_prompt(support, query, "captioning")
   assert text == "<image>Output: A cat.<EOC><image>Output: A dog.<EOC><image>Output:"
@@ -34,8 +35,9 @@ def test_captioning_and_classification_prompts():
 def test_zero_shot_text_only_support():
   support, query = _vqa_examples()
   text, refs = prompting.zero_shot_prompt(support[:2], query, "vqa")
-  assert text == ("Question: q0? Answer: a0<EOC>Question: q1? Answer: a1<EOC>"
-                  "<image>Question: What colour? Answer:")
+  assert text == (
+    "Question: q0? Answer: a0<EOC>Question: q1? Answer: a1<EOC><image>Question: What colour? Answer:"
+  )
   assert refs == ["query"]
   assert text.count(prompting.IMAGE_TOKEN) == 1
   with pytest.raises(ValueError, match="exactly 2"):
@@ -50,8 +52,7 @@ def test_shuffle_is_seeded_and_none_keeps_order():
   _, b = prompting.build_prompt(support, query, "vqa", shuffle_seed=3)
   assert a == b
   assert sorted(a[:-1]) == ["s0", "s1", "s2", "s3"] and a[-1] == "query"
-  orders = {tuple(prompting.build_prompt(support, query, "vqa", shuffle_seed=s)[1])
-            for s in range(10)}
+  orders = {tuple(prompting.build_prompt(support, query, "vqa", shuffle_seed=s)[1]) for s in range(10)}
   assert len(orders) > 1
   assert [e.image for e in support] == ["s0", "s1", "s2", "s3"]  # input left untouched
 
@@ -65,8 +66,9 @@ def test_permuted_prompts():
 
 
 def test_custom_template_and_separator():
-  template = prompting.PromptTemplate(example="<image>Q: {question} A: {answer}<EOC>",
-                                      query="<image>Q: {question} A:", separator="\n")
+  template = prompting.PromptTemplate(
+    example="<image>Q: {question} A: {answer}<EOC>", query="<image>Q: {question} A:", separator="\n"
+  )
   support, query = _vqa_examples()
   text, _ = prompting.build_prompt(support[:1], query, "vqa", template=template)
   assert text == "<image>Q: q0? A: a0<EOC>\n<image>Q: What colour? A:"

@@ -1,4 +1,5 @@
 """Tests for flamingo_jax.eval.rices."""
+
 import os
 
 import jax.numpy as jnp
@@ -27,8 +28,7 @@ def test_top_k_most_similar_last():
 def test_query_itself_is_never_returned():
   support = _features(10, 4, 2)
   ids = np.arange(100, 110)
-  idx = rices.top_k_similar(support, support[:6], 3, support_ids=ids,
-                            exclude_ids=ids[:6].tolist())
+  idx = rices.top_k_similar(support, support[:6], 3, support_ids=ids, exclude_ids=ids[:6].tolist())
   for q in range(6):
     assert q not in idx[q]
     sims = support[q] @ support.T
@@ -75,15 +75,28 @@ def test_cache_written_once_and_reused(tmp_path):
 
 def test_string_ids_and_count_check(tmp_path):
   support = _features(3, 2, 6)
-  ok = rices.RICES(lambda: (np.array(["a", "b", "c"]), support), str(tmp_path / "c"),
-                   model_id="ckpt", dataset="d", split="s", count=3)
+  ok = rices.RICES(
+    lambda: (np.array(["a", "b", "c"]), support),
+    str(tmp_path / "c"),
+    model_id="ckpt",
+    dataset="d",
+    split="s",
+    count=3,
+  )
   idx = ok.select(support, 2, exclude_ids=["a", "b", "c"])
   assert [0 not in idx[0], 1 not in idx[1], 2 not in idx[2]] == [True] * 3
-  bad = rices.RICES(lambda: (np.arange(3), support), str(tmp_path / "d"), model_id=0, dataset="d",
-                    split="s", count=4)
+  bad = rices.RICES(
+    lambda: (np.arange(3), support), str(tmp_path / "d"), model_id=0, dataset="d", split="s", count=4
+  )
   with pytest.raises(ValueError, match="count=4"):
     bad.support()
-  objs = rices.RICES(lambda: (np.array([object()] * 3), support), str(tmp_path / "e"), model_id=0,
-                     dataset="d", split="s", count=3)
+  objs = rices.RICES(
+    lambda: (np.array([object()] * 3), support),
+    str(tmp_path / "e"),
+    model_id=0,
+    dataset="d",
+    split="s",
+    count=3,
+  )
   with pytest.raises(TypeError, match="ints or strings"):
     objs.support()

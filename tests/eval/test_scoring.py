@@ -1,4 +1,5 @@
 """Tests for flamingo_jax.eval.scoring with a toy bigram language model."""
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -53,27 +54,41 @@ def test_rank_matches_direct_scores_and_batching():
   logprob_fn = jax.jit(chex.assert_max_traces(scoring.make_logprob_fn(_bigram_forward), n=1))
   prompts = [[[1, 2, 3]], [[2, 5]], [[4, 4, 1, 6]]]
   candidates = [[[3, 1], [2], [5, 5, 6]], [[1], [6, 2]], [[2, 2], [3], [4, 1], [6]]]
-  result = scoring.rank_candidates(logprob_fn, prompts, candidates, prompt_len=5, candidate_len=3,
-                                   pad_id=PAD, batch_size=4)
+  result = scoring.rank_candidates(
+    logprob_fn, prompts, candidates, prompt_len=5, candidate_len=3, pad_id=PAD, batch_size=4
+  )
   assert result.scores.shape == (3, 4) and result.prompt_scores.shape == (3, 1, 4)
   for q in range(3):
     direct = [_direct_logprob(prompts[q][0], c) for c in candidates[q]]
-    np.testing.assert_allclose(result.scores[q, :len(direct)], direct, rtol=1e-5)
-    assert np.all(result.scores[q, len(direct):] == -np.inf)
+    np.testing.assert_allclose(result.scores[q, : len(direct)], direct, rtol=1e-5)
+    assert np.all(result.scores[q, len(direct) :] == -np.inf)
     assert result.best[q] == int(np.argmax(direct))
   # Same answer for another batch size (rows padded differently); fixed shapes: one trace above.
-  other = scoring.rank_candidates(jax.jit(scoring.make_logprob_fn(_bigram_forward)), prompts,
-                                  candidates, prompt_len=5, candidate_len=3, pad_id=PAD,
-                                  batch_size=3)
+  other = scoring.rank_candidates(
+    jax.jit(scoring.make_logprob_fn(_bigram_forward)),
+    prompts,
+    candidates,
+    prompt_len=5,
+    candidate_len=3,
+    pad_id=PAD,
+    batch_size=3,
+  )
   np.testing.assert_allclose(other.scores, result.scores, rtol=1e-6)
 
 
 def test_length_normalisation():
   prompts = [[[1, 2]]]
   candidates = [[[3], [3, 4, 5]]]
-  result = scoring.rank_candidates(jax.jit(scoring.make_logprob_fn(_bigram_forward)), prompts,
-                                   candidates, prompt_len=2, candidate_len=3, pad_id=PAD,
-                                   batch_size=2, length_normalize=True)
+  result = scoring.rank_candidates(
+    jax.jit(scoring.make_logprob_fn(_bigram_forward)),
+    prompts,
+    candidates,
+    prompt_len=2,
+    candidate_len=3,
+    pad_id=PAD,
+    batch_size=2,
+    length_normalize=True,
+  )
   expected = [_direct_logprob([1, 2], [3]), _direct_logprob([1, 2], [3, 4, 5]) / 3]
   np.testing.assert_allclose(result.scores[0], expected, rtol=1e-5)
 
@@ -83,17 +98,23 @@ def test_prompt_ensembling_averages_over_permutations():
   prompts = [[[1, 2, 3], [2, 1, 3], [3, 2, 1]], [[5, 6], [6, 5], [5, 5]]]
   candidates = [[[4], [5, 6]], [[1], [2], [3]]]
   rng = np.random.default_rng(2)
-  row_inputs = [[{"bias": rng.normal(size=[V]).astype(np.float32)} for _ in range(3)]
-                for _ in range(2)]
-  result = scoring.rank_candidates(jax.jit(scoring.make_logprob_fn(_bigram_forward)), prompts,
-                                   candidates, prompt_len=3, candidate_len=2, pad_id=PAD,
-                                   batch_size=4, row_inputs=row_inputs)
+  row_inputs = [[{"bias": rng.normal(size=[V]).astype(np.float32)} for _ in range(3)] for _ in range(2)]
+  result = scoring.rank_candidates(
+    jax.jit(scoring.make_logprob_fn(_bigram_forward)),
+    prompts,
+    candidates,
+    prompt_len=3,
+    candidate_len=2,
+    pad_id=PAD,
+    batch_size=4,
+    row_inputs=row_inputs,
+  )
   for q in range(2):
-    per_prompt = np.array([[_direct_logprob(prompts[q][p], c, row_inputs[q][p]["bias"])
-                            for c in candidates[q]] for p in range(3)])
-    np.testing.assert_allclose(result.prompt_scores[q, :, :len(candidates[q])], per_prompt,
-                               rtol=1e-5)
-    np.testing.assert_allclose(result.scores[q, :len(candidates[q])], per_prompt.mean(0), rtol=1e-5)
+    per_prompt = np.array(
+      [[_direct_logprob(prompts[q][p], c, row_inputs[q][p]["bias"]) for c in candidates[q]] for p in range(3)]
+    )
+    np.testing.assert_allclose(result.prompt_scores[q, :, : len(candidates[q])], per_prompt, rtol=1e-5)
+    np.testing.assert_allclose(result.scores[q, : len(candidates[q])], per_prompt.mean(0), rtol=1e-5)
     assert result.best[q] == int(np.argmax(per_prompt.mean(0)))
 
 
@@ -104,8 +125,9 @@ def test_masks_passed_to_logprob_fn():
     seen.append((tokens, token_mask, target_mask))
     return np.zeros([tokens.shape[0]])
 
-  scoring.rank_candidates(logprob_fn, [[[7, 8]]], [[[9]]], prompt_len=3, candidate_len=2,
-                          pad_id=PAD, batch_size=2)
+  scoring.rank_candidates(
+    logprob_fn, [[[7, 8]]], [[[9]]], prompt_len=3, candidate_len=2, pad_id=PAD, batch_size=2
+  )
   tokens, token_mask, target_mask = seen[0]
   np.testing.assert_array_equal(tokens, [[PAD, 7, 8, 9, PAD], [PAD] * 5])
   np.testing.assert_array_equal(token_mask, [[False, True, True, True, False], [False] * 5])
@@ -120,9 +142,17 @@ def test_text_wrapper_encodes_continuation():
     seen.append(np.asarray(tokens))
     return np.where(tokens[:, -1] == 3, -1.0, -2.0)
 
-  result = scoring.rank_text_candidates(logprob_fn, lambda text: [vocab[text]], [["Q"]],
-                                        [["no", "yes"]], bos_id=1, prompt_len=2, candidate_len=1,
-                                        pad_id=PAD, batch_size=2)
+  result = scoring.rank_text_candidates(
+    logprob_fn,
+    lambda text: [vocab[text]],
+    [["Q"]],
+    [["no", "yes"]],
+    bos_id=1,
+    prompt_len=2,
+    candidate_len=1,
+    pad_id=PAD,
+    batch_size=2,
+  )
   np.testing.assert_array_equal(seen[0], [[1, 2, 4], [1, 2, 3]])
   assert result.best[0] == 1
 
@@ -130,11 +160,14 @@ def test_text_wrapper_encodes_continuation():
 def test_bad_inputs_raise():
   fn = lambda t, m, g: np.zeros([t.shape[0]])  # noqa: E731
   with pytest.raises(ValueError, match="Prompt 0 of query 0 has 4 tokens"):
-    scoring.rank_candidates(fn, [[[1, 2, 3, 4]]], [[[1]]], prompt_len=3, candidate_len=2,
-                            pad_id=PAD, batch_size=2)
+    scoring.rank_candidates(
+      fn, [[[1, 2, 3, 4]]], [[[1]]], prompt_len=3, candidate_len=2, pad_id=PAD, batch_size=2
+    )
   with pytest.raises(ValueError, match="Candidate 1 of query 0"):
-    scoring.rank_candidates(fn, [[[1]]], [[[1], [1, 2, 3]]], prompt_len=3, candidate_len=2,
-                            pad_id=PAD, batch_size=2)
+    scoring.rank_candidates(
+      fn, [[[1]]], [[[1], [1, 2, 3]]], prompt_len=3, candidate_len=2, pad_id=PAD, batch_size=2
+    )
   with pytest.raises(ValueError, match="same number"):
-    scoring.rank_candidates(fn, [[[1]], [[1], [2]]], [[[1]], [[1]]], prompt_len=3,
-                            candidate_len=2, pad_id=PAD, batch_size=2)
+    scoring.rank_candidates(
+      fn, [[[1]], [[1], [2]]], [[[1]], [[1]]], prompt_len=3, candidate_len=2, pad_id=PAD, batch_size=2
+    )

@@ -1,4 +1,5 @@
 """Tests for flamingo_jax.eval.metrics.vqa."""
+
 import itertools
 import random
 
@@ -7,7 +8,9 @@ import pytest
 from flamingo_jax.eval.metrics import vqa
 
 
-@pytest.mark.parametrize("raw, expected", [
+@pytest.mark.parametrize(
+  "raw, expected",
+  [
     ("Two", "2"),
     ("the dog.", "dog"),
     ("Yes!", "yes"),
@@ -19,13 +22,15 @@ from flamingo_jax.eval.metrics import vqa
     ("a ball (red)", "ball red"),
     ("  An apple\n", "apple"),
     ("none", "0"),
-])
+  ],
+)
 def test_normalize_answer(raw, expected):
   assert vqa.normalize_answer(raw) == expected
 
 
-@pytest.mark.parametrize("num_matches, expected", [
-    (0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+@pytest.mark.parametrize(
+  "num_matches, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
 def test_ten_answer_accuracy(num_matches, expected):
   answers = ["yes"] * num_matches + ["no"] * (10 - num_matches)
   assert vqa.vqa_accuracy("Yes", answers) == pytest.approx(expected)
@@ -46,8 +51,7 @@ def test_matches_leave_one_out_subsets():
   for _ in range(50):
     answers = [rng.choice(words) for _ in range(10)]
     pred = rng.choice(words)
-    assert vqa.vqa_accuracy(pred, answers) == pytest.approx(
-        _leave_one_out_reference(pred, answers))
+    assert vqa.vqa_accuracy(pred, answers) == pytest.approx(_leave_one_out_reference(pred, answers))
 
 
 def test_single_answer_is_exact_match_after_normalisation():
@@ -78,8 +82,7 @@ def test_bad_answers_raise():
 
 
 def test_accumulator_sums_across_hosts():
-  data = [("yes", ["yes"] * 10), ("no", ["yes"] * 10), ("2", ["two"]),
-          ("blue", ["blue"] * 2 + ["x"] * 8)]
+  data = [("yes", ["yes"] * 10), ("no", ["yes"] * 10), ("2", ["two"]), ("blue", ["blue"] * 2 + ["x"] * 8)]
   hosts = [vqa.VQAAccumulator(), vqa.VQAAccumulator()]
   for i, (pred, answers) in enumerate(data):
     hosts[i % 2].add(pred, answers)
@@ -100,19 +103,23 @@ def test_accumulator_errors():
     vqa.VQAAccumulator().merge([{"sum": 1.0}])
 
 
-@pytest.mark.parametrize("text, expected", [
+@pytest.mark.parametrize(
+  "text, expected",
+  [
     (" yes<EOC><image>Question:", "yes"),
     (" red\nQuestion: what", "red"),
     (" blue Question: what", "blue"),
     ("  two dogs  ", "two dogs"),
     ("<EOC>", ""),
-])
+  ],
+)
 def test_postprocess_generation(text, expected):
   assert vqa.postprocess_generation(text) == expected
 
 
 def test_permutation_invariance_of_answers():
   answers = ["yes"] * 3 + ["no"] * 6 + ["maybe"]
-  scores = {vqa.vqa_accuracy("yes", list(p)) for p in itertools.islice(
-      itertools.permutations(answers), 0, 2000, 97)}
+  scores = {
+    vqa.vqa_accuracy("yes", list(p)) for p in itertools.islice(itertools.permutations(answers), 0, 2000, 97)
+  }
   assert len(scores) == 1

@@ -1,4 +1,5 @@
 """Shared test helpers for the model tests."""
+
 import jax
 import jax.numpy as jnp
 
@@ -16,11 +17,12 @@ def tiny_model(**overrides):
 
 def jit_model(model):
   return model._replace(
-      init=jax.jit(model.init),
-      forward=jax.jit(model.forward, static_argnames="is_training"),
-      encode_media=jax.jit(model.encode_media),
-      lm_forward=jax.jit(model.lm_forward, static_argnums=(7,), static_argnames="lm_only"),
-      vision_features=jax.jit(model.vision_features))
+    init=jax.jit(model.init),
+    forward=jax.jit(model.forward, static_argnames="is_training"),
+    encode_media=jax.jit(model.encode_media),
+    lm_forward=jax.jit(model.lm_forward, static_argnums=(7,), static_argnames="lm_only"),
+    vision_features=jax.jit(model.vision_features),
+  )
 
 
 def open_gates(params, rng, scale=1.0):
@@ -57,6 +59,7 @@ def tiny_eval_model(vocab_size: int, image_size: int):
     cfg.lm.vocab_size = vocab_size - 2
     cfg.lm.num_layers, cfg.xattn.every = 2, 2
   model = flamingo.make_model(cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, image_size, image_size, 3)),
-                               jnp.zeros((1, 4), jnp.int32))
+  params = jax.jit(model.init)(
+    jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, image_size, image_size, 3)), jnp.zeros((1, 4), jnp.int32)
+  )
   return model, params

@@ -1,7 +1,7 @@
 """Acceptance tests of the assembled model: init == LM, phi causality, KV cache, video frames."""
+
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -58,20 +58,21 @@ def test_cached_prefill_and_decode_match_full_forward(setup):
   params = helpers.open_gates(params, jax.random.PRNGKey(3))
   full = model.forward(params, None, images, tokens, media_index)
   visual = model.encode_media(params, None, images)
-  prompt = 10   # all three images are in the prompt
+  prompt = 10  # all three images are in the prompt
   cache = model.init_cache(tokens.shape[0], 16, images.shape[1])
-  logits, cache = model.lm_forward(params, None, tokens[:, :prompt], visual, media_index[:, :prompt],
-                                   None, cache)
+  logits, cache = model.lm_forward(
+    params, None, tokens[:, :prompt], visual, media_index[:, :prompt], None, cache
+  )
   steps = [logits]
   for t in range(prompt, tokens.shape[1]):
-    step, cache = model.lm_forward(params, None, tokens[:, t:t + 1], None, None, None, cache)
+    step, cache = model.lm_forward(params, None, tokens[:, t : t + 1], None, None, None, cache)
     steps.append(step)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
 @pytest.mark.parametrize("frames", [8, 30])
 def test_video_frames_and_interpolated_temporal_embeddings(frames):
-  model = helpers.tiny_model()      # tiny resampler has max_frames=4: 8 and 30 frames interpolate
+  model = helpers.tiny_model()  # tiny resampler has max_frames=4: 8 and 30 frames interpolate
   images, tokens = helpers.images_and_tokens(model, batch=1, num_media=1, frames=frames, seq=6)
   params = model.init(jax.random.PRNGKey(0), images, tokens)
   visual = model.encode_media(params, None, images)

@@ -1,4 +1,5 @@
 """One GATED XATTN-DENSE block: phi isolation (bit-exact), empty rows, p_next, zero gates, mask shapes."""
+
 import functools
 
 import chex
@@ -8,16 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.models import gated_xattn
-from flamingo_jax.models import layers
-from flamingo_jax.models import masking
+from flamingo_jax.models import gated_xattn, layers, masking
 
 CFG = gated_xattn.XAttnConfig(every=1, num_heads=2, head_dim=8, ffw_mult=4, media_dim=12)
 D, B, T, N, R = 16, 2, 8, 3, 4
 IMAGE_ID = 99
 # Row 0: three images; row 1: one image (media items 1 and 2 are padding nobody attends to).
-TOKENS = np.array([[1, IMAGE_ID, 2, 3, IMAGE_ID, 4, IMAGE_ID, 5],
-                   [1, 2, IMAGE_ID, 3, 4, 5, 6, 7]], np.int32)
+TOKENS = np.array([[1, IMAGE_ID, 2, 3, IMAGE_ID, 4, IMAGE_ID, 5], [1, 2, IMAGE_ID, 3, 4, 5, 6, 7]], np.int32)
 
 
 def _random_params(num_blocks=1, seed=0):
@@ -52,7 +50,7 @@ def inputs():
 
 def _perturb_item(a, j, seed):
   a = a.copy()
-  a[:, j * R:(j + 1) * R] = np.random.default_rng(seed).normal(size=a[:, j * R:(j + 1) * R].shape)
+  a[:, j * R : (j + 1) * R] = np.random.default_rng(seed).normal(size=a[:, j * R : (j + 1) * R].shape)
   return a
 
 
@@ -63,9 +61,9 @@ def _check_depends_only_on_phi(inputs, media_index):
   for j in range(N):
     out = np.asarray(_block(p, y, _perturb_item(k, j, 10 + j), _perturb_item(v, j, 20 + j), media_index))
     sees_j = media_index == j
-    np.testing.assert_array_equal(out[~sees_j], base[~sees_j])      # bit-identical
+    np.testing.assert_array_equal(out[~sees_j], base[~sees_j])  # bit-identical
     if sees_j.any():
-      assert np.abs(out[sees_j] - base[sees_j]).min() > 1e-5, j     # every token that sees j moved
+      assert np.abs(out[sees_j] - base[sees_j]).min() > 1e-5, j  # every token that sees j moved
 
 
 def test_token_output_depends_only_on_its_media_item(inputs):
@@ -93,8 +91,8 @@ def test_tokens_without_media_get_only_the_dense_path(inputs):
   none = phi < 0
   out = np.asarray(_block(p, y, k, v, phi))
   zero_kv = np.asarray(_block(p, y, np.zeros_like(k), np.zeros_like(v), phi))
-  np.testing.assert_array_equal(out[none], zero_kv[none])     # attention contribution exactly zero
-  assert np.abs(out[~none] - zero_kv[~none]).max() > 1e-4     # where a token has media it matters
+  np.testing.assert_array_equal(out[none], zero_kv[none])  # attention contribution exactly zero
+  assert np.abs(out[~none] - zero_kv[~none]).max() > 1e-4  # where a token has media it matters
 
   @jax.jit
   def dense_only(p, y):
@@ -118,8 +116,9 @@ def test_gates_scale_the_two_branches_through_tanh(inputs):
   p, y, k, v = inputs
   phi = masking.media_index_from_tokens(TOKENS, IMAGE_ID)
   attn_only = lambda g: _block(dict(p, attn_gate=np.float32(g), ffw_gate=np.float32(0.0)), y, k, v, phi)
-  np.testing.assert_allclose((attn_only(2.0) - y) * np.tanh(0.5), (attn_only(0.5) - y) * np.tanh(2.0),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    (attn_only(2.0) - y) * np.tanh(0.5), (attn_only(0.5) - y) * np.tanh(2.0), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_media_owner_and_xattn_mask():

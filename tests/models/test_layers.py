@@ -1,4 +1,5 @@
 """Unit tests of the pure building blocks in `flamingo_jax/models/layers.py` against numpy references."""
+
 import functools
 
 import chex
@@ -18,7 +19,7 @@ def _naive_attention(q, k, v, mask):
   """Numpy softmax attention; K/V heads repeated for grouped queries. Rows are assumed non-empty."""
   q, k, v, mask = (np.asarray(a, np.float64) for a in (q, k, v, mask))
   groups = q.shape[2] // k.shape[2]
-  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)   # head h uses kv head h // groups
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)  # head h uses kv head h // groups
   logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
   logits = np.where(mask[:, None].astype(bool), logits, -np.inf)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
@@ -27,12 +28,12 @@ def _naive_attention(q, k, v, mask):
 
 
 def _random_qkv(hq, hkv, b=2, t=5, s=7, dh=8, dv=6, seed=0):
-  rng = np.random.default_rng(seed)     # numpy: eager jax.random compiles slowly on this machine
+  rng = np.random.default_rng(seed)  # numpy: eager jax.random compiles slowly on this machine
   q = rng.normal(size=(b, t, hq, dh)).astype(np.float32)
   k = rng.normal(size=(b, s, hkv, dh)).astype(np.float32)
   v = rng.normal(size=(b, s, hkv, dv)).astype(np.float32)
   mask = rng.random((b, t, s)) < 0.6
-  mask[:, :, 0] = True                  # every row non-empty
+  mask[:, :, 0] = True  # every row non-empty
   return q, k, v, mask
 
 
@@ -54,10 +55,10 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
 
 def test_fully_masked_row_is_exactly_zero_with_finite_gradients():
   q, k, v, mask = _random_qkv(hq=4, hkv=2, seed=2)
-  mask[0, 1] = False                                      # one empty row
-  mask[1] = False                                         # and a whole sequence without keys
+  mask[0, 1] = False  # one empty row
+  mask[1] = False  # and a whole sequence without keys
   out = _attention(q, k, v, mask)
-  np.testing.assert_array_equal(out[0, 1], 0.0)           # not the mean of the values
+  np.testing.assert_array_equal(out[0, 1], 0.0)  # not the mean of the values
   np.testing.assert_array_equal(out[1], 0.0)
   assert np.abs(np.asarray(out[0, 0])).max() > 0.0
 
@@ -67,7 +68,7 @@ def test_fully_masked_row_is_exactly_zero_with_finite_gradients():
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
   chex.assert_tree_all_finite(grads)
   dq, dk, dv = grads
-  np.testing.assert_array_equal(dq[0, 1], 0.0)             # an empty row sends no gradient back
+  np.testing.assert_array_equal(dq[0, 1], 0.0)  # an empty row sends no gradient back
   np.testing.assert_array_equal(dq[1], 0.0)
   np.testing.assert_array_equal(dk[1], 0.0)
   np.testing.assert_array_equal(dv[1], 0.0)
@@ -87,7 +88,7 @@ def test_rms_norm_and_layer_norm_match_numpy():
   scale = rng.normal(size=(16,)).astype(np.float32)
   bias = rng.normal(size=(16,)).astype(np.float32)
   eps = 1e-5
-  want_rms = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + eps) * scale
+  want_rms = x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * scale
   got_rms = jax.jit(layers.rms_norm, static_argnums=2)(x, scale, eps)
   assert got_rms.dtype == jnp.float32
   np.testing.assert_allclose(got_rms, want_rms, atol=1e-5, rtol=1e-5)
@@ -132,7 +133,7 @@ def test_rope_dot_product_depends_only_on_position_difference():
     base = score(m, n)
     for shift in (1, 17, 250):
       np.testing.assert_allclose(score(m + shift, n + shift), base, rtol=1e-4, atol=1e-4)
-  assert abs(score(3, 1) - score(4, 1)) > 1e-3   # but it does depend on the difference
+  assert abs(score(3, 1) - score(4, 1)) > 1e-3  # but it does depend on the difference
 
 
 def test_rope_rotate_half_pairs_feature_i_with_i_plus_half():
@@ -149,8 +150,9 @@ def test_positions_from_mask_with_left_padding_and_offset():
   positions = jax.jit(layers.positions_from_mask)
   np.testing.assert_array_equal(positions(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 0, 0, 0]])
   offset = jnp.array([3, 0, 10])
-  np.testing.assert_array_equal(positions(mask, offset),
-                                [[3, 3, 3, 4, 5], [0, 1, 2, 3, 4], [10, 10, 10, 10, 10]])
+  np.testing.assert_array_equal(
+    positions(mask, offset), [[3, 3, 3, 4, 5], [0, 1, 2, 3, 4], [10, 10, 10, 10, 10]]
+  )
 
 
 def test_causal_mask():
@@ -159,7 +161,7 @@ def test_causal_mask():
   chex.assert_shape(m, (2, 4, 4))
   np.testing.assert_array_equal(m[1], np.tril(np.ones((4, 4), bool)))
   want0 = np.tril(np.ones((4, 4), bool))
-  want0[:, 0] = False                                   # the pad key is never visible
+  want0[:, 0] = False  # the pad key is never visible
   np.testing.assert_array_equal(m[0], want0)
 
 
@@ -170,20 +172,23 @@ def test_bf16_matmul_accumulates_in_fp32():
   assert out.dtype == jnp.float32
   np.testing.assert_array_equal(out, 257.0)
   # Inputs are rounded to bf16 first (1 + 2^-9 becomes 1).
-  out = matmul(np.full((1, 4), 1.0 + 2 ** -9, np.float32), np.ones((4, 1), np.float32))
+  out = matmul(np.full((1, 4), 1.0 + 2**-9, np.float32), np.ones((4, 1), np.float32))
   np.testing.assert_array_equal(out, 4.0)
 
 
 def test_mlps_shapes_and_squared_relu():
   x = np.array([[1.0, -2.0]], np.float32)
-  w_in = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], np.float32)   # h = [1, -2, 0] -> relu^2 = [1, 0, 0]
+  w_in = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], np.float32)  # h = [1, -2, 0] -> relu^2 = [1, 0, 0]
   w_out = np.ones((3, 2), np.float32)
 
   @jax.jit
   def mlps(x, w_in, w_out):
     f32 = jnp.float32
-    return (layers.squared_relu_mlp(x, w_in, w_out, f32), layers.swiglu_mlp(x, w_in, w_in, w_out, f32),
-            layers.gelu_mlp(x, w_in, w_out, f32))
+    return (
+      layers.squared_relu_mlp(x, w_in, w_out, f32),
+      layers.swiglu_mlp(x, w_in, w_in, w_out, f32),
+      layers.gelu_mlp(x, w_in, w_out, f32),
+    )
 
   sq, swiglu, gelu = mlps(x, w_in, w_out)
   np.testing.assert_array_equal(sq, [[1.0, 1.0]])

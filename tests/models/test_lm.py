@@ -4,6 +4,7 @@ The tiny LM has 5 layers: xattn `every=2` runs two scanned groups and a tail gro
 `every=1` five groups. Parameters are random (gates open) unless a test says otherwise; they are drawn in
 numpy from `jax.eval_shape` shapes because the random initialisers compile slowly on these CPUs.
 """
+
 import dataclasses
 import functools
 
@@ -14,15 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.models import flamingo
-from flamingo_jax.models import gated_xattn
+from flamingo_jax.models import flamingo, gated_xattn, masking
 from flamingo_jax.models import lm as lm_lib
-from flamingo_jax.models import masking
 
 LM = lm_lib.LMConfig(**flamingo.SIZES["tiny"]["lm"])
 V, E = LM.vocab_size, LM.num_extra_tokens
 IMAGE_ID = V
-R, DR = 4, 24   # visual tokens per media item, media width
+R, DR = 4, 24  # visual tokens per media item, media width
 
 
 def _xattn(every):
@@ -34,13 +33,13 @@ def _transform(every=2, lm_cfg=LM, remat="none"):
 
   def fwd(tokens, visual=None, media_index=None, token_mask=None, cache=None, lm_only=False):
     return lm_lib.DecoderLM(lm_cfg, xcfg, remat=remat, name="lm")(
-        tokens, visual=visual, media_index=media_index, token_mask=token_mask, cache=cache,
-        lm_only=lm_only)
+      tokens, visual=visual, media_index=media_index, token_mask=token_mask, cache=cache, lm_only=lm_only
+    )
 
   return hk.without_apply_rng(hk.transform(fwd))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apply(every=2, lm_cfg=LM, remat="none"):
   """Jitted apply, shared between tests so that equal shapes compile once (compiles dominate here)."""
   return jax.jit(_transform(every, lm_cfg, remat).apply, static_argnames="lm_only")
@@ -48,8 +47,12 @@ def _apply(every=2, lm_cfg=LM, remat="none"):
 
 def _random_params(model, gate=1.0, seed=0):
   """Random params for `model`; gates are `gate + N(0, 0.3)` (`gate=None`: exactly 0, as at init)."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 4), jnp.int32),
-                          visual=jax.ShapeDtypeStruct((1, 1, R, DR), jnp.float32))
+  shapes = jax.eval_shape(
+    model.init,
+    jax.random.PRNGKey(0),
+    jax.ShapeDtypeStruct((1, 4), jnp.int32),
+    visual=jax.ShapeDtypeStruct((1, 1, R, DR), jnp.float32),
+  )
   rng = np.random.default_rng(seed)
 
   def value(module, name, shape):
@@ -60,8 +63,7 @@ def _random_params(model, gate=1.0, seed=0):
       return 0.1 * n if "bias" in name else 1.0 + 0.1 * n
     return n / np.sqrt(shape[-2] if len(shape) > 1 else shape[-1])
 
-  return {m: {k: value(m, k, s.shape).astype(np.float32) for k, s in d.items()}
-          for m, d in shapes.items()}
+  return {m: {k: value(m, k, s.shape).astype(np.float32) for k, s in d.items()} for m, d in shapes.items()}
 
 
 def _visual(batch, num_media, seed=1):
@@ -85,16 +87,16 @@ def test_left_padding_gives_the_unpadded_logits(every):
   params = _random_params(_transform(every), seed=every)
   visual = _visual(2, 2)
   # Unpadded: SINGLE followed by more tokens, which causal attention hides from SINGLE's positions.
-  unpadded = np.concatenate([np.concatenate([SINGLE, OTHER[:, 1:PAD + 1]], axis=1), OTHER])
+  unpadded = np.concatenate([np.concatenate([SINGLE, OTHER[:, 1 : PAD + 1]], axis=1), OTHER])
   want = apply(params, unpadded, visual, _phi(unpadded), ALL_VALID)[0]
-  padded = np.concatenate([np.pad(SINGLE, ((0, 0), (PAD, 0))), OTHER])     # pad id 0 on the left
+  padded = np.concatenate([np.pad(SINGLE, ((0, 0), (PAD, 0))), OTHER])  # pad id 0 on the left
   token_mask = ALL_VALID.copy()
   token_mask[0, :PAD] = False
   got = apply(params, padded, visual, _phi(padded), token_mask)[0]
   chex.assert_shape(got, (2, OTHER.shape[1], V + E))
   chex.assert_tree_all_finite(got)
-  np.testing.assert_allclose(got[0, PAD:], want[0, :SINGLE.shape[1]], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)     # the other row is unaffected
+  np.testing.assert_allclose(got[0, PAD:], want[0, : SINGLE.shape[1]], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-6)  # the other row is unaffected
   # And the images matter (gates are open): the logits from the first image on move with the media.
   moved = apply(params, unpadded, visual + 1.0, _phi(unpadded), ALL_VALID)[0]
   np.testing.assert_array_equal(moved[0, :1], want[0, :1])
@@ -108,8 +110,18 @@ def test_gelu_layernorm_untied_variant():
   assert set(params["lm/unembed"]) == {"w"} and params["lm/unembed"]["w"].shape == (LM.dim, V)
   assert set(params["lm/extra_unembed"]) == {"w"} and params["lm/extra_unembed"]["w"].shape == (LM.dim, E)
   assert set(params["lm/final_norm"]) == {"scale", "bias"}
-  assert set(params["lm/layers"]) == {"attn_norm", "attn_norm_bias", "q", "k", "v", "o", "mlp_norm",
-                                      "mlp_norm_bias", "up", "down"}
+  assert set(params["lm/layers"]) == {
+    "attn_norm",
+    "attn_norm_bias",
+    "q",
+    "k",
+    "v",
+    "o",
+    "mlp_norm",
+    "mlp_norm_bias",
+    "up",
+    "down",
+  }
   apply = _apply(5, cfg)
   logits, cache = apply(params, OTHER, _visual(1, 2), _phi(OTHER))
   assert cache is None
@@ -123,9 +135,8 @@ def test_gelu_layernorm_untied_variant():
 
 
 # --------------------------------------------------------------------------------------- KV cache
-STEPS = 6        # generated tokens: one from the prefill, then STEPS - 1 decode steps
-PROMPT = np.array([[0, 0, 3, IMAGE_ID, 5],
-                   [IMAGE_ID, 9, IMAGE_ID, 12, 13]], np.int32)
+STEPS = 6  # generated tokens: one from the prefill, then STEPS - 1 decode steps
+PROMPT = np.array([[0, 0, 3, IMAGE_ID, 5], [IMAGE_ID, 9, IMAGE_ID, 12, 13]], np.int32)
 PROMPT_MASK = np.array([[0, 0, 1, 1, 1], [1] * 5], bool)
 _DECODE = _transform(2)
 
@@ -190,7 +201,7 @@ def test_decode_step_compiles_once(decoding):
 # ---------------------------------------------------------------------------------------- lm_only
 def test_lm_only_equals_xattn_model_at_init():
   apply = _apply(2)
-  params = _random_params(_transform(2), gate=None, seed=3)     # gates exactly 0, as at initialisation
+  params = _random_params(_transform(2), gate=None, seed=3)  # gates exactly 0, as at initialisation
   tokens = np.concatenate([OTHER, OTHER[:, ::-1]])
   with_media = apply(params, tokens, _visual(2, 2, seed=4), _phi(tokens), ALL_VALID)[0]
   lm_only = apply(params, tokens, None, None, ALL_VALID, lm_only=True)[0]
@@ -199,8 +210,12 @@ def test_lm_only_equals_xattn_model_at_init():
   params = _random_params(_transform(2), seed=3)
   lm_only_open = apply(params, tokens, None, None, ALL_VALID, lm_only=True)[0]
   np.testing.assert_array_equal(lm_only_open, lm_only)
-  assert np.abs(np.asarray(apply(params, tokens, _visual(2, 2, seed=4), _phi(tokens), ALL_VALID)[0]
-                           - lm_only)).max() > 1e-3
+  assert (
+    np.abs(
+      np.asarray(apply(params, tokens, _visual(2, 2, seed=4), _phi(tokens), ALL_VALID)[0] - lm_only)
+    ).max()
+    > 1e-3
+  )
 
 
 # ------------------------------------------------------------------------------------------ remat
@@ -242,11 +257,15 @@ def test_grouped_and_flat_layer_scans_give_the_same_logits_and_cache(monkeypatch
   visual = _visual(1, 2)
   xcfg = _xattn(every)
   outputs = []
-  for min_tokens in (0, 10 ** 9):                 # always grouped (unrolled), always flat when cached
+  for min_tokens in (0, 10**9):  # always grouped (unrolled), always flat when cached
     monkeypatch.setattr(lm_lib, "UNROLL_MIN_TOKENS", min_tokens)
     cache = lm_lib.init_cache(LM, xcfg, 1, 16, num_media=2, tokens_per_media=R)
-    fwd = hk.without_apply_rng(hk.transform(
+    fwd = hk.without_apply_rng(
+      hk.transform(
         lambda t, v, m, c: lm_lib.DecoderLM(LM, xcfg, scan_unroll=8, name="lm")(
-            t, visual=v, media_index=m, cache=c)))
+          t, visual=v, media_index=m, cache=c
+        )
+      )
+    )
     outputs.append(fwd.apply(params, OTHER, visual, _phi(OTHER), cache))
   chex.assert_trees_all_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

@@ -1,27 +1,31 @@
 """Hand cases of phi (`media_index_from_tokens`): previous image, next image (p_next), mixed per sequence."""
+
 import jax
 import numpy as np
 import pytest
 
 from flamingo_jax.models import masking
 
-I = 9   # the <image> id in these hand cases
+I = 9  # the <image> id in these hand cases
 
 # Two markers and text around them; a sequence that starts with a marker; one with no marker at all.
-TOKENS = np.array([
+TOKENS = np.array(
+  [
     [1, 2, I, 3, 4, I, 5, 6],
     [I, 3, I, I, 4, 5, 6, 7],
     [1, 2, 3, 4, 5, 6, 7, 8],
-], np.int32)
+  ],
+  np.int32,
+)
 PREVIOUS = [
-    [-1, -1, 0, 0, 0, 1, 1, 1],
-    [0, 0, 1, 2, 2, 2, 2, 2],
-    [-1] * 8,
+  [-1, -1, 0, 0, 0, 1, 1, 1],
+  [0, 0, 1, 2, 2, 2, 2, 2],
+  [-1] * 8,
 ]
 NEXT = [
-    [0, 0, 0, 1, 1, 1, -1, -1],
-    [0, 1, 1, 2, -1, -1, -1, -1],
-    [-1] * 8,
+  [0, 0, 0, 1, 1, 1, -1, -1],
+  [0, 1, 1, 2, -1, -1, -1, -1],
+  [-1] * 8,
 ]
 
 _phi = jax.jit(masking.media_index_from_tokens, static_argnums=1)

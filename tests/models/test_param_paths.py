@@ -1,21 +1,41 @@
 """Pins the parameter paths that freezing, sharding, conversion and checkpoints match on."""
+
 import re
 
 import jax
 
+from configs import flamingo as flamingo_config
 from flamingo_jax.summary import flat_paths
 from tests.models import helpers
-from configs import flamingo as flamingo_config
 
 TOP_LEVEL = {
-    "lm/embed", "lm/extra_embed", "lm/final_norm", "lm/gated_xattn", "lm/layers",
-    "perceiver_resampler", "perceiver_resampler/final_norm", "perceiver_resampler/layers/layer",
-    "perceiver_resampler/layers/layer/ffw_norm", "perceiver_resampler/layers/layer/latent_norm",
-    "perceiver_resampler/layers/layer/media_norm",
+  "lm/embed",
+  "lm/extra_embed",
+  "lm/final_norm",
+  "lm/gated_xattn",
+  "lm/layers",
+  "perceiver_resampler",
+  "perceiver_resampler/final_norm",
+  "perceiver_resampler/layers/layer",
+  "perceiver_resampler/layers/layer/ffw_norm",
+  "perceiver_resampler/layers/layer/latent_norm",
+  "perceiver_resampler/layers/layer/media_norm",
 }
 LM_LAYER_PARAMS = {"attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down"}
-XATTN_PARAMS = {"attn_gate", "ffw_gate", "attn_norm_scale", "attn_norm_bias", "q", "k", "v", "o",
-                "ffw_norm_scale", "ffw_norm_bias", "ffw_in", "ffw_out"}
+XATTN_PARAMS = {
+  "attn_gate",
+  "ffw_gate",
+  "attn_norm_scale",
+  "attn_norm_bias",
+  "q",
+  "k",
+  "v",
+  "o",
+  "ffw_norm_scale",
+  "ffw_norm_bias",
+  "ffw_in",
+  "ffw_out",
+}
 
 
 def _params():
@@ -39,7 +59,7 @@ def test_layers_are_stacked():
   n_layers = model.configs.lm.num_layers
   for name, leaf in params["lm/layers"].items():
     assert leaf.shape[0] == n_layers, name
-  assert params["lm/gated_xattn"]["attn_gate"].shape == (3,)   # ceil(5 / 2)
+  assert params["lm/gated_xattn"]["attn_gate"].shape == (3,)  # ceil(5 / 2)
 
 
 def test_trainable_rules_claim_exactly_the_paper_parts():

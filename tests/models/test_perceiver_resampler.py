@@ -1,4 +1,5 @@
 """Perceiver Resampler: shapes, temporal interpolation, per-item independence, no spatial positions."""
+
 import chex
 import haiku as hk
 import jax
@@ -8,8 +9,9 @@ import pytest
 
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
-CFG = resampler_lib.ResamplerConfig(dim=24, depth=2, num_latents=4, num_heads=2, head_dim=12, ffw_mult=4,
-                                    max_frames=4)
+CFG = resampler_lib.ResamplerConfig(
+  dim=24, depth=2, num_latents=4, num_heads=2, head_dim=12, ffw_mult=4, max_frames=4
+)
 B, N, LV, DV = 2, 3, 6, 10
 
 
@@ -19,8 +21,9 @@ def _model(cfg=CFG):
 
 def _random_params(features_shape, cfg=CFG, seed=0):
   """Random values for every parameter (from shapes only: the random initialisers compile slowly)."""
-  shapes = jax.eval_shape(_model(cfg).init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct(features_shape, jnp.float32))
+  shapes = jax.eval_shape(
+    _model(cfg).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(features_shape, jnp.float32)
+  )
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.3).astype(np.float32), shapes)
 
@@ -43,13 +46,15 @@ def test_output_shape_and_parameters(setup):
   chex.assert_shape(top["temporal_embed"], (CFG.max_frames, CFG.dim))
   chex.assert_shape(top["latents"], (CFG.num_latents, CFG.dim))
   chex.assert_shape(top["input_proj"], (DV, CFG.dim))
-  chex.assert_shape(params["perceiver_resampler/layers/layer"]["q"],
-                    (CFG.depth, CFG.dim, CFG.num_heads * CFG.head_dim))
+  chex.assert_shape(
+    params["perceiver_resampler/layers/layer"]["q"], (CFG.depth, CFG.dim, CFG.num_heads * CFG.head_dim)
+  )
 
 
 def test_no_input_projection_when_widths_match():
-  shapes = jax.eval_shape(_model().init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, 1, 1, LV, CFG.dim), jnp.float32))
+  shapes = jax.eval_shape(
+    _model().init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1, 1, LV, CFG.dim), jnp.float32)
+  )
   assert "input_proj" not in shapes["perceiver_resampler"]
   out = jax.eval_shape(_model().apply, shapes, jax.ShapeDtypeStruct((1, 1, 1, LV, CFG.dim), jnp.float32))
   assert out.shape == (1, 1, CFG.num_latents, CFG.dim)

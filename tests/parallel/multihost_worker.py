@@ -10,6 +10,7 @@ batch rows and the assembled global batch. Only process 0 writes them, to `OUT/p
 
 Run it with `XLA_FLAGS=--xla_force_host_platform_device_count=4` and `JAX_PLATFORMS=cpu`.
 """
+
 import argparse
 import os
 import sys
@@ -20,8 +21,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 MESH = {"data": 4, "fsdp": 2}
 DATASETS = ("m3w",)
@@ -36,10 +37,11 @@ def make_config():
   schedule has lr = 0 at step 0, which would leave the params unchanged.
   """
   from configs import flamingo as flamingo_config  # pylint: disable=g-import-not-at-top
+
   config = flamingo_config.get_config("size=tiny")
   with config.unlocked():
     for name in [n for n in config.data.datasets if n not in DATASETS]:
-      del config.data.datasets[name]       # one dataset: a third of the compile time
+      del config.data.datasets[name]  # one dataset: a third of the compile time
     config.mesh.shape = dict(MESH)
     config.optim.warmup_steps = 0
     config.optim.eps = 1.0
@@ -81,7 +83,7 @@ def run_step(config) -> dict:
   out.update(_flat(init_params, "init"))
   out.update(_flat(_gather(state.params), "new"))
   out.update(_flat(_gather(batches), "global"))
-  hosts = multihost_utils.process_allgather(host_batches)     # host-local: [process, rows, ...]
+  hosts = multihost_utils.process_allgather(host_batches)  # host-local: [process, rows, ...]
   for p in range(jax.process_count()):
     out.update(_flat(jax.tree.map(lambda x, p=p: x[p], hosts), f"host{p}"))
   return out
@@ -95,11 +97,12 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="folder for process_0.npz (process 0 only)")
   args = parser.parse_args(argv)
 
-  jax.config.update("jax_default_matmul_precision", "highest")   # as tests/conftest.py
+  jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
   from flamingo_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
   assert mesh_lib.maybe_initialize_distributed(
-      coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes,
-      process_id=args.process_id)
+    coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.num_processes, process_id=args.process_id
+  )
   assert jax.process_index() == args.process_id and jax.process_count() == args.num_processes
   results = run_step(make_config())
   if jax.process_index() == 0:
@@ -107,8 +110,11 @@ def main(argv=None) -> int:
     tmp = path + ".tmp.npz"
     np.savez(tmp, **results)
     os.replace(tmp, path)
-  print(f"DONE process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices, "
-        f"loss {float(results['loss']):.6f}", flush=True)
+  print(
+    f"DONE process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices, "
+    f"loss {float(results['loss']):.6f}",
+    flush=True,
+  )
   jax.distributed.shutdown()
   return 0
 

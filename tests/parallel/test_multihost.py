@@ -5,6 +5,7 @@ the tiny Flamingo state as the training loop does, feeds only its own rows of th
 runs one jitted step on a {'data': 4, 'fsdp': 2} mesh over the 8 global devices. Process 0 alone writes
 the gathered results; the test process runs the same step on its own 8 devices and compares.
 """
+
 import os
 import re
 import socket
@@ -21,7 +22,7 @@ from tests.parallel import multihost_worker
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 NUM_PROCESSES = 2
-TIMEOUT_S = 900          # the whole job; compiles are slow on a loaded 2-core machine
+TIMEOUT_S = 900  # the whole job; compiles are slow on a loaded 2-core machine
 
 
 def _free_port() -> int:
@@ -32,22 +33,21 @@ def _free_port() -> int:
 
 def _worker_env() -> dict:
   """This process's environment (conftest's XLA flags: same numerics) with 4 CPU devices, not 8."""
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                 os.environ.get("XLA_FLAGS", ""))
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip())
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  return dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=4".strip()
+  )
 
 
 def _tree(results: dict, prefix: str) -> dict:
   """{'path': array} for the keys under `prefix/`."""
-  return {k[len(prefix) + 1:]: v for k, v in results.items() if k.startswith(prefix + "/")}
+  return {k[len(prefix) + 1 :]: v for k, v in results.items() if k.startswith(prefix + "/")}
 
 
 def _assert_normwise_close(actual: dict, expected: dict, rtol=1e-5):
   """As tests/train/test_step.py: relative error over the whole tree, max-wise and 2-norm-wise."""
   assert sorted(actual) == sorted(expected)
-  a, e = (np.concatenate([np.ravel(t[k]).astype(np.float64) for k in sorted(t)])
-          for t in (actual, expected))
+  a, e = (np.concatenate([np.ravel(t[k]).astype(np.float64) for k in sorted(t)]) for t in (actual, expected))
   assert np.max(np.abs(a - e)) <= rtol * np.max(np.abs(e))
   assert np.linalg.norm(a - e) <= rtol * np.linalg.norm(e)
 
@@ -57,12 +57,23 @@ def _run_job(out_dir):
   port, env, procs, logs = _free_port(), _worker_env(), [], []
   try:
     for pid in range(NUM_PROCESSES):
-      log = open(os.path.join(out_dir, f"worker_{pid}.log"), "w+", encoding="utf-8")
+      log = open(os.path.join(out_dir, f"worker_{pid}.log"), "w+", encoding="utf-8")  # noqa: SIM115
       logs.append(log)
-      procs.append(subprocess.Popen(
-          [sys.executable, WORKER, f"--port={port}", f"--process_id={pid}",
-           f"--num_processes={NUM_PROCESSES}", f"--out={out_dir}"],
-          env=env, stdout=log, stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            WORKER,
+            f"--port={port}",
+            f"--process_id={pid}",
+            f"--num_processes={NUM_PROCESSES}",
+            f"--out={out_dir}",
+          ],
+          env=env,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
     reference = multihost_worker.run_step(multihost_worker.make_config())
     deadline = time.time() + TIMEOUT_S
     for pid, proc in enumerate(procs):
@@ -99,7 +110,7 @@ def job(tmp_path_factory):
 
 def test_two_processes_see_eight_devices_and_only_process_0_writes(job):
   _, _, written, outputs = job
-  assert written == ["process_0.npz"]                      # process 1 wrote nothing
+  assert written == ["process_0.npz"]  # process 1 wrote nothing
   for pid, out in enumerate(outputs):
     assert f"DONE process {pid} of 2, 8 devices" in out, out
 
@@ -123,7 +134,7 @@ def test_same_loss_and_params_as_one_process(job):
 
 def test_each_host_feeds_its_own_disjoint_rows(job):
   reference, results, _, _ = job
-  full = _tree(reference, "global")                       # the 1-host batch
+  full = _tree(reference, "global")  # the 1-host batch
   hosts = [_tree(results, f"host{p}") for p in range(NUM_PROCESSES)]
   assert sorted(full) == sorted(hosts[0]) == sorted(hosts[1])
   for key, rows in full.items():
@@ -138,16 +149,22 @@ def test_each_host_feeds_its_own_disjoint_rows(job):
 def test_synthetic_mixture_splits_every_dataset_by_host():
   """All datasets of the tiny config, numpy only: host rows are disjoint and tile the 1-host batch."""
   from configs import flamingo as flamingo_config  # pylint: disable=g-import-not-at-top
+
   config = flamingo_config.get_config("size=tiny")
-  kwargs = dict(datasets={k: dict(v) for k, v in config.data.datasets.items()},
-                vocab_size=64, image_id=64, eoc_id=65, seed=3)
+  kwargs = dict(
+    datasets={k: dict(v) for k, v in config.data.datasets.items()},
+    vocab_size=64,
+    image_id=64,
+    eoc_id=65,
+    seed=3,
+  )
   whole = next(synthetic.SyntheticMixture(**kwargs))
-  parts = [next(synthetic.SyntheticMixture(**kwargs, process_index=p, process_count=2))
-           for p in range(2)]
+  parts = [next(synthetic.SyntheticMixture(**kwargs, process_index=p, process_count=2)) for p in range(2)]
   assert sorted(whole) == ["m3w", "pairs", "vtp"]
   for name, batch in whole.items():
     for key, rows in batch.items():
-      np.testing.assert_array_equal(np.concatenate([parts[0][name][key], parts[1][name][key]]),
-                                    rows, err_msg=f"{name}/{key}")
+      np.testing.assert_array_equal(
+        np.concatenate([parts[0][name][key], parts[1][name][key]]), rows, err_msg=f"{name}/{key}"
+      )
     a, b = (p[name]["images"].reshape(len(p[name]["images"]), -1) for p in parts)
     assert not np.any(np.all(a[:, None] == b[None], axis=-1))

@@ -1,4 +1,5 @@
 """Tests of flamingo_jax.parallel.sharding on the 8 simulated CPU devices (tests/conftest.py)."""
+
 import logging
 
 import chex
@@ -7,162 +8,197 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.parallel import mesh as mesh_lib
 from flamingo_jax.parallel import sharding
 
 
-@pytest.fixture(name='mesh')
+@pytest.fixture(name="mesh")
 def _mesh():
-  return mesh_lib.create_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  return mesh_lib.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
 
 
 def _shapes(tree):
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), tree,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s, jnp.float32), tree, is_leaf=lambda x: isinstance(x, tuple)
+  )
 
 
 def _small_params():
   """A tiny tree in the Haiku layout of docs/ARCHITECTURE.md (L=2, D=4, Hq*dh=8, F=8, V=16)."""
   rng = np.random.default_rng(0)
   shapes = {
-      'lm/embed': {'embeddings': (16, 4)},
-      'lm/layers': {'attn_norm': (2, 4), 'q': (2, 4, 8), 'o': (2, 8, 4), 'up': (2, 4, 8),
-                    'down': (2, 8, 4)},
-      'lm/final_norm': {'scale': (4,)},
+    "lm/embed": {"embeddings": (16, 4)},
+    "lm/layers": {"attn_norm": (2, 4), "q": (2, 4, 8), "o": (2, 8, 4), "up": (2, 4, 8), "down": (2, 8, 4)},
+    "lm/final_norm": {"scale": (4,)},
   }
-  return jax.tree.map(lambda s: rng.normal(size=s).astype(np.float32), shapes,
-                      is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(
+    lambda s: rng.normal(size=s).astype(np.float32), shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
 
 
 def test_tree_paths():
-  tree = {'lm/layers': {'q': 1, 'o': 2}, 'vision_encoder/~/stem': {'w': 3}}
-  assert sharding.tree_paths(tree) == {'lm/layers': {'q': 'lm/layers/q', 'o': 'lm/layers/o'},
-                                       'vision_encoder/~/stem': {'w': 'vision_encoder/~/stem/w'}}
+  tree = {"lm/layers": {"q": 1, "o": 2}, "vision_encoder/~/stem": {"w": 3}}
+  assert sharding.tree_paths(tree) == {
+    "lm/layers": {"q": "lm/layers/q", "o": "lm/layers/o"},
+    "vision_encoder/~/stem": {"w": "vision_encoder/~/stem/w"},
+  }
 
 
 def test_first_matching_rule_wins_and_regex_is_full_match(mesh):
-  rules = [(r'lm/layers/q', P(None, 'tensor')), (r'lm/.*', P()), (r'lm/layers/qq', P('data'))]
-  specs = sharding.partition_specs(_shapes({'lm/layers': {'q': (2, 4, 8), 'qq': (2, 4)}}), rules,
-                                   mesh)
-  assert specs == {'lm/layers': {'q': P(None, 'tensor'), 'qq': P()}}
+  rules = [(r"lm/layers/q", P(None, "tensor")), (r"lm/.*", P()), (r"lm/layers/qq", P("data"))]
+  specs = sharding.partition_specs(_shapes({"lm/layers": {"q": (2, 4, 8), "qq": (2, 4)}}), rules, mesh)
+  assert specs == {"lm/layers": {"q": P(None, "tensor"), "qq": P()}}
 
 
 def test_unmatched_parameter_raises_naming_it(mesh):
   with pytest.raises(ValueError, match=r"parameter 'lm/layers/k' \(shape \(2, 4\)\) matches no"):
-    sharding.partition_specs(_shapes({'lm/layers': {'k': (2, 4)}}), [(r'lm/layers/q', P())], mesh)
+    sharding.partition_specs(_shapes({"lm/layers": {"k": (2, 4)}}), [(r"lm/layers/q", P())], mesh)
 
 
 def test_indivisible_dimension_raises_naming_param_dim_and_axes(mesh):
-  tree = _shapes({'lm/layers': {'q': (2, 3, 8)}})
+  tree = _shapes({"lm/layers": {"q": (2, 3, 8)}})
   with pytest.raises(ValueError) as err:
-    sharding.partition_specs(tree, [(r'.*', P(None, ('fsdp', 'tensor')))], mesh)
+    sharding.partition_specs(tree, [(r".*", P(None, ("fsdp", "tensor")))], mesh)
   message = str(err.value)
-  for part in ("'lm/layers/q'", 'dim 1', '(size 3)', "('fsdp', 'tensor')", '(size 4)'):
+  for part in ("'lm/layers/q'", "dim 1", "(size 3)", "('fsdp', 'tensor')", "(size 4)"):
     assert part in message
 
 
 def test_replicate_fallback_logs_and_replicates_only_that_dim(mesh, caplog):
-  tree = _shapes({'x': {'w': (3, 8)}})
+  tree = _shapes({"x": {"w": (3, 8)}})
   with caplog.at_level(logging.WARNING):
-    specs = sharding.partition_specs(tree, [(r'.*', P('fsdp', 'tensor'))], mesh,
-                                     fallback='replicate')
-  assert specs == {'x': {'w': P(None, 'tensor')}}
+    specs = sharding.partition_specs(tree, [(r".*", P("fsdp", "tensor"))], mesh, fallback="replicate")
+  assert specs == {"x": {"w": P(None, "tensor")}}
   assert "'x/w'" in caplog.text
   # A rule's own fallback wins over the caller's.
-  specs = sharding.partition_specs(tree, [(r'.*', P('fsdp', 'tensor'), 'replicate')], mesh)
-  assert specs == {'x': {'w': P(None, 'tensor')}}
+  specs = sharding.partition_specs(tree, [(r".*", P("fsdp", "tensor"), "replicate")], mesh)
+  assert specs == {"x": {"w": P(None, "tensor")}}
 
 
 def test_spec_longer_than_rank_and_unknown_axes_raise(mesh):
   with pytest.raises(ValueError, match=r"'x/b'.*rank 1"):
-    sharding.partition_specs(_shapes({'x': {'b': (8,)}}), [(r'.*', P(None, 'tensor'))], mesh)
+    sharding.partition_specs(_shapes({"x": {"b": (8,)}}), [(r".*", P(None, "tensor"))], mesh)
   with pytest.raises(ValueError, match=r"'x/b'.*unknown mesh axes \['model'\]"):
-    sharding.partition_specs(_shapes({'x': {'b': (8,)}}), [(r'.*', P('model'))], mesh)
-  with pytest.raises(ValueError, match='more than one dimension'):
-    sharding.partition_specs(_shapes({'x': {'w': (8, 8)}}), [(r'.*', P('fsdp', 'fsdp'))], mesh)
+    sharding.partition_specs(_shapes({"x": {"b": (8,)}}), [(r".*", P("model"))], mesh)
+  with pytest.raises(ValueError, match="more than one dimension"):
+    sharding.partition_specs(_shapes({"x": {"w": (8, 8)}}), [(r".*", P("fsdp", "fsdp"))], mesh)
 
 
 def test_axes_missing_from_the_mesh_are_dropped():
-  mesh = mesh_lib.create_mesh({'data': 8})
-  specs = sharding.partition_specs(_shapes({'lm/layers': {'q': (2, 4, 8)}}), 'flamingo', mesh)
-  assert specs == {'lm/layers': {'q': P(None, None, None)}}
+  mesh = mesh_lib.create_mesh({"data": 8})
+  specs = sharding.partition_specs(_shapes({"lm/layers": {"q": (2, 4, 8)}}), "flamingo", mesh)
+  assert specs == {"lm/layers": {"q": P(None, None, None)}}
 
 
 def test_rule_sets_by_name_and_bad_rules(mesh):
-  assert sharding.get_rules('flamingo') == sharding.FLAMINGO_RULES
+  assert sharding.get_rules("flamingo") == sharding.FLAMINGO_RULES
   with pytest.raises(ValueError, match="unknown sharding rule set 'flamingoo'"):
-    sharding.get_rules('flamingoo')
-  with pytest.raises(ValueError, match='rule #1'):
-    sharding.get_rules([(r'.*', P()), (r'(', P())])
-  with pytest.raises(ValueError, match='fallback must be one of'):
-    sharding.get_rules([(r'.*', P(), 'ignore')])
-  with pytest.raises(ValueError, match='PartitionSpec'):
-    sharding.get_rules([(r'.*', ('fsdp',))])
+    sharding.get_rules("flamingoo")
+  with pytest.raises(ValueError, match="rule #1"):
+    sharding.get_rules([(r".*", P()), (r"(", P())])
+  with pytest.raises(ValueError, match="fallback must be one of"):
+    sharding.get_rules([(r".*", P(), "ignore")])
+  with pytest.raises(ValueError, match="PartitionSpec"):
+    sharding.get_rules([(r".*", ("fsdp",))])
 
 
 def test_flamingo_rules_on_the_documented_layout(mesh):
   # Shapes with L=2, X=2, D=8, Dr=4, Hq*dh=8, Hkv*dh=4, F=16, V=16, E=2; NFNet HWIO kernels.
   shapes = {
-      'lm/embed': {'embeddings': (16, 8)},
-      'lm/extra_embed': {'embeddings': (2, 8)},
-      'lm/unembed': {'w': (8, 16)},
-      'lm/layers': {'attn_norm': (2, 8), 'q': (2, 8, 8), 'k': (2, 8, 4), 'v': (2, 8, 4),
-                    'o': (2, 8, 8), 'mlp_norm': (2, 8), 'gate': (2, 8, 16), 'up': (2, 8, 16),
-                    'down': (2, 16, 8)},
-      'lm/final_norm': {'scale': (8,)},
-      'lm/gated_xattn': {'attn_gate': (2,), 'ffw_gate': (2,), 'attn_norm_scale': (2, 8),
-                         'attn_norm_bias': (2, 8), 'q': (2, 8, 8), 'k': (2, 4, 8),
-                         'v': (2, 4, 8), 'o': (2, 8, 8), 'ffw_norm_scale': (2, 8),
-                         'ffw_norm_bias': (2, 8), 'ffw_in': (2, 8, 32), 'ffw_out': (2, 32, 8)},
-      'perceiver_resampler': {'latents': (64, 4)},
-      'perceiver_resampler/~/layer_0/attn/o': {'w': (4, 4)},
-      'perceiver_resampler/~/layer_0/ffw_in': {'w': (4, 16), 'b': (16,)},
-      'vision_encoder/~/stem_conv': {'w': (3, 3, 3, 16), 'b': (16,), 'gain': (16,)},
-      'vision_encoder/~/block_0/conv0': {'w': (1, 1, 16, 3)},  # O = 3: replicated.
-      'vision_encoder/~/block_0': {'skip_gain': ()},
+    "lm/embed": {"embeddings": (16, 8)},
+    "lm/extra_embed": {"embeddings": (2, 8)},
+    "lm/unembed": {"w": (8, 16)},
+    "lm/layers": {
+      "attn_norm": (2, 8),
+      "q": (2, 8, 8),
+      "k": (2, 8, 4),
+      "v": (2, 8, 4),
+      "o": (2, 8, 8),
+      "mlp_norm": (2, 8),
+      "gate": (2, 8, 16),
+      "up": (2, 8, 16),
+      "down": (2, 16, 8),
+    },
+    "lm/final_norm": {"scale": (8,)},
+    "lm/gated_xattn": {
+      "attn_gate": (2,),
+      "ffw_gate": (2,),
+      "attn_norm_scale": (2, 8),
+      "attn_norm_bias": (2, 8),
+      "q": (2, 8, 8),
+      "k": (2, 4, 8),
+      "v": (2, 4, 8),
+      "o": (2, 8, 8),
+      "ffw_norm_scale": (2, 8),
+      "ffw_norm_bias": (2, 8),
+      "ffw_in": (2, 8, 32),
+      "ffw_out": (2, 32, 8),
+    },
+    "perceiver_resampler": {"latents": (64, 4)},
+    "perceiver_resampler/~/layer_0/attn/o": {"w": (4, 4)},
+    "perceiver_resampler/~/layer_0/ffw_in": {"w": (4, 16), "b": (16,)},
+    "vision_encoder/~/stem_conv": {"w": (3, 3, 3, 16), "b": (16,), "gain": (16,)},
+    "vision_encoder/~/block_0/conv0": {"w": (1, 1, 16, 3)},  # O = 3: replicated.
+    "vision_encoder/~/block_0": {"skip_gain": ()},
   }
-  specs = sharding.partition_specs(_shapes(shapes), 'flamingo', mesh)
-  assert specs['lm/embed']['embeddings'] == P('tensor', 'fsdp')
-  assert specs['lm/extra_embed']['embeddings'] == P(None, 'fsdp')
-  assert specs['lm/unembed']['w'] == P('fsdp', 'tensor')
-  for name in ('q', 'k', 'v', 'gate', 'up'):
-    assert specs['lm/layers'][name] == P(None, 'fsdp', 'tensor'), name
-  for name in ('o', 'down'):
-    assert specs['lm/layers'][name] == P(None, 'tensor', 'fsdp'), name
-  assert specs['lm/layers']['attn_norm'] == P()
-  assert specs['lm/gated_xattn']['ffw_in'] == P(None, 'fsdp', 'tensor')
-  assert specs['lm/gated_xattn']['ffw_out'] == P(None, 'tensor', 'fsdp')
-  assert specs['lm/gated_xattn']['attn_gate'] == P()
-  assert specs['lm/gated_xattn']['ffw_norm_bias'] == P()
-  assert specs['perceiver_resampler']['latents'] == P()
-  assert specs['perceiver_resampler/~/layer_0/attn/o']['w'] == P('tensor', 'fsdp')
-  assert specs['perceiver_resampler/~/layer_0/ffw_in'] == {'w': P('fsdp', 'tensor'), 'b': P()}
-  assert specs['vision_encoder/~/stem_conv'] == {'w': P(None, None, None, 'tensor'), 'b': P(),
-                                                 'gain': P()}
-  assert specs['vision_encoder/~/block_0/conv0']['w'] == P(None, None, None, None)
-  assert specs['vision_encoder/~/block_0']['skip_gain'] == P()
+  specs = sharding.partition_specs(_shapes(shapes), "flamingo", mesh)
+  assert specs["lm/embed"]["embeddings"] == P("tensor", "fsdp")
+  assert specs["lm/extra_embed"]["embeddings"] == P(None, "fsdp")
+  assert specs["lm/unembed"]["w"] == P("fsdp", "tensor")
+  for name in ("q", "k", "v", "gate", "up"):
+    assert specs["lm/layers"][name] == P(None, "fsdp", "tensor"), name
+  for name in ("o", "down"):
+    assert specs["lm/layers"][name] == P(None, "tensor", "fsdp"), name
+  assert specs["lm/layers"]["attn_norm"] == P()
+  assert specs["lm/gated_xattn"]["ffw_in"] == P(None, "fsdp", "tensor")
+  assert specs["lm/gated_xattn"]["ffw_out"] == P(None, "tensor", "fsdp")
+  assert specs["lm/gated_xattn"]["attn_gate"] == P()
+  assert specs["lm/gated_xattn"]["ffw_norm_bias"] == P()
+  assert specs["perceiver_resampler"]["latents"] == P()
+  assert specs["perceiver_resampler/~/layer_0/attn/o"]["w"] == P("tensor", "fsdp")
+  assert specs["perceiver_resampler/~/layer_0/ffw_in"] == {"w": P("fsdp", "tensor"), "b": P()}
+  assert specs["vision_encoder/~/stem_conv"] == {"w": P(None, None, None, "tensor"), "b": P(), "gain": P()}
+  assert specs["vision_encoder/~/block_0/conv0"]["w"] == P(None, None, None, None)
+  assert specs["vision_encoder/~/block_0"]["skip_gain"] == P()
 
 
 def _real_model_shapes():
   """Parameter shapes of the tiny Flamingo and a tiny contrastive model (flamingo_jax.models)."""
   import functools  # pylint: disable=g-import-not-at-top
+
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.models import contrastive  # pylint: disable=g-import-not-at-top
-  from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
-  cfg = flamingo.model_config('tiny')
+
+  from flamingo_jax.models import (
+    contrastive,  # pylint: disable=g-import-not-at-top
+    flamingo,  # pylint: disable=g-import-not-at-top
+  )
+
+  cfg = flamingo.model_config("tiny")
   size = cfg.image_size
   flamingo_shapes = jax.eval_shape(
-      flamingo.make_model(cfg).init, jax.random.PRNGKey(0),
-      jnp.zeros((1, 1, 1, size, size, 3)), jnp.zeros((1, 8), jnp.int32))
-  ccfg = ml_collections.ConfigDict(dict(vision_variant='test', embed_dim=16, text=dict(
-      vocab_size=64, dim=32, num_layers=2, num_heads=4, max_len=16)))
+    flamingo.make_model(cfg).init,
+    jax.random.PRNGKey(0),
+    jnp.zeros((1, 1, 1, size, size, 3)),
+    jnp.zeros((1, 8), jnp.int32),
+  )
+  ccfg = ml_collections.ConfigDict(
+    dict(
+      vision_variant="test",
+      embed_dim=16,
+      text=dict(vocab_size=64, dim=32, num_layers=2, num_heads=4, max_len=16),
+    )
+  )
   contrastive_shapes = jax.eval_shape(
-      functools.partial(contrastive.make_contrastive_model(ccfg).init, is_training=False),
-      jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), jnp.zeros((2, 8), jnp.int32),
-      jnp.ones((2, 8), bool))
-  return {'flamingo': flamingo_shapes, 'contrastive': contrastive_shapes}
+    functools.partial(contrastive.make_contrastive_model(ccfg).init, is_training=False),
+    jax.random.PRNGKey(0),
+    jnp.zeros((2, 32, 32, 3)),
+    jnp.zeros((2, 8), jnp.int32),
+    jnp.ones((2, 8), bool),
+  )
+  return {"flamingo": flamingo_shapes, "contrastive": contrastive_shapes}
 
 
 def test_rules_claim_every_parameter_of_the_real_models(mesh):
@@ -172,67 +208,68 @@ def test_rules_claim_every_parameter_of_the_real_models(mesh):
     assert len(flat_specs) == len(jax.tree.leaves(shapes))
     for (key_path, spec), leaf in zip(flat_specs, jax.tree.leaves(shapes)):
       path = sharding.path_str(key_path)
-      stacked = '/layers/' in path or path.startswith('lm/gated_xattn/')
+      stacked = "/layers/" in path or path.startswith("lm/gated_xattn/")
       if stacked and len(spec):
         assert spec[0] is None, (rule_set, path, spec)  # The layer axis is never sharded.
-      if leaf.ndim <= 1 or path.endswith(('bias', 'scale', 'offset', 'gain')):
+      if leaf.ndim <= 1 or path.endswith(("bias", "scale", "offset", "gain")):
         assert all(e is None for e in spec), (rule_set, path, spec)
       if leaf.ndim >= 3 and stacked and leaf.size >= 512:
-        assert spec in (P(None, 'fsdp', 'tensor'), P(None, 'tensor', 'fsdp')), (path, spec)
+        assert spec in (P(None, "fsdp", "tensor"), P(None, "tensor", "fsdp")), (path, spec)
 
 
 def test_scalar_catch_all_claims_only_scalars(mesh):
-  assert sharding.partition_specs(_shapes({'head': {'log_temp': ()}}), 'contrastive', mesh) == {
-      'head': {'log_temp': P()}}
+  assert sharding.partition_specs(_shapes({"head": {"log_temp": ()}}), "contrastive", mesh) == {
+    "head": {"log_temp": P()}
+  }
   with pytest.raises(ValueError, match="'head/w' .*matches no sharding rule"):
-    sharding.partition_specs(_shapes({'head': {'w': (4, 4)}}), 'flamingo', mesh)
+    sharding.partition_specs(_shapes({"head": {"w": (4, 4)}}), "flamingo", mesh)
 
 
 def test_optimizer_state_shardings_follow_param_paths(mesh):
-  params = _shapes({'lm/layers': {'q': (2, 4, 8), 'o': (2, 8, 4)},
-                    'lm/final_norm': {'scale': (4,)}})
-  specs = sharding.partition_specs(params, 'flamingo', mesh)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=0.1))
+  params = _shapes({"lm/layers": {"q": (2, 4, 8), "o": (2, 8, 4)}, "lm/final_norm": {"scale": (4,)}})
+  specs = sharding.partition_specs(params, "flamingo", mesh)
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, weight_decay=0.1),
+  )
   state_shapes = jax.eval_shape(tx.init, params)
   state_shardings = sharding.optimizer_state_shardings(state_shapes, specs, mesh)
   adam = state_shardings[1].inner_state[0]
   for moments in (adam.mu, adam.nu):
     assert jax.tree.map(lambda s: s.spec, moments) == specs
   assert adam.count.spec == P()
-  assert state_shardings[1].hyperparams['learning_rate'].spec == P()
+  assert state_shardings[1].hyperparams["learning_rate"].spec == P()
   # NamedShardings work as param specs too.
-  again = sharding.optimizer_state_shardings(state_shapes, sharding.named_shardings(
-      params, 'flamingo', mesh), mesh)
+  again = sharding.optimizer_state_shardings(
+    state_shapes, sharding.named_shardings(params, "flamingo", mesh), mesh
+  )
   assert jax.tree.map(lambda s: s.spec, again) == jax.tree.map(lambda s: s.spec, state_shardings)
   with pytest.raises(ValueError, match="'0/extra' .*mirrors no parameter path"):
-    sharding.optimizer_state_shardings(({'extra': jax.ShapeDtypeStruct((4,), jnp.float32)},),
-                                       specs, mesh)
+    sharding.optimizer_state_shardings(({"extra": jax.ShapeDtypeStruct((4,), jnp.float32)},), specs, mesh)
 
 
 def test_device_put_and_jit_with_rule_shardings(mesh):
   params = _small_params()
-  param_shardings = sharding.named_shardings(params, 'flamingo', mesh)
+  param_shardings = sharding.named_shardings(params, "flamingo", mesh)
   tx = optax.adamw(1e-2, weight_decay=0.1)
-  opt_shardings = sharding.optimizer_state_shardings(jax.eval_shape(tx.init, params),
-                                                     param_shardings, mesh)
-  batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(('batch', None), mesh_axis_sizes=
-                                                                dict(mesh.shape)))
+  opt_shardings = sharding.optimizer_state_shardings(jax.eval_shape(tx.init, params), param_shardings, mesh)
+  batch_sharding = NamedSharding(
+    mesh, sharding.logical_to_spec(("batch", None), mesh_axis_sizes=dict(mesh.shape))
+  )
   placed = jax.device_put(params, param_shardings)
-  q = placed['lm/layers']['q']
-  assert q.sharding == param_shardings['lm/layers']['q']
+  q = placed["lm/layers"]["q"]
+  assert q.sharding == param_shardings["lm/layers"]["q"]
   assert q.addressable_shards[0].data.shape == (2, 2, 4)  # [L, D/fsdp, Hq*dh/tensor]
   opt_state = jax.device_put(tx.init(params), opt_shardings)
-  x = jax.device_put(np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32),
-                     batch_sharding)
+  x = jax.device_put(np.random.default_rng(1).normal(size=(8, 4)).astype(np.float32), batch_sharding)
 
   def loss_fn(p, x):
     h = x
     for i in range(2):
-      h = h + jnp.tanh(h @ p['lm/layers']['q'][i]) @ p['lm/layers']['o'][i]
-      h = h + jax.nn.relu(h @ p['lm/layers']['up'][i]) @ p['lm/layers']['down'][i]
-    h = h * p['lm/final_norm']['scale']
-    logits = h @ p['lm/embed']['embeddings'].T
+      h = h + jnp.tanh(h @ p["lm/layers"]["q"][i]) @ p["lm/layers"]["o"][i]
+      h = h + jax.nn.relu(h @ p["lm/layers"]["up"][i]) @ p["lm/layers"]["down"][i]
+    h = h * p["lm/final_norm"]["scale"]
+    logits = h @ p["lm/embed"]["embeddings"].T
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
 
   def step(p, s, x):
@@ -240,36 +277,41 @@ def test_device_put_and_jit_with_rule_shardings(mesh):
     updates, s = tx.update(grads, s, p)
     return optax.apply_updates(p, updates), s
 
-  jitted = jax.jit(step, in_shardings=(param_shardings, opt_shardings, batch_sharding),
-                   out_shardings=(param_shardings, opt_shardings))
+  jitted = jax.jit(
+    step,
+    in_shardings=(param_shardings, opt_shardings, batch_sharding),
+    out_shardings=(param_shardings, opt_shardings),
+  )
   new_params, new_state = jitted(placed, opt_state, x)
   chex.assert_trees_all_equal(jax.tree.map(lambda a: a.sharding, new_params), param_shardings)
-  assert new_state[0].mu['lm/layers']['o'].sharding.spec == P(None, 'tensor', 'fsdp')
+  assert new_state[0].mu["lm/layers"]["o"].sharding.spec == P(None, "tensor", "fsdp")
   expected, _ = jax.jit(step)(params, tx.init(params), np.asarray(x))  # Unsharded reference.
   chex.assert_trees_all_close(jax.device_get(new_params), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_logical_to_spec():
-  sizes = {'data': 2, 'fsdp': 2, 'tensor': 2}
-  assert sharding.logical_to_spec(('batch', 'length', 'heads'), mesh_axis_sizes=sizes) == P(
-      ('data', 'fsdp'), None, 'tensor')
+  sizes = {"data": 2, "fsdp": 2, "tensor": 2}
+  assert sharding.logical_to_spec(("batch", "length", "heads"), mesh_axis_sizes=sizes) == P(
+    ("data", "fsdp"), None, "tensor"
+  )
   # Axes absent from the mesh are dropped; an indivisible dim is left unsharded.
-  assert sharding.logical_to_spec(('batch', 'mlp'), mesh_axis_sizes={'fsdp': 4}) == P('fsdp', None)
-  assert sharding.logical_to_spec(('batch', 'vocab'), mesh_axis_sizes=sizes, shape=(1, 6)) == P(
-      None, 'tensor')
+  assert sharding.logical_to_spec(("batch", "mlp"), mesh_axis_sizes={"fsdp": 4}) == P("fsdp", None)
+  assert sharding.logical_to_spec(("batch", "vocab"), mesh_axis_sizes=sizes, shape=(1, 6)) == P(
+    None, "tensor"
+  )
   with pytest.raises(ValueError, match="logical axis 'hidden' has no rule"):
-    sharding.logical_to_spec(('batch', 'hidden'))
+    sharding.logical_to_spec(("batch", "hidden"))
 
 
 def test_with_logical_constraint(mesh):
   x = jnp.ones((8, 4, 6))
-  axes = ('batch', 'length', 'heads')
+  axes = ("batch", "length", "heads")
   assert sharding.with_logical_constraint(x, axes) is x  # No mesh: a no-op.
-  with pytest.raises(ValueError, match='do not match the rank'):
-    sharding.with_logical_constraint(x, ('batch',))
+  with pytest.raises(ValueError, match="do not match the rank"):
+    sharding.with_logical_constraint(x, ("batch",))
   out = jax.jit(lambda a: sharding.with_logical_constraint(a * 2, axes, mesh=mesh))(x)
-  assert out.sharding.spec == P(('data', 'fsdp'), None, 'tensor')
+  assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
   with jax.set_mesh(mesh):
     out = jax.jit(lambda a: sharding.with_logical_constraint(a * 2, axes))(x)
-  assert out.sharding.spec == P(('data', 'fsdp'), None, 'tensor')
+  assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
   np.testing.assert_array_equal(np.asarray(out), 2 * np.ones((8, 4, 6)))

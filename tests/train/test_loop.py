@@ -1,5 +1,6 @@
 """The training loop end to end on the tiny model with synthetic data: metrics, resume, SIGTERM, SIGKILL,
 a corrupt newest checkpoint, a failing checkpoint writer."""
+
 import json
 import os
 import shutil
@@ -49,10 +50,17 @@ def _final_state(workdir):
 
 
 def _start(workdir, steps=STEPS, extra=()):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")     # XLA_FLAGS as set by conftest: same numerics
-  cmd = [sys.executable, "-m", "flamingo_jax.train", f"--config=configs/flamingo.py:size=tiny,steps={steps}",
-         f"--workdir={workdir}", "--config.train.checkpoint_every=1", "--config.train.log_every=1",
-         *extra]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # XLA_FLAGS as set by conftest: same numerics
+  cmd = [
+    sys.executable,
+    "-m",
+    "flamingo_jax.train",
+    f"--config=configs/flamingo.py:size=tiny,steps={steps}",
+    f"--workdir={workdir}",
+    "--config.train.checkpoint_every=1",
+    "--config.train.log_every=1",
+    *extra,
+  ]
   return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -80,14 +88,15 @@ def test_run_writes_metrics_tensorboard_and_checkpoint(uninterrupted):
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, STEPS + 1))
   assert np.isfinite(list(losses.values())).all()
-  assert "train/gate/attn_0" in json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    assert "train/gate/attn_0" in json.loads(f.readline())
   assert any(name.startswith("events") for name in os.listdir(os.path.join(workdir, "tb")))
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert int(_final_state(workdir)["step"]) == STEPS
   assert metrics["loss"] == pytest.approx(losses[STEPS])
 
 
-@pytest.mark.slow   # three training processes: minutes on 2 shared cores (timed out at 300 s under load)
+@pytest.mark.slow  # three training processes: minutes on 2 shared cores (timed out at 300 s under load)
 def test_sigterm_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
   straight, _ = uninterrupted
   workdir = str(tmp_path / "run")
@@ -98,7 +107,7 @@ def test_sigterm_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
   assert proc.returncode == 0, out[-3000:]
   stopped_at = max(_losses(workdir))
   assert stopped_at < STEPS, "the run finished before SIGTERM arrived"
-  proc = _start(workdir)                      # a new process resumes from the saved step
+  proc = _start(workdir)  # a new process resumes from the saved step
   out = proc.communicate(timeout=900)[0].decode()
   assert proc.returncode == 0, out[-3000:]
   assert _losses(workdir) == _losses(straight)
@@ -108,13 +117,13 @@ def test_sigterm_then_restart_equals_uninterrupted(uninterrupted, tmp_path):
   chex.assert_trees_all_equal(a["frozen"], b["frozen"])
 
 
-@pytest.mark.slow   # two more training processes; save atomicity under SIGKILL is in tests/test_checkpoint.py
+@pytest.mark.slow  # two more training processes; save atomicity under SIGKILL is in tests/test_checkpoint.py
 def test_sigkill_then_restart_resumes(uninterrupted, tmp_path):
   straight, _ = uninterrupted
   workdir = str(tmp_path / "run")
   proc = _start(workdir)
   _wait_for_step(workdir, 3, proc)
-  proc.kill()                                 # SIGKILL: possibly in the middle of a save
+  proc.kill()  # SIGKILL: possibly in the middle of a save
   proc.communicate(timeout=60)
   proc = _start(workdir)
   out = proc.communicate(timeout=900)[0].decode()
@@ -146,15 +155,21 @@ def stopped_at_8(tmp_path_factory):
 
 # Every kind is checked at the Checkpointer level (tests/test_checkpoint_errors.py); through the loop
 # the silent one runs by default, the other two (same fallback path, ~35 s each) with -m slow.
-@pytest.mark.parametrize("kind", [k if k == "flipped_bytes" else pytest.param(k, marks=pytest.mark.slow)
-                                  for k in checkpoint_faults.CORRUPTIONS])
+@pytest.mark.parametrize(
+  "kind",
+  [
+    k if k == "flipped_bytes" else pytest.param(k, marks=pytest.mark.slow)
+    for k in checkpoint_faults.CORRUPTIONS
+  ],
+)
 def test_corrupt_newest_checkpoint_resumes_bit_identically_from_the_previous(
-    uninterrupted, stopped_at_8, tmp_path, kind):
+  uninterrupted, stopped_at_8, tmp_path, kind
+):
   straight, _ = uninterrupted
   workdir = str(tmp_path / "run")
   shutil.copytree(stopped_at_8, workdir)
   checkpoint_faults.corrupt_step(os.path.join(workdir, "checkpoints", "8"), kind)
-  loop.train(_config(), workdir)               # resumes from step 7, redoes 8..12
+  loop.train(_config(), workdir)  # resumes from step 7, redoes 8..12
   assert _losses(workdir) == _losses(straight)
   assert os.listdir(os.path.join(workdir, checkpoint_lib.CORRUPT_DIR)) == ["8"]
   _assert_same_final_state(workdir, straight)
@@ -170,16 +185,19 @@ def test_corrupt_checkpoint_without_fallback_is_one_line_naming_step_and_file(st
   last = out.strip().splitlines()[-1]
   assert last.startswith("train: checkpoint step 8 cannot be read: "), out[-3000:]
   assert os.path.join(workdir, "checkpoints", "8", "state", "_METADATA") in last
-  assert _steps_saved(workdir) == [6, 7, 8]        # nothing moved or deleted
+  assert _steps_saved(workdir) == [6, 7, 8]  # nothing moved or deleted
 
 
 def test_failed_save_stops_the_run_at_the_next_step_and_keeps_the_saved_ones(tmp_path):
   workdir = str(tmp_path / "run")
-  with checkpoint_faults.disk_full_from_step(4):
-    with pytest.raises(checkpoint_lib.CheckpointSaveError,
-                       match=r"saving checkpoint step 4 .*No space left on device"):
-      loop.train(_config(), workdir)
-  assert max(_losses(workdir)) <= 5                # stopped at the first step boundary after it
+  with (
+    checkpoint_faults.disk_full_from_step(4),
+    pytest.raises(
+      checkpoint_lib.CheckpointSaveError, match=r"saving checkpoint step 4 .*No space left on device"
+    ),
+  ):
+    loop.train(_config(), workdir)
+  assert max(_losses(workdir)) <= 5  # stopped at the first step boundary after it
   assert _steps_saved(workdir) == [1, 2, 3]
   ckpt = checkpoint_lib.Checkpointer(workdir)
   state, _ = ckpt.restore(3)

@@ -1,4 +1,5 @@
 """The token NLL's one-pass gradient equals the gradient of the plain log-softmax formula."""
+
 import chex
 import jax
 import jax.numpy as jnp

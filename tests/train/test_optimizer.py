@@ -1,4 +1,5 @@
 """The optimiser from a config's `optim` section: schedule and per-parameter step multipliers."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,8 +11,10 @@ from flamingo_jax.train import optimizer as optimizer_lib
 
 
 def _params():
-  return {"lm/gated_xattn": {"attn_gate": jnp.zeros([2]), "q": jnp.ones([2, 3])},
-          "perceiver_resampler": {"latents": jnp.ones([4, 3])}}
+  return {
+    "lm/gated_xattn": {"attn_gate": jnp.zeros([2]), "q": jnp.ones([2, 3])},
+    "perceiver_resampler": {"latents": jnp.ones([4, 3])},
+  }
 
 
 def _updates(**optim):
@@ -26,10 +29,12 @@ def _updates(**optim):
 def test_lr_multipliers_scale_only_the_matching_params():
   plain = _updates()
   scaled = _updates(lr_multipliers=[(r"_gate$", 30.0), (r"^perceiver_resampler/", 0.5)])
-  np.testing.assert_allclose(scaled["lm/gated_xattn"]["attn_gate"],
-                             30.0 * plain["lm/gated_xattn"]["attn_gate"], rtol=1e-6)
-  np.testing.assert_allclose(scaled["perceiver_resampler"]["latents"],
-                             0.5 * plain["perceiver_resampler"]["latents"], rtol=1e-6)
+  np.testing.assert_allclose(
+    scaled["lm/gated_xattn"]["attn_gate"], 30.0 * plain["lm/gated_xattn"]["attn_gate"], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    scaled["perceiver_resampler"]["latents"], 0.5 * plain["perceiver_resampler"]["latents"], rtol=1e-6
+  )
   np.testing.assert_array_equal(scaled["lm/gated_xattn"]["q"], plain["lm/gated_xattn"]["q"])
 
 

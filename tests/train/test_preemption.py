@@ -1,4 +1,5 @@
 """The SIGTERM preemption flag and its multi-host agreement (one process here)."""
+
 import os
 import signal
 import time

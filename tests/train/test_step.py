@@ -1,7 +1,7 @@
 """The training step: exact accumulation, lambda weights once, meshes agree, freezing, NaN skips."""
+
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -11,8 +11,7 @@ from flamingo_jax.train import partitioning
 from flamingo_jax.train import step as step_lib
 from tests.train import helpers
 
-
-_SGD = optax.sgd(1.0)        # params change by exactly -grad
+_SGD = optax.sgd(1.0)  # params change by exactly -grad
 _STEP_FNS = {}
 
 
@@ -57,8 +56,12 @@ def test_micro_batches_accumulate_to_the_large_batch_gradient(setup):
 def test_lambda_weights_enter_exactly_once(setup):
   cfg, objective, _, state = setup
   a, b = helpers.synthetic_batch(cfg, seed=1), helpers.synthetic_batch(cfg, seed=2)
-  mixed, m = _run(state, objective, {"m3w": a, "pairs": b},
-                  {"m3w": dict(weight=1.0, micro_batches=1), "pairs": dict(weight=0.2, micro_batches=1)})
+  mixed, m = _run(
+    state,
+    objective,
+    {"m3w": a, "pairs": b},
+    {"m3w": dict(weight=1.0, micro_batches=1), "pairs": dict(weight=0.2, micro_batches=1)},
+  )
   only_a, ma = _run(state, objective, {"m3w": a}, {"m3w": dict(weight=1.0, micro_batches=1)})
   only_b, mb = _run(state, objective, {"pairs": b}, {"pairs": dict(weight=1.0, micro_batches=1)})
   np.testing.assert_allclose(m["loss"], ma["loss"] + 0.2 * mb["loss"], rtol=1e-5)
@@ -83,24 +86,33 @@ def test_meshes_give_the_same_step(setup, shape):
   np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
   # SGD(1.0): the parameter change is the gradient; compare it normwise (fp32 reductions run in another
   # order on another mesh).
-  _assert_normwise_close(_delta(jax.device_get(new_state.params), state.params),
-                         _delta(ref_state.params, state.params))
+  _assert_normwise_close(
+    _delta(jax.device_get(new_state.params), state.params), _delta(ref_state.params, state.params)
+  )
 
 
 def test_frozen_params_bit_identical_and_trained_parts_change(setup):
   cfg, objective, _, state = setup
   new = state
   for i in range(3):
-    new, metrics = _run(new, objective, {"m3w": helpers.synthetic_batch(cfg, seed=i)},
-                        {"m3w": dict(weight=1.0, micro_batches=1)})
-  chex.assert_trees_all_equal(new.frozen, state.frozen)       # incl. the original embedding rows
+    new, metrics = _run(
+      new,
+      objective,
+      {"m3w": helpers.synthetic_batch(cfg, seed=i)},
+      {"m3w": dict(weight=1.0, micro_batches=1)},
+    )
+  chex.assert_trees_all_equal(new.frozen, state.frozen)  # incl. the original embedding rows
   eoc = cfg.lm.vocab_size + 1 - cfg.lm.vocab_size
-  assert not np.array_equal(new.params["lm/extra_embed"]["embeddings"][eoc],
-                            state.params["lm/extra_embed"]["embeddings"][eoc])
+  assert not np.array_equal(
+    new.params["lm/extra_embed"]["embeddings"][eoc], state.params["lm/extra_embed"]["embeddings"][eoc]
+  )
   assert not np.array_equal(new.params["lm/gated_xattn"]["q"], state.params["lm/gated_xattn"]["q"])
-  assert not np.array_equal(new.params["lm/gated_xattn"]["attn_gate"], state.params["lm/gated_xattn"]["attn_gate"])
-  assert not np.array_equal(new.params["perceiver_resampler"]["latents"],
-                            state.params["perceiver_resampler"]["latents"])
+  assert not np.array_equal(
+    new.params["lm/gated_xattn"]["attn_gate"], state.params["lm/gated_xattn"]["attn_gate"]
+  )
+  assert not np.array_equal(
+    new.params["perceiver_resampler"]["latents"], state.params["perceiver_resampler"]["latents"]
+  )
   assert "gate/attn_0" in metrics and "grad_norm" in metrics
 
 
@@ -118,5 +130,6 @@ def test_poisoned_batch_is_skipped_whole_then_training_resumes(setup):
   assert int(metrics["update_skipped"]) == 0 and int(after_good.consecutive_skipped) == 0
   assert int(after_good.skipped) == 1
   # At init only the gates and the new token rows get gradients (tanh(0) = 0 blocks the rest).
-  assert not np.array_equal(after_good.params["lm/gated_xattn"]["attn_gate"],
-                            state.params["lm/gated_xattn"]["attn_gate"])
+  assert not np.array_equal(
+    after_good.params["lm/gated_xattn"]["attn_gate"], state.params["lm/gated_xattn"]["attn_gate"]
+  )

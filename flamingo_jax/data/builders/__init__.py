@@ -4,6 +4,7 @@
 TFDS's global registry (`skip_registration`), so construct them here or directly, not with `tfds.load`.
 Datasets are written in the `array_record` format, which the pipelines read by random access.
 """
+
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -12,14 +13,14 @@ from flamingo_jax.data.builders.common import InputError, JsonlConfig, jsonl_con
 from flamingo_jax.data.builders.easy_vqa import EasyVqa, EasyVqaConfig, easy_vqa_config
 from flamingo_jax.data.builders.jsonl import ImageTextJsonl, InterleavedJsonl, VideoTextJsonl
 
-FILE_FORMAT = 'array_record'
+FILE_FORMAT = "array_record"
 
 # name -> (builder class, function making its BuilderConfig from keyword arguments)
 BUILDERS = {
-    'easy_vqa': (EasyVqa, easy_vqa_config),
-    'image_text_jsonl': (ImageTextJsonl, jsonl_config),
-    'interleaved_jsonl': (InterleavedJsonl, jsonl_config),
-    'video_text_jsonl': (VideoTextJsonl, jsonl_config),
+  "easy_vqa": (EasyVqa, easy_vqa_config),
+  "image_text_jsonl": (ImageTextJsonl, jsonl_config),
+  "interleaved_jsonl": (InterleavedJsonl, jsonl_config),
+  "video_text_jsonl": (VideoTextJsonl, jsonl_config),
 }
 
 
@@ -30,14 +31,14 @@ def make_builder(builder: str, data_dir: str, /, **config_kwargs: Any) -> tfds.c
   `make_builder('image_text_jsonl', d, name='my_pairs', sources={'train': '/data/pairs.jsonl'})`.
   """
   if builder not in BUILDERS:
-    raise KeyError(f'unknown builder {builder!r}; expected one of {sorted(BUILDERS)}')
+    raise KeyError(f"unknown builder {builder!r}; expected one of {sorted(BUILDERS)}")
   cls, make_config = BUILDERS[builder]
   try:
     config = make_config(**config_kwargs)
   except TypeError as e:
-    raise TypeError(f'builder {builder!r}: bad config arguments {sorted(config_kwargs)}: {e}') from None
+    raise TypeError(f"builder {builder!r}: bad config arguments {sorted(config_kwargs)}: {e}") from None
   if config.name in cls.builder_configs:  # TFDS refuses a new object named like a predefined one
-    config = config.name                   # (same name = same fields: names encode them)
+    config = config.name  # (same name = same fields: names encode them)
   return cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
 
 
@@ -47,6 +48,18 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
   return builder
 
 
-__all__ = ['BUILDERS', 'EasyVqa', 'EasyVqaConfig', 'FILE_FORMAT', 'ImageTextJsonl', 'InputError',
-           'InterleavedJsonl', 'JsonlConfig', 'VideoTextJsonl', 'easy_vqa_config', 'jsonl_config',
-           'make_builder', 'prepare']
+__all__ = [
+  "BUILDERS",
+  "EasyVqa",
+  "EasyVqaConfig",
+  "FILE_FORMAT",
+  "ImageTextJsonl",
+  "InputError",
+  "InterleavedJsonl",
+  "JsonlConfig",
+  "VideoTextJsonl",
+  "easy_vqa_config",
+  "jsonl_config",
+  "make_builder",
+  "prepare",
+]

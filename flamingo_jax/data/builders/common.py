@@ -11,16 +11,18 @@ and the 1-based line.
 Paths inside a JSONL file are relative to the JSONL file's folder unless absolute (or a URL such as
 `gs://...`, read through `etils.epath`).
 """
+
 import dataclasses
 import json
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from absl import logging
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
 
-VERSION = '1.0.0'
+VERSION = "1.0.0"
 
 # Encoded image bytes (one file), decoded by the pipeline, not by TFDS.
 ENCODED_IMAGE = tfds.features.Tensor(shape=(), dtype=np.object_)
@@ -38,11 +40,13 @@ def check_bad_files(bad: list[str], total: int, max_fraction: float, where: str)
   if not bad:
     return
   for b in bad:
-    logging.warning('%s: dropped a source file that does not decode: %s', where, b)
-  logging.warning('%s: dropped %d of %d source files', where, len(bad), total)
+    logging.warning("%s: dropped a source file that does not decode: %s", where, b)
+  logging.warning("%s: dropped %d of %d source files", where, len(bad), total)
   if len(bad) > max_fraction * total:
-    raise InputError(f'{where}: {len(bad)} of {total} source files do not decode (more than '
-                     f'max_bad_fraction={max_fraction:g}); the first: {bad[:5]}')
+    raise InputError(
+      f"{where}: {len(bad)} of {total} source files do not decode (more than "
+      f"max_bad_fraction={max_fraction:g}); the first: {bad[:5]}"
+    )
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,55 +57,59 @@ class JsonlConfig(tfds.core.BuilderConfig):
     sources: `{split: path}` to a JSONL file per split (e.g. `{'train': '/data/pairs.jsonl'}`).
       TFDS caches a prepared dataset by `name`: use a new `name` when the sources change.
   """
+
   sources: Mapping[str, str] | None = None
 
 
 def jsonl_config(name: str, sources: str | Mapping[str, str]) -> JsonlConfig:
   """A `JsonlConfig`; a single path means `{'train': path}`."""
-  if isinstance(sources, (str, epath.Path)) or hasattr(sources, '__fspath__'):
-    sources = {'train': str(sources)}
-  return JsonlConfig(name=name, sources={str(k): str(v) for k, v in dict(sources).items()},
-                     description=f'JSONL sources {dict(sources)}')
+  if isinstance(sources, (str, epath.Path)) or hasattr(sources, "__fspath__"):
+    sources = {"train": str(sources)}
+  return JsonlConfig(
+    name=name,
+    sources={str(k): str(v) for k, v in dict(sources).items()},
+    description=f"JSONL sources {dict(sources)}",
+  )
 
 
 def split_sources(builder: tfds.core.GeneratorBasedBuilder) -> dict[str, epath.Path]:
   """`{split: JSONL path}` of a builder's `JsonlConfig`, checked to exist."""
   config = builder.builder_config
   if not isinstance(config, JsonlConfig) or not config.sources:
-    raise ValueError(f'{builder.name}: pass config=jsonl_config(name, {{split: path}}); got {config!r}')
+    raise ValueError(f"{builder.name}: pass config=jsonl_config(name, {{split: path}}); got {config!r}")
   out = {}
   for split, path in config.sources.items():
     path = epath.Path(path)
     if not path.exists():
-      raise FileNotFoundError(f'{builder.name}/{config.name}: JSONL for split {split!r} not found: {path}')
+      raise FileNotFoundError(f"{builder.name}/{config.name}: JSONL for split {split!r} not found: {path}")
     out[split] = path
   return out
 
 
 def read_jsonl(path: epath.Path) -> Iterator[tuple[int, dict[str, Any]]]:
   """Yields `(line_number, record)` for each non-blank line (1-based numbers)."""
-  with path.open('r') as f:
+  with path.open("r") as f:
     for line_no, line in enumerate(f, start=1):
       if not line.strip():
         continue
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise InputError(f'{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})') from None
+        raise InputError(f"{path}:{line_no}: invalid JSON ({e.msg} at column {e.colno})") from None
       if not isinstance(record, dict):
-        raise InputError(f'{path}:{line_no}: expected a JSON object, got {type(record).__name__}')
+        raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
       yield line_no, record
 
 
 def field(record: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
   """`record[key]`, checked to be present and of type `kind`; `where` is 'file:line'."""
   if key not in record:
-    raise InputError(f'{where}: missing field {key!r} (fields: {sorted(record)})')
+    raise InputError(f"{where}: missing field {key!r} (fields: {sorted(record)})")
   value = record[key]
   kinds = kind if isinstance(kind, tuple) else (kind,)
   if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-    names = '/'.join(k.__name__ for k in kinds)
-    raise InputError(f'{where}: field {key!r} must be {names}, got {type(value).__name__}')
+    names = "/".join(k.__name__ for k in kinds)
+    raise InputError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
   return value
 
 
@@ -110,13 +118,13 @@ def string_list(record: Mapping[str, Any], key: str, where: str) -> list[str]:
   values = field(record, key, list, where)
   for i, v in enumerate(values):
     if not isinstance(v, str):
-      raise InputError(f'{where}: {key}[{i}] must be a string, got {type(v).__name__}')
+      raise InputError(f"{where}: {key}[{i}] must be a string, got {type(v).__name__}")
   return values
 
 
 def resolve(path: str, base: epath.Path) -> epath.Path:
   """`path` if absolute or a URL, else relative to the folder `base`."""
-  if '://' in path or path.startswith('/'):
+  if "://" in path or path.startswith("/"):
     return epath.Path(path)
   return base / path
 
@@ -126,19 +134,21 @@ def read_media(path: epath.Path) -> tuple[bytes, bool]:
   try:
     return path.read_bytes(), False
   except (OSError, ValueError):  # missing file, a folder, no permission
-    return b'', True
+    return b"", True
 
 
 def image_features() -> dict[str, tfds.features.FeatureConnector]:
   """One image: encoded bytes, its source path (for logs), whether the file was missing."""
-  return {'image': ENCODED_IMAGE, 'image_path': PATH, 'image_missing': FLAG}
+  return {"image": ENCODED_IMAGE, "image_path": PATH, "image_missing": FLAG}
 
 
 def image_list_features(prefix: str) -> dict[str, tfds.features.FeatureConnector]:
   """A list of images: `{prefix}s`, `{prefix}_paths`, `{prefix}_missing` (parallel sequences)."""
-  return {f'{prefix}s': tfds.features.Sequence(ENCODED_IMAGE),
-          f'{prefix}_paths': tfds.features.Sequence(PATH),
-          f'{prefix}_missing': tfds.features.Sequence(FLAG)}
+  return {
+    f"{prefix}s": tfds.features.Sequence(ENCODED_IMAGE),
+    f"{prefix}_paths": tfds.features.Sequence(PATH),
+    f"{prefix}_missing": tfds.features.Sequence(FLAG),
+  }
 
 
 def read_image_list(paths: list[str], base: epath.Path, prefix: str) -> dict[str, list]:
@@ -148,4 +158,4 @@ def read_image_list(paths: list[str], base: epath.Path, prefix: str) -> dict[str
     b, m = read_media(resolve(p, base))
     data.append(b)
     missing.append(m)
-  return {f'{prefix}s': data, f'{prefix}_paths': list(paths), f'{prefix}_missing': missing}
+  return {f"{prefix}s": data, f"{prefix}_paths": list(paths), f"{prefix}_missing": missing}

@@ -16,32 +16,42 @@ derive:
 Caption: "a small blue rectangle" (size word optional). All choices below are keyed by CRC32 of
 strings, so they never depend on a random generator's version.
 """
+
 import dataclasses
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-COLORS = {'red': (255, 0, 0), 'green': (0, 255, 0), 'blue': (0, 0, 255), 'yellow': (255, 255, 0),
-          'teal': (0, 128, 128), 'brown': (165, 42, 42), 'gray': (128, 128, 128), 'black': (0, 0, 0)}
-SHAPES = ('circle', 'rectangle', 'triangle')
-SMALL, LARGE = 0.04, 0.12        # foreground fraction thresholds of the size word
-MOTIONS = ('zooms in on', 'zooms out from', 'pans left across', 'pans right across')
-_NEGATIONS = ('not', 'no')
+COLORS = {
+  "red": (255, 0, 0),
+  "green": (0, 255, 0),
+  "blue": (0, 0, 255),
+  "yellow": (255, 255, 0),
+  "teal": (0, 128, 128),
+  "brown": (165, 42, 42),
+  "gray": (128, 128, 128),
+  "black": (0, 0, 0),
+}
+SHAPES = ("circle", "rectangle", "triangle")
+SMALL, LARGE = 0.04, 0.12  # foreground fraction thresholds of the size word
+MOTIONS = ("zooms in on", "zooms out from", "pans left across", "pans right across")
+_NEGATIONS = ("not", "no")
 
 
 @dataclasses.dataclass(frozen=True)
 class Facts:
   """What one image shows, and its questions."""
+
   color: str
   shape: str
-  size: str                                    # 'small', 'large' or '' (medium)
+  size: str  # 'small', 'large' or '' (medium)
   questions: tuple[tuple[str, str], ...] = ()  # (question, answer)
 
   @property
   def caption(self) -> str:
-    return ' '.join(w for w in ('a', self.size, self.color, self.shape) if w)
+    return " ".join(w for w in ("a", self.size, self.color, self.shape) if w)
 
 
 def pick(n: int, *keys) -> int:
@@ -53,15 +63,15 @@ def facts_from_questions(questions: Sequence[tuple[str, str]]) -> tuple[str | No
   """(colour, shape) stated by an image's questions; None where they do not tell."""
   colors, shapes = set(), set()
   for question, answer in questions:
-    words = question.rstrip('?').split()
+    words = question.rstrip("?").split()
     if answer in COLORS:
       colors.add(answer)
       shapes.update(w for w in words if w in SHAPES)
     elif answer in SHAPES:
       shapes.add(answer)
       colors.update(w for w in words if w in COLORS)
-    elif answer in ('yes', 'no'):
-      present = (answer == 'yes') != any(w in _NEGATIONS for w in words)
+    elif answer in ("yes", "no"):
+      present = (answer == "yes") != any(w in _NEGATIONS for w in words)
       if present:
         colors.update(w for w in words if w in COLORS)
         shapes.update(w for w in words if w in SHAPES)
@@ -77,7 +87,7 @@ def _foreground(pixels: np.ndarray) -> np.ndarray:
 def size_from_pixels(pixels: np.ndarray) -> str:
   """'small', 'large' or '' from uint8 [H,W,3] pixels."""
   fraction = _foreground(pixels).mean()
-  return 'small' if fraction < SMALL else 'large' if fraction > LARGE else ''
+  return "small" if fraction < SMALL else "large" if fraction > LARGE else ""
 
 
 def color_from_pixels(pixels: np.ndarray) -> str | None:
@@ -95,30 +105,30 @@ def shape_from_pixels(pixels: np.ndarray) -> str | None:
   if not len(ys):
     return None
   fill = fg.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-  return 'triangle' if fill < 0.7 else 'circle' if fill < 0.92 else 'rectangle'
+  return "triangle" if fill < 0.7 else "circle" if fill < 0.92 else "rectangle"
 
 
 def image_facts(pixels: np.ndarray, questions: Sequence[tuple[str, str]]) -> Facts:
   """Facts of one image (uint8 [H,W,3]) from its questions, falling back to its pixels."""
   color, shape = facts_from_questions(questions)
-  color = color or color_from_pixels(pixels) or ''
-  shape = shape or shape_from_pixels(pixels) or 'shape'
+  color = color or color_from_pixels(pixels) or ""
+  shape = shape or shape_from_pixels(pixels) or "shape"
   return Facts(color=color, shape=shape, size=size_from_pixels(pixels), questions=tuple(questions))
 
 
 def document_groups(image_ids: Sequence[int], split: str) -> list[list[int]]:
   """Image ids shuffled (by CRC32) and cut into documents of 2-5 images; a last single is dropped."""
-  order = sorted(image_ids, key=lambda i: (zlib.crc32(f'{split}:{i}'.encode()), i))
+  order = sorted(image_ids, key=lambda i: (zlib.crc32(f"{split}:{i}".encode()), i))
   groups, start = [], 0
   while start < len(order) - 1:
-    size = 2 + pick(4, split, 'size', len(groups))
-    groups.append(order[start:start + size])
+    size = 2 + pick(4, split, "size", len(groups))
+    groups.append(order[start : start + size])
     start += size
   return [g for g in groups if len(g) >= 2]
 
 
 def document_text(image_ids: Sequence[int], facts: dict[int, Facts], split: str) -> str:
-  """"<image> This is a red circle. <image>Question: is there a triangle? Answer: no" for the images.
+  """ "<image> This is a red circle. <image>Question: is there a triangle? Answer: no" for the images.
 
   Per image (keyed by CRC32): one of its questions with the answer (3 in 4), written exactly as a
   support example of the few-shot VQA prompt (`eval/prompting.py`: "<image>Question: {q} Answer:
@@ -128,12 +138,12 @@ def document_text(image_ids: Sequence[int], facts: dict[int, Facts], split: str)
   parts = []
   for i in image_ids:
     f = facts[i]
-    if f.questions and pick(4, split, 'kind', i) != 0:
-      q, a = f.questions[pick(len(f.questions), split, 'question', i)]
-      parts.append(f'<image>Question: {q} Answer: {a}')
+    if f.questions and pick(4, split, "kind", i) != 0:
+      q, a = f.questions[pick(len(f.questions), split, "question", i)]
+      parts.append(f"<image>Question: {q} Answer: {a}")
     else:
-      parts.append(f'<image> This is {f.caption}.')
-  return ' '.join(parts)
+      parts.append(f"<image> This is {f.caption}.")
+  return " ".join(parts)
 
 
 def motion_of(image_id: int) -> str:
@@ -160,7 +170,7 @@ def clip_frames(image: Image.Image, motion: str, num_frames: int) -> list[Image.
       side, y0 = 0.7, 0.15
       x0 = 0.3 * (1 - u) if motion == MOTIONS[2] else 0.3 * u
     else:
-      raise ValueError(f'unknown motion {motion!r}; expected one of {MOTIONS}')
+      raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS}")
     box = (x0 * w, y0 * h, (x0 + side) * w, (y0 + side) * h)
     frames.append(image.resize((w, h), Image.Resampling.BILINEAR, box=box))
   return frames

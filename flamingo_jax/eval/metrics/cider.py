@@ -16,12 +16,13 @@ CIDEr-D needs the whole evaluated set (df is corpus-wide): gather all prediction
 first. Tokenisation mimics the PTB tokenizer used by pycocoevalcap (lowercase, clitics split,
 punctuation tokens dropped) without Java.
 """
+
 from __future__ import annotations
 
 import collections
 import math
 import re
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def ngram_counts(tokens: Sequence[str], n: int) -> Ngrams:
   counts = collections.Counter()
   for k in range(1, n + 1):
     for i in range(len(tokens) - k + 1):
-      counts[tuple(tokens[i:i + k])] += 1
+      counts[tuple(tokens[i : i + k])] += 1
   return counts
 
 
@@ -72,7 +73,7 @@ def _similarity(cand, ref, sigma: float, n: int) -> np.ndarray:
   """Clipped cosine similarity per order [n] with the Gaussian length penalty."""
   vec_c, norm_c, len_c = cand
   vec_r, norm_r, len_r = ref
-  penalty = math.exp(-((len_c - len_r) ** 2) / (2.0 * sigma ** 2))
+  penalty = math.exp(-((len_c - len_r) ** 2) / (2.0 * sigma**2))
   val = np.zeros([n])
   for k in range(n):
     dot = 0.0
@@ -85,8 +86,13 @@ def _similarity(cand, ref, sigma: float, n: int) -> np.ndarray:
   return val
 
 
-def cider_d(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], *,
-            n: int = 4, sigma: float = 6.0) -> tuple[float, dict[Hashable, float]]:
+def cider_d(
+  predictions: Mapping[Hashable, str],
+  references: Mapping[Hashable, Sequence[str]],
+  *,
+  n: int = 4,
+  sigma: float = 6.0,
+) -> tuple[float, dict[Hashable, float]]:
   """CIDEr-D of the predicted captions.
 
   Args:
@@ -101,8 +107,10 @@ def cider_d(predictions: Mapping[Hashable, str], references: Mapping[Hashable, S
   if set(predictions) != set(references):
     missing = sorted(map(str, set(predictions) - set(references)))[:5]
     extra = sorted(map(str, set(references) - set(predictions)))[:5]
-    raise ValueError("cider_d: predictions and references must have the same ids; ids without "
-                     f"references: {missing}, ids without a prediction: {extra}")
+    raise ValueError(
+      "cider_d: predictions and references must have the same ids; ids without "
+      f"references: {missing}, ids without a prediction: {extra}"
+    )
   if not predictions:
     raise ValueError("cider_d: no predictions to score")
   ids = list(predictions)
@@ -110,8 +118,7 @@ def cider_d(predictions: Mapping[Hashable, str], references: Mapping[Hashable, S
   for i in ids:
     refs = references[i]
     if isinstance(refs, str) or not refs:
-      raise ValueError(f"cider_d: references[{i!r}] must be a non-empty list of strings, "
-                       f"got {refs!r}")
+      raise ValueError(f"cider_d: references[{i!r}] must be a non-empty list of strings, got {refs!r}")
     cand_counts[i] = ngram_counts(tokenize(predictions[i]), n)
     ref_counts[i] = [ngram_counts(tokenize(r), n) for r in refs]
 
