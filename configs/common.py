@@ -91,5 +91,19 @@ def distributed() -> dict:
 
 
 def finish(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Declares a training config's `train.micro_batches` for every dataset (1 where it names none); locks.
+
+  A name in `train.micro_batches` that is not a dataset of `data.datasets` is an error; after this,
+  `--config.train.micro_batches.<typo>=2` is one too (the config is locked).
+  """
+  if "train" in config:  # a training config (evaluation configs only lock)
+    datasets = sorted(config.data.datasets)
+    named = dict(config.train.micro_batches)
+    unknown = sorted(set(named) - set(datasets))
+    if unknown:
+      raise KeyError(
+        f"train.micro_batches names {unknown}, which are not datasets of data.datasets {datasets}"
+      )
+    config.train.micro_batches = {name: int(named.get(name, 1)) for name in datasets}
   config.lock()
   return config

@@ -192,7 +192,7 @@ def _settings(config):
     for selection in ["random"] if shots == 0 else list(config.selection):
       yield selection, shots, False
   if config.text_only_baseline:
-    for shots in config.get("text_only_shots", ()) or config.shots:
+    for shots in config.text_only_shots or config.shots:
       yield TEXT_ONLY, shots, True
 
 
@@ -230,7 +230,7 @@ def evaluate(config, workdir: str) -> dict:
     )
   writer = jax.process_index() == 0
   check_workdir(config, workdir)  # before anything is built or written
-  out_dir = os.path.join(workdir, config.get("output_subdir", "eval"))
+  out_dir = os.path.join(workdir, config.output_subdir)
   run_config = load_run_config(workdir)
   model_cfg = run_config.model if run_config is not None else flamingo.model_config(config.model_size)
   model, tokenizer, params, model_id, step = setup(config, workdir, run_config, model_cfg)

@@ -92,11 +92,7 @@ UPDATE_BUFFERS = 4
 # ------------------------------------------------------------------------------------------- params
 def abstract_params(config):
   """(trainable, frozen) params as `jax.ShapeDtypeStruct` trees, frozen in the compute dtype."""
-  model = flamingo.make_model(config.model)
-  size = config.model.image_size
-  images = jax.ShapeDtypeStruct((1, 1, 1, size, size, 3), jnp.float32)
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
+  params = flamingo.param_shapes(config.model)
   train_p, frozen_p = trainable_lib.split(params, list(config.trainable), list(config.frozen))
   dtype = flamingo.DTYPES[config.model.dtype]
   frozen_p = jax.tree.map(
@@ -267,10 +263,9 @@ def make_plan(config, devices: int, hbm_gib: float = 32.0, mesh: Mapping[str, in
     group += int(layer + 2 * block / lm_lib.num_xattn_blocks(lmc.num_layers, every))
 
   datasets, batch_bytes, warnings = {}, 0, []
-  micro = dict(config.train.micro_batches)
   for name in sorted(config.data.datasets):
     ds = config.data.datasets[name]
-    k = int(micro.get(name, 1))
+    k = int(config.train.micro_batches[name])
     global_batch = int(ds.batch_size)
     b = math.ceil(global_batch / shards / k)
     if global_batch % (shards * k):

