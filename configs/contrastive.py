@@ -84,7 +84,7 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     config.train = common.train(args["steps"] or 4, log_every=1, checkpoint_every=2)
     config.tokenizer = ""
     config.data = common.synthetic_data(image_size, pairs=(1.0, 8, 8, 1, 1))
-  config.init_from = dict(lm="", vision="")
+  config.init_from = dict(lm="", vision="", flamingo="")
   return common.finish(config)
 
 

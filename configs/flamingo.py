@@ -122,7 +122,7 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     config.optim = common.optim()
     config.train = common.train(args["steps"] or 500_000, log_every=100, checkpoint_every=2000)
     config.tokenizer = "hf:YOUR_LM_DIR/tokenizer.json"
-    config.init_from = dict(lm="hf:YOUR_LM_DIR", vision="gs://YOUR_BUCKET/runs/contrastive")
+    config.init_from = dict(lm="hf:YOUR_LM_DIR", vision="gs://YOUR_BUCKET/runs/contrastive", flamingo="")
   elif size == "smollm2":
     # The main job on this 2-core CPU (~6 s/step): real frozen SmolLM2-135M, easy-VQA mixture, the small
     # 'nano' NFNet of stage 1 (configs/contrastive.py:size=smollm2). fp32 matmuls: on this AMD CPU XLA's
@@ -150,13 +150,13 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     )
     config.train = common.train(steps, log_every=10, checkpoint_every=50)
     config.tokenizer = "smollm2"
-    config.init_from = dict(lm="smollm2", vision="")
+    config.init_from = dict(lm="smollm2", vision="", flamingo="")
   else:
     config.mesh = dict(shape={"data": -1})
     config.optim = common.optim(lr=1e-3, warmup_steps=2, total_steps=args["steps"] or 10)
     config.train = common.train(args["steps"] or 10, log_every=1, checkpoint_every=5)
     config.tokenizer = ""
-    config.init_from = dict(lm="", vision="")
+    config.init_from = dict(lm="", vision="", flamingo="")
 
   if data == "synthetic":
     config.data = common.synthetic_data(

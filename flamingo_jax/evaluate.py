@@ -121,9 +121,9 @@ def load_params(config, workdir: str, model_cfg, run_config) -> tuple[Any, str, 
     model = flamingo.make_model(model_cfg)
     size = model_cfg.image_size
     params = jax.jit(model.init)(rng, jnp.zeros((1, 1, 1, size, size, 3)), jnp.zeros((1, 1), int))
-  vision = run_config.init_from.get("vision", "") if run_config is not None else ""
+  vision = run_config.init_from.vision if run_config is not None else ""
   if vision:
-    params = init_from.load_params_subset(vision, r"^vision_encoder/", params)
+    params = init_from.load_params_subset(vision, init_from.VISION_PARAMS, params)
   model_id = f"init-{spec or 'random'}-seed{config.seed}" + (f"-vision:{vision}" if vision else "")
   return jax.device_put(params), model_id, None
 

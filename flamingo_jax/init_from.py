@@ -1,6 +1,14 @@
-"""Parameters from elsewhere: another run's checkpoint or a params-only Orbax save (`init_from`).
+"""Parameters from elsewhere (`config.init_from`): the one path by which a run starts from weights.
 
-Resume order (`resolve_init`): this workdir's latest checkpoint > `init_from` sources > fresh init.
+`initial_params` swaps the sources of `config.init_from` into freshly initialised params:
+  lm        a pretrained LM spec (`smollm2`, `gguf:`, `hf:`, `converted:`; `flamingo_jax/pretrained.py`),
+            whose own config must equal `config.model.lm` (every differing field is named);
+  vision    another run (stage 1) or a params-only save: its `vision_encoder/` params;
+  flamingo  a Flamingo run or a converted Flamingo checkpoint: its trained parts (resampler, gated
+            xattn blocks, the new token rows), to fine-tune or continue on another mixture.
+The training loop resumes from its own workdir first (`flamingo_jax/train/loop.py`): this workdir's
+newest checkpoint > `init_from` > fresh.
+
 Params paths are Haiku's 'module/name' strings (see docs/ARCHITECTURE.md). Only the selected arrays
 are read (Orbax partial restore), each onto its template leaf's dtype and sharding.
 """
@@ -12,13 +20,17 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
-from flamingo_jax.checkpoint import CHECKPOINTS_DIR, STATE, absolute_path, latest_checkpoint_step
+from flamingo_jax.checkpoint import CHECKPOINTS_DIR, STATE, absolute_path
 from flamingo_jax.checkpoint import step_dir as _step_dir
 
 # flamingo_jax/convert/__main__.py writes DIR/params (StandardCheckpointer) + DIR/lm_config.json.
 CONVERTED_PARAMS_DIR = "params"
 SOURCE_KINDS = ("params", "checkpoint")
+# What each `config.init_from` key loads (regex over 'module/name'; `lm` goes through pretrained.py).
+VISION_PARAMS = r"^vision_encoder/"
+FLAMINGO_PARAMS = r"^(perceiver_resampler/|lm/gated_xattn/|lm/extra_(embed|unembed)/)"
 
 
 class InitSource(NamedTuple):
@@ -50,28 +62,6 @@ class InitSource(NamedTuple):
       raise ValueError(f"init_from source {d}: kind must be one of {SOURCE_KINDS}")
     re.compile(d["select"])
     return cls(**{k: str(v) for k, v in d.items()})
-
-
-class InitPlan(NamedTuple):
-  which: str  # 'resume' | 'init_from' | 'fresh'
-  step: int | None  # the step to resume from ('resume' only)
-  sources: tuple[InitSource, ...]  # the sources to load ('init_from' only)
-
-
-def resolve_init(workdir, init_from: Sequence[Mapping[str, Any]] = ()) -> InitPlan:
-  """Resume order: this workdir's latest checkpoint > `init_from` sources > fresh initialisation.
-
-  Raises:
-    ValueError: a malformed source.  FileNotFoundError: a source path that does not exist.
-  """
-  step = latest_checkpoint_step(workdir)
-  if step is not None:
-    return InitPlan("resume", step, ())
-  sources = tuple(s if isinstance(s, InitSource) else InitSource.from_dict(s) for s in (init_from or ()))
-  for s in sources:
-    if not absolute_path(s.path).exists():
-      raise FileNotFoundError(f"init_from path {s.path} does not exist")
-  return InitPlan("init_from" if sources else "fresh", None, sources)
 
 
 def _locate_params(path, kind: str | None, step: int | None):
@@ -215,4 +205,36 @@ def apply_init_from(sources: Sequence[InitSource], params):
     params = load_params_subset(
       s.path, s.select, params, kind=s.kind, strip_prefix=s.strip_prefix, add_prefix=s.add_prefix
     )
+    logging.info("init_from %s: %s", s.path, s.select)
   return params
+
+
+def initial_params(init_from, model_cfg, params, *, end_id: int | None = None):
+  """`params` (a fresh init, numpy) with the sources of `init_from` (lm, vision, flamingo) swapped in.
+
+  With LM weights and the tokenizer's end id, the new token rows start from the LM's own rows
+  (`pretrained.init_new_token_rows`), unless a `flamingo` source brings trained ones.
+
+  Raises:
+    ValueError: the LM source's config differs from `model_cfg.lm` (each field named); a selected
+      param missing from a source or of another shape (named); two sources claiming one param.
+    FileNotFoundError: a source that does not exist.
+  """
+  if init_from.lm:
+    from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
+
+    source = f"init_from.lm {init_from.lm!r}"
+    source_config, lm_params = pretrained.lm_source_params(init_from.lm, np.float32)
+    params = pretrained.merge_lm_params(
+      params,
+      lm_params,
+      source_config=source_config,
+      model_lm_config=pretrained.lm_config_dict(model_cfg),
+      source=source,
+    )
+    if end_id is not None and "lm/extra_embed" in params:
+      params = pretrained.init_new_token_rows(params, end_id)
+  sources = [InitSource(init_from.vision, "checkpoint", VISION_PARAMS)] if init_from.vision else []
+  if init_from.flamingo:
+    sources.append(InitSource(init_from.flamingo, "checkpoint", FLAMINGO_PARAMS))
+  return apply_init_from(sources, params)

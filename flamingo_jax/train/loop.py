@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 from absl import logging
 
 from flamingo_jax import checkpoint as checkpoint_lib
@@ -77,27 +76,11 @@ def make_data(config, tokenizer, seed: int):
 
 
 def _initial_params(config, objective, example, rng, end_id=None):
-  """Fresh params, then the `init_from` sources swapped in (LM weights, stage-1 vision encoder).
-
-  With LM weights and the tokenizer's end id, the new token rows start from the LM's own rows
-  (`pretrained.init_new_token_rows`)."""
+  """Fresh params with the `init_from` sources swapped in (`flamingo_jax/init_from.py`)."""
   first = example[sorted(example)[0]]  # any dataset's batch fixes the param shapes
   small = jax.tree.map(lambda x: x[:1], first)
-  params = jax.jit(objective.init)(rng, small)
-  params = jax.device_get(params)
-  init_from = config.init_from
-  if init_from.lm:
-    from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
-
-    _, lm_params = pretrained.lm_source_params(init_from.lm, np.float32)
-    params = pretrained.merge_lm_params(params, lm_params)
-    if end_id is not None and "lm/extra_embed" in params:
-      params = pretrained.init_new_token_rows(params, end_id)
-    logging.info("LM weights from %s", init_from.lm)
-  if init_from.vision:
-    params = init_from_lib.load_params_subset(init_from.vision, r"^vision_encoder/", params)
-    logging.info("vision encoder from %s", init_from.vision)
-  return params
+  params = jax.device_get(jax.jit(objective.init)(rng, small))
+  return init_from_lib.initial_params(config.init_from, config.model, params, end_id=end_id)
 
 
 def to_global(batches, mesh):
