@@ -80,7 +80,7 @@ from flamingo_jax.models import flamingo, nfnet
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.parallel import mesh as mesh_lib
 from flamingo_jax.parallel import sharding as sharding_lib
-from flamingo_jax.train import trainable as trainable_lib
+from flamingo_jax.train import setup as setup_lib
 
 GIB = 2**30
 F32 = 4
@@ -92,14 +92,7 @@ UPDATE_BUFFERS = 4
 # ------------------------------------------------------------------------------------------- params
 def abstract_params(config):
   """(trainable, frozen) params as `jax.ShapeDtypeStruct` trees, frozen in the compute dtype."""
-  params = flamingo.param_shapes(config.model)
-  train_p, frozen_p = trainable_lib.split(params, list(config.trainable), list(config.frozen))
-  dtype = flamingo.DTYPES[config.model.dtype]
-  frozen_p = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
-    frozen_p,
-  )
-  return train_p, frozen_p
+  return setup_lib.split_params(config, flamingo.param_shapes(config.model))
 
 
 def parse_mesh(text: str) -> dict:

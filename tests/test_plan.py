@@ -19,11 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import flamingo as flamingo_config
 from flamingo_jax import plan as plan_lib
-from flamingo_jax.train import objectives as objectives_lib
-from flamingo_jax.train import optimizer as optimizer_lib
-from flamingo_jax.train import partitioning
-from flamingo_jax.train import state as state_lib
-from flamingo_jax.train import step as step_lib
+from flamingo_jax.train import setup as setup_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 0.25
@@ -55,41 +51,12 @@ def reduced_config(size: str, mesh: dict, datasets: dict, remat: str = "dots", m
   return config
 
 
-def _abstract_batch(ds) -> dict:
-  b, t, n, f, s = ds.batch_size, ds.max_tokens, ds.max_images, ds.num_frames, ds.image_size
-  sds = jax.ShapeDtypeStruct
-  return dict(
-    images=sds((b, n, f, s, s, 3), jnp.float32),
-    media_mask=sds((b, n), jnp.bool_),
-    tokens=sds((b, t), jnp.int32),
-    targets=sds((b, t), jnp.int32),
-    loss_mask=sds((b, t), jnp.float32),
-    media_index=sds((b, t), jnp.int32),
-    token_mask=sds((b, t), jnp.bool_),
-  )
-
-
 def xla_bytes(config) -> dict:
   """XLA's per-device memory of the real, donated, sharded train step of `config` (compiled only)."""
   from flamingo_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
-  objective = objectives_lib.make_objective(config)
-  batches = {name: _abstract_batch(ds) for name, ds in config.data.datasets.items()}
-  train_p, frozen_p = plan_lib.abstract_params(config)
-  optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
-  state = jax.eval_shape(
-    lambda p, f: state_lib.create(p, f, optimizer, jax.random.PRNGKey(1)), train_p, frozen_p
-  )
-  mesh = mesh_lib.create_mesh(config.mesh.shape)
-  datasets = {
-    name: dict(weight=float(ds.weight), micro_batches=int(config.train.micro_batches[name]))
-    for name, ds in config.data.datasets.items()
-  }
-  step_fn = step_lib.make_train_step(objective, optimizer, datasets)
-  state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
-  batch_sh = partitioning.batch_shardings(batches, mesh)
-  jitted = partitioning.jit_train_step(step_fn, state_sh, batch_sh)
-  stats = jitted.lower(state, batches).compile().memory_analysis()
+  abstract = setup_lib.setup(config, mesh_lib.create_mesh(config.mesh.shape))
+  stats = abstract.step.lower(abstract.state, abstract.batches).compile().memory_analysis()
   out = dict(
     argument=stats.argument_size_in_bytes,
     output=stats.output_size_in_bytes,

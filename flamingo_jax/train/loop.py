@@ -17,14 +17,10 @@ from absl import logging
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import init_from as init_from_lib
 from flamingo_jax.data import global_batch
-from flamingo_jax.models import flamingo
 from flamingo_jax.parallel import mesh as mesh_lib
 from flamingo_jax.train import host_memory, metrics_writer, partitioning, preemption
-from flamingo_jax.train import objectives as objectives_lib
-from flamingo_jax.train import optimizer as optimizer_lib
+from flamingo_jax.train import setup as setup_lib
 from flamingo_jax.train import state as state_lib
-from flamingo_jax.train import step as step_lib
-from flamingo_jax.train import trainable as trainable_lib
 
 
 class TrainingError(RuntimeError):
@@ -75,14 +71,6 @@ def make_data(config, tokenizer, seed: int):
   raise ValueError(f"config.data.source must be 'mixture' or 'synthetic', got {config.data.source!r}")
 
 
-def _initial_params(config, objective, example, rng, end_id=None):
-  """Fresh params with the `init_from` sources swapped in (`flamingo_jax/init_from.py`)."""
-  first = example[sorted(example)[0]]  # any dataset's batch fixes the param shapes
-  small = jax.tree.map(lambda x: x[:1], first)
-  params = jax.device_get(jax.jit(objective.init)(rng, small))
-  return init_from_lib.initial_params(config.init_from, config.model, params, end_id=end_id)
-
-
 def to_global(batches, mesh):
   """{name: host batch} -> {name: global jax.Array batch} on `mesh` (batch axis over data/fsdp)."""
   return {
@@ -95,44 +83,30 @@ class Setup(NamedTuple):
 
   mesh: jax.sharding.Mesh
   data: Any  # the mixture iterator of this process's rows, at step 0
-  example: dict  # its first {dataset: host batch} (fixes shapes)
-  state: state_lib.TrainState  # initial state, placed with `state_shardings`
-  state_shardings: Any
+  batches: dict  # {dataset: {key: ShapeDtypeStruct}} of the global batches, with their shardings
+  state: state_lib.TrainState  # initial state, placed with the config's shardings
   step: Callable  # the jitted, sharded train step: (state, global batches) -> (state, metrics)
 
 
 def build(config, tokenizer=None) -> Setup:
   """Mesh, data, initial state (fresh params + `init_from` sources) and the jitted step of a config.
 
-  The abstract shapes come from the data's first batch; the data iterator is rewound to step 0.
-  Collective under multi-host: every process calls it."""
+  Shapes and shardings come from `setup.setup` (the config alone). Collective under multi-host: every
+  process calls it."""
   mesh = mesh_lib.create_mesh(config.mesh.shape)
   special = (
     [] if tokenizer is None else [tokenizer.image_id, tokenizer.eoc_id, tokenizer.bos_id, tokenizer.eos_id]
   )
-  objective = objectives_lib.make_objective(config, special)
+  abstract = setup_lib.setup(config, mesh, special)
   data = make_data(config, tokenizer, config.train.seed)
-  example = next(data)
-  data.set_state({**data.get_state(), "step": 0})
-
   rng = jax.random.PRNGKey(config.train.seed)
-  params = _initial_params(config, objective, example, rng, None if tokenizer is None else tokenizer.eos_id)
-  train_p, frozen_p = trainable_lib.split(params, config.trainable, config.frozen)
-  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
-  optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
-  state = state_lib.create(train_p, frozen_p, optimizer, jax.random.fold_in(rng, 1))
-  state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
-  state = jax.device_put(state, state_sh)
-
-  datasets = {
-    name: dict(weight=data.weights[name], micro_batches=int(config.train.micro_batches[name]))
-    for name in data.weights
-  }
-  schedule = optimizer_lib.learning_rate_schedule(config.optim)
-  step_fn = step_lib.make_train_step(objective, optimizer, datasets, schedule)
-  batch_sh = partitioning.batch_shardings(to_global(example, mesh), mesh)
-  jitted = partitioning.jit_train_step(step_fn, state_sh, batch_sh)
-  return Setup(mesh, data, example, state, state_sh, jitted)
+  params = setup_lib.init_params(config, abstract.objective, rng)
+  end_id = None if tokenizer is None else tokenizer.eos_id
+  params = init_from_lib.initial_params(config.init_from, config.model, params, end_id=end_id)
+  train_p, frozen_p = setup_lib.split_params(config, params)
+  state = state_lib.create(train_p, frozen_p, abstract.optimizer, jax.random.fold_in(rng, 1))
+  state = jax.device_put(state, jax.tree.map(lambda s: s.sharding, abstract.state))
+  return Setup(mesh, data, abstract.batches, state, abstract.step)
 
 
 def _format_line(step, total, metrics, rate, examples_per_s, eta_s):
@@ -154,8 +128,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, A
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=1))
-  setup = build(config, make_tokenizer(config.tokenizer))
-  mesh, data, state, jitted = setup.mesh, setup.data, setup.state, setup.step
+  built = build(config, make_tokenizer(config.tokenizer))
+  mesh, data, state, jitted = built.mesh, built.data, built.state, built.step
 
   ckpt = checkpoint_lib.Checkpointer(
     workdir,
@@ -173,7 +147,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, A
   if start < total:
     # Compiled ahead of the loop (every batch has the example's shapes), then the heap the compiler
     # freed is handed back, so the step's buffers do not come on top of it (host_memory.py).
-    step_fn = jitted.lower(state, to_global(setup.example, mesh)).compile()
+    step_fn = jitted.lower(state, built.batches).compile()
     host_memory.release_freed_memory()
   writer = metrics_writer.MetricsWriter(workdir)
   uninstall = preemption.install_preemption_handler()

@@ -53,5 +53,12 @@ def jit_train_step(train_step, state_sh, batch_sh, donate: bool = True):
 
 
 def cast_frozen(frozen, dtype):
-  """Frozen params in the compute dtype (bf16 halves their memory); trainable stay fp32."""
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+  """Frozen params (arrays or ShapeDtypeStructs) in the compute dtype (bf16 halves their memory);
+  trainable stay fp32."""
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
+
+  return jax.tree.map(cast, frozen)

@@ -1,0 +1,58 @@
+"""Every config in configs/ builds, is locked against typos, and its training step traces
+(`jax.eval_shape` of init and step through `train/setup.py`; nothing is allocated or compiled)."""
+
+import jax
+import pytest
+
+from configs import common, contrastive, fewshot_eval
+from configs import flamingo as flamingo_config
+from flamingo_jax.parallel import mesh as mesh_lib
+from flamingo_jax.train import setup as setup_lib
+
+TRAINING = [
+  (flamingo_config, "size=tiny"),
+  (flamingo_config, "size=smollm2"),
+  (flamingo_config, "size=3b"),
+  (flamingo_config, "size=9b"),
+  (flamingo_config, "size=80b"),
+  (flamingo_config, "size=3b,data=synthetic"),
+  (flamingo_config, "size=tiny,data=easy_vqa"),
+  (contrastive, "size=tiny"),
+  (contrastive, "size=smollm2"),
+  (contrastive, "size=f6"),
+]
+EVALUATION = ["", "quick=True", "runlocal=True", "tasks=easy_vqa_binding", "shots=0.4,seeds=1"]
+
+
+def _id(case):
+  module, arg = case
+  return f"{module.__name__.split('.')[-1]}:{arg}"
+
+
+@pytest.mark.parametrize("case", TRAINING, ids=_id)
+def test_training_config_builds_and_its_step_traces(case):
+  module, arg = case
+  config = module.get_config(arg)
+  with pytest.raises(AttributeError):
+    config.train.totl_steps = 1  # a typo is an error, never a silent new key
+  assert sorted(config.train.micro_batches) == sorted(config.data.datasets)
+  mesh = mesh_lib.create_mesh({"data": -1})
+  abstract = setup_lib.setup(config, mesh)
+  new_state, metrics = jax.eval_shape(abstract.step, abstract.state, abstract.batches)
+  assert jax.tree.structure(new_state) == jax.tree.structure(abstract.state)
+  assert metrics["loss"].shape == ()
+
+
+@pytest.mark.parametrize("arg", EVALUATION)
+def test_evaluation_config_builds(arg):
+  config = fewshot_eval.get_config(arg)
+  with pytest.raises(AttributeError):
+    config.num_querys = 1
+
+
+def test_micro_batches_naming_no_dataset_is_an_error():
+  config = flamingo_config.get_config("size=tiny")
+  with config.unlocked():
+    config.train.micro_batches = {"m3ww": 2}
+  with pytest.raises(KeyError, match=r"\['m3ww'\], which are not datasets"):
+    common.finish(config)
