@@ -2,11 +2,12 @@
 (`jax.eval_shape` of init and step through `train/setup.py`; nothing is allocated or compiled)."""
 
 import jax
+import numpy as np
 import pytest
 
 from configs import common, contrastive, fewshot_eval
 from configs import flamingo as flamingo_config
-from flamingo_jax.parallel import mesh as mesh_lib
+from flamingo_jax.parallel.mesh import MESH_AXES
 from flamingo_jax.train import setup as setup_lib
 
 TRAINING = [
@@ -36,7 +37,8 @@ def test_training_config_builds_and_its_step_traces(case):
   with pytest.raises(AttributeError):
     config.train.totl_steps = 1  # a typo is an error, never a silent new key
   assert sorted(config.train.micro_batches) == sorted(config.data.datasets)
-  mesh = mesh_lib.create_mesh({"data": -1})
+  # One device under every mesh axis: any rule set applies, any batch divides (shapes only here).
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
   abstract = setup_lib.setup(config, mesh)
   new_state, metrics = jax.eval_shape(abstract.step, abstract.state, abstract.batches)
   assert jax.tree.structure(new_state) == jax.tree.structure(abstract.state)
