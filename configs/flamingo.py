@@ -6,7 +6,8 @@
         --config.init_from.vision=runs/main/contrastive
 
 Arguments: size = tiny | smollm2 | 3b | 9b | 80b (flamingo_jax/models/flamingo.py: SIZES); steps = total
-steps (0: the size's default); data = easy_vqa | synthetic | paper (default per size).
+steps (0: the size's default); data = easy_vqa | synthetic | paper (default per size); only = the datasets
+of the mixture to keep, '.'-separated (e.g. `only=bursty`: the in-context binding documents alone).
 """
 
 import ml_collections
@@ -102,7 +103,7 @@ def _cpu_batches(data: dict) -> None:
 
 
 def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
-  args = common.parse_args(arg, {"size": "smollm2", "steps": 0, "data": ""})
+  args = common.parse_args(arg, {"size": "smollm2", "steps": 0, "data": "", "only": ""})
   size = args["size"]
   config = ml_collections.ConfigDict()
   config.objective = "flamingo"
@@ -171,4 +172,17 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     config.data = _paper_data(image_size)
   else:
     raise KeyError(f"data must be easy_vqa, synthetic or paper; got {data!r}")
+  if args["only"]:
+    _keep_datasets(config.data, args["only"].split("."))
   return common.finish(config)
+
+
+def _keep_datasets(data, names: list[str]) -> None:
+  """Drops every dataset of the mixture but `names` (an unknown name is an error)."""
+  unknown = sorted(set(names) - set(data.datasets))
+  if unknown:
+    raise KeyError(
+      f"only={'.'.join(names)}: {unknown} are not datasets of this config ({sorted(data.datasets)})"
+    )
+  for name in [n for n in data.datasets if n not in names]:
+    del data.datasets[name]

@@ -18,6 +18,7 @@ TRAINING = [
   (flamingo_config, "size=80b"),
   (flamingo_config, "size=3b,data=synthetic"),
   (flamingo_config, "size=tiny,data=easy_vqa"),
+  (flamingo_config, "size=smollm2,only=bursty.vqa"),
   (contrastive, "size=tiny"),
   (contrastive, "size=smollm2"),
   (contrastive, "size=f6"),
@@ -58,3 +59,10 @@ def test_micro_batches_naming_no_dataset_is_an_error():
     config.train.micro_batches = {"m3ww": 2}
   with pytest.raises(KeyError, match=r"\['m3ww'\], which are not datasets"):
     common.finish(config)
+
+
+def test_only_keeps_the_named_datasets_and_refuses_unknown_ones():
+  config = flamingo_config.get_config("size=smollm2,only=bursty")
+  assert sorted(config.data.datasets) == ["bursty"] and sorted(config.train.micro_batches) == ["bursty"]
+  with pytest.raises(KeyError, match=r"\['burst'\] are not datasets"):
+    flamingo_config.get_config("size=smollm2,only=burst")
