@@ -37,12 +37,11 @@ import train_step as bench  # noqa: E402
 from configs import flamingo as flamingo_config  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
 from flamingo_jax.parallel import mesh as mesh_lib  # noqa: E402
-from flamingo_jax.train import (
-  partitioning,  # noqa: E402
-  trainable,  # noqa: E402
-)
+from flamingo_jax.parallel import partitioning  # noqa: E402
+from flamingo_jax.train import setup as setup_lib  # noqa: E402
 from flamingo_jax.train import state as state_lib  # noqa: E402
 from flamingo_jax.train import step as step_lib  # noqa: E402
+from flamingo_jax.train import trainable  # noqa: E402
 
 # (tokens per sequence, images per sequence, visual tokens per image)
 SHAPES = {"1b": (256, 5, 100), "tiny": (32, 2, 4)}
@@ -121,7 +120,7 @@ def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool
 
   params = jax.jit(objective.init)(jax.random.PRNGKey(0), host_batch)
   train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
-  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[cfg.dtype])
+  frozen_p = setup_lib.cast_frozen(frozen_p, flamingo.DTYPES[cfg.dtype])
   del params
   opt = bench.optimizer()
   state = state_lib.create(train_p, frozen_p, opt, jax.random.PRNGKey(1))

@@ -28,12 +28,8 @@ import optax  # noqa: E402
 
 from configs import flamingo as flamingo_config  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
-from flamingo_jax.train import (
-  host_memory,  # noqa: E402
-  objectives,  # noqa: E402
-  partitioning,  # noqa: E402
-  trainable,  # noqa: E402
-)
+from flamingo_jax.train import host_memory, objectives, trainable  # noqa: E402
+from flamingo_jax.train import setup as setup_lib  # noqa: E402
 from flamingo_jax.train import state as state_lib  # noqa: E402
 from flamingo_jax.train import step as step_lib  # noqa: E402
 
@@ -167,7 +163,7 @@ def run_jax(dtype: str, steps: int, remat: str = "none") -> dict:
   b = batch(cfg)
   params = jax.jit(objective.init)(jax.random.PRNGKey(0), b)
   train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
-  frozen_p = partitioning.cast_frozen(frozen_p, flamingo.DTYPES[dtype])
+  frozen_p = setup_lib.cast_frozen(frozen_p, flamingo.DTYPES[dtype])
   opt = optimizer()
   state = state_lib.create(train_p, frozen_p, opt, jax.random.PRNGKey(1))
   step = jax.jit(

@@ -12,7 +12,7 @@ Rows (bytes per device; `c` = compute-dtype bytes, fp32 = 4; `t` = the 'tensor' 
 'data' x 'fsdp', the batch shards; each dataset's per-device micro-batch is `b = ceil(B / d / k)` for
 global batch B and k micro-batches). The total is `persistent + max(backward pass, optimizer update)`:
 - persistent, the step's (donated) arguments:
-  - frozen params: compute dtype (`partitioning.cast_frozen`), sharded by the rules;
+  - frozen params: compute dtype (`train/setup.py: cast_frozen`), sharded by the rules;
   - trainable params: fp32, sharded by the rules;
   - optimizer state: AdamW mu and nu, 2 x the trainable params (sharded like them);
   - batch inputs: every dataset's per-device share of the global batch (`images` fp32 dominate).

@@ -4,8 +4,8 @@ Shapes: B host batch, P process count; a global array has the leading dim P*B, t
 
 Each host passes its own rows (host p's rows are rows [p B, (p+1) B) of the global batch, which is
 what `pipeline.py` reads); `jax.make_array_from_process_local_data` assembles them. The sharding is
-`NamedSharding(mesh, P(batch_axes, None, ...))`: dim 0 over `batch_axes` (default ('data','fsdp')),
-every other dim replicated.
+`NamedSharding(mesh, P(batch_axes, None, ...))`: dim 0 over `batch_axes` (default: the data-parallel
+axes the mesh has, `flamingo_jax/parallel/partitioning.py: batch_spec`), every other dim replicated.
 """
 
 import math
@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DEFAULT_BATCH_SPEC = P(("data", "fsdp"))
+from flamingo_jax.parallel import partitioning
 
 
 def _axes(mesh: Mesh, batch_spec: P) -> tuple[str, ...]:
@@ -31,20 +31,22 @@ def _axes(mesh: Mesh, batch_spec: P) -> tuple[str, ...]:
   return axes
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_spec: P = DEFAULT_BATCH_SPEC) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int, batch_spec: P | None = None) -> NamedSharding:
   """The sharding of a rank-`ndim` batch array: dim 0 over batch_spec's axes, the rest replicated."""
+  batch_spec = partitioning.batch_spec(mesh) if batch_spec is None else batch_spec
   _axes(mesh, batch_spec)
   return NamedSharding(mesh, P(batch_spec[0], *([None] * (ndim - 1))))
 
 
 def host_to_global(
-  batch: Any, mesh: Mesh, batch_spec: P = DEFAULT_BATCH_SPEC, process_count: int | None = None
+  batch: Any, mesh: Mesh, batch_spec: P | None = None, process_count: int | None = None
 ) -> Any:
   """A pytree of host numpy arrays [B, ...] -> the same pytree of global jax.Arrays [P*B, ...].
 
   Works on one dataset's batch or on the whole `{name: batch}` of a mixture step.
   """
   process_count = jax.process_count() if process_count is None else process_count
+  batch_spec = partitioning.batch_spec(mesh) if batch_spec is None else batch_spec
   axes = _axes(mesh, batch_spec)
   shards = math.prod(mesh.shape[a] for a in axes)
 

@@ -18,7 +18,7 @@ from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import init_from as init_from_lib
 from flamingo_jax.data import global_batch
 from flamingo_jax.parallel import mesh as mesh_lib
-from flamingo_jax.train import host_memory, metrics_writer, partitioning, preemption
+from flamingo_jax.train import host_memory, metrics_writer, preemption
 from flamingo_jax.train import setup as setup_lib
 from flamingo_jax.train import state as state_lib
 
@@ -73,9 +73,7 @@ def make_data(config, tokenizer, seed: int):
 
 def to_global(batches, mesh):
   """{name: host batch} -> {name: global jax.Array batch} on `mesh` (batch axis over data/fsdp)."""
-  return {
-    name: global_batch.host_to_global(b, mesh, partitioning.batch_spec(mesh)) for name, b in batches.items()
-  }
+  return {name: global_batch.host_to_global(b, mesh) for name, b in batches.items()}
 
 
 class Setup(NamedTuple):

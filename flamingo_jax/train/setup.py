@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.models import flamingo
+from flamingo_jax.parallel import partitioning
 from flamingo_jax.train import objectives as objectives_lib
 from flamingo_jax.train import optimizer as optimizer_lib
-from flamingo_jax.train import partitioning
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import step as step_lib
 from flamingo_jax.train import trainable as trainable_lib
@@ -72,10 +72,22 @@ def init_params(config, objective, rng) -> dict:
   return jax.device_get(jax.jit(objective.init)(rng, batch))
 
 
+def cast_frozen(frozen, dtype):
+  """Frozen params (arrays or ShapeDtypeStructs) in the compute dtype (bf16 halves their memory);
+  trainable stay fp32."""
+
+  def cast(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
+
+  return jax.tree.map(cast, frozen)
+
+
 def split_params(config, params) -> tuple[dict, dict]:
   """(trainable, frozen) by the config's rules, frozen in the compute dtype (arrays or shapes)."""
   train_p, frozen_p = trainable_lib.split(params, list(config.trainable), list(config.frozen))
-  return train_p, partitioning.cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
+  return train_p, cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
 
 
 def setup(config, mesh, special_ids=()) -> StepSetup:

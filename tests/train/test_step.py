@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from flamingo_jax.parallel import mesh as mesh_lib
-from flamingo_jax.train import partitioning
+from flamingo_jax.parallel import partitioning
 from flamingo_jax.train import step as step_lib
 from tests.train import helpers
 

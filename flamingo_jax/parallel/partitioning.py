@@ -1,17 +1,19 @@
 """Placing the train state and batches on a device mesh, and jitting the step with explicit shardings.
 
+Every placement decision lives in `flamingo_jax/parallel/`: parameter rules (`sharding.py`), the mesh
+(`mesh.py`), and here the state's and batches' shardings; `flamingo_jax/data/global_batch.py` assembles
+host batches with `batch_spec`.
+
 The state's shardings come from the config's parameter rules (flamingo_jax/parallel/sharding.py): params
 and frozen params by path, optimiser-state leaves by the path of the parameter they mirror, scalars
 replicated. Batches are split on their leading axis over the data-parallel mesh axes.
 """
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.parallel import sharding as sharding_lib
-from flamingo_jax.train import state as state_lib
 
 
 def batch_spec(mesh) -> P:
@@ -20,11 +22,11 @@ def batch_spec(mesh) -> P:
   return P(axes if axes else None)
 
 
-def state_shardings(abstract_state: state_lib.TrainState, rules, mesh) -> state_lib.TrainState:
-  """NamedShardings for every leaf of a (possibly abstract) TrainState."""
+def state_shardings(abstract_state, rules, mesh):
+  """NamedShardings for every leaf of a (possibly abstract) `train/state.py: TrainState`, as a TrainState."""
   replicated = NamedSharding(mesh, P())
   param_specs = sharding_lib.partition_specs(abstract_state.params, rules, mesh)
-  return state_lib.TrainState(
+  return type(abstract_state)(
     step=replicated,
     params=jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs),
     frozen=sharding_lib.named_shardings(abstract_state.frozen, rules, mesh),
@@ -50,15 +52,3 @@ def jit_train_step(train_step, state_sh, batch_sh, donate: bool = True):
     out_shardings=(state_sh, replicated),
     donate_argnums=(0,) if donate else (),
   )
-
-
-def cast_frozen(frozen, dtype):
-  """Frozen params (arrays or ShapeDtypeStructs) in the compute dtype (bf16 halves their memory);
-  trainable stay fp32."""
-
-  def cast(x):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return x
-    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
-
-  return jax.tree.map(cast, frozen)
