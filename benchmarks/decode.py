@@ -71,15 +71,12 @@ def jax_bench(prompt_ids, new_tokens: int, runs: int) -> tuple[dict, list]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from flamingo_jax import (
-    generate,  # pylint: disable=g-import-not-at-top
-    pretrained,  # pylint: disable=g-import-not-at-top
-  )
+  from flamingo_jax import generate, pretrained, sources  # pylint: disable=g-import-not-at-top
   from flamingo_jax.eval import decoding  # pylint: disable=g-import-not-at-top
   from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
 
   model_cfg = flamingo.model_config("smollm2")  # = configs/flamingo.py:size=smollm2's model
-  tokenizer = generate.make_tokenizer("smollm2", "smollm2")
+  tokenizer = sources.make_tokenizer("smollm2", "smollm2")
   params = pretrained.init_flamingo_with_lm(model_cfg, "smollm2", jax.random.PRNGKey(0), text_only=True)
   gen = generate.Generator(model_cfg, params, tokenizer)
   prefill, decode_step = gen.functions(new_tokens)
@@ -228,11 +225,11 @@ def main(argv=None) -> int:
 
   _limit_threads(args.threads)
   sys.path.insert(0, REPO_ROOT)
-  from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import sources  # pylint: disable=g-import-not-at-top
   from flamingo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
-  gguf = pretrained.parse_spec("smollm2")[1]
-  ids = tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(gguf)).encode(PROMPT)
+  gguf = sources.parse_lm("smollm2")[1]
+  ids = tokenizer_lib.Tokenizer.from_gguf(sources.gguf_reader(gguf)).encode(PROMPT)
   if len(ids) < args.prompt_tokens:
     raise ValueError(f"the benchmark prompt has only {len(ids)} tokens")
   ids = ids[: args.prompt_tokens]

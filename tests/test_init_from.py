@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import flamingo as flamingo_config
-from flamingo_jax import checkpoint, init_from, pretrained
+from flamingo_jax import checkpoint, init_from, sources
 from flamingo_jax.models import flamingo
 from tests.test_checkpoint import _state
 
@@ -122,7 +122,7 @@ def test_initial_params_checks_the_lm_source_config():
   config = flamingo_config.get_config("size=smollm2")
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), flamingo.param_shapes(config.model))
   loaded = init_from.initial_params(_sources(lm="smollm2"), config.model, params, end_id=0)
-  _, lm_params = pretrained.lm_source_params("smollm2", np.float32)
+  _, lm_params = sources.load_lm("smollm2", np.float32)
   np.testing.assert_array_equal(loaded["lm/final_norm"]["scale"], lm_params["lm/final_norm"]["scale"])
   with config.unlocked():
     config.model.lm.rope_theta = 10_000.0  # SmolLM2's is 100000: a wrong value must not pass silently

@@ -16,6 +16,7 @@ from absl import logging
 
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import init_from as init_from_lib
+from flamingo_jax import sources
 from flamingo_jax.data import global_batch
 from flamingo_jax.parallel import mesh as mesh_lib
 from flamingo_jax.train import host_memory, metrics_writer, preemption
@@ -25,22 +26,6 @@ from flamingo_jax.train import state as state_lib
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (e.g. too many consecutive non-finite steps)."""
-
-
-def make_tokenizer(spec: str):
-  """'smollm2' | 'gguf:PATH' | 'hf:DIR/tokenizer.json' | '' (none: synthetic data)."""
-  if not spec:
-    return None
-  from flamingo_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
-  if spec == "smollm2":
-    return tokenizer_lib.Tokenizer.smollm2()
-  kind, _, path = spec.partition(":")
-  if kind == "gguf":
-    return tokenizer_lib.Tokenizer.from_gguf(path)
-  if kind == "hf":
-    return tokenizer_lib.Tokenizer.from_hf(path)
-  raise ValueError(f"config.tokenizer must be 'smollm2', 'gguf:PATH' or 'hf:PATH', got {spec!r}")
 
 
 def make_data(config, tokenizer, seed: int):
@@ -126,7 +111,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, A
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=1))
-  built = build(config, make_tokenizer(config.tokenizer))
+  built = build(config, sources.make_tokenizer(config.tokenizer))
   mesh, data, state, jitted = built.mesh, built.data, built.state, built.step
 
   ckpt = checkpoint_lib.Checkpointer(

@@ -14,7 +14,7 @@ import pytest
 from safetensors import numpy as st_numpy
 
 from flamingo_jax.convert import __main__ as convert_main
-from flamingo_jax.convert import hf_lm
+from flamingo_jax.convert import converted, hf_lm
 from flamingo_jax.models import lm as lm_lib
 from tests.convert import reference_llama
 from tests.convert.random_lm import random_params
@@ -181,7 +181,7 @@ def test_convert_entry_point_and_load_converted(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(tmp_path)) == ["converted", "hf"]  # No temp dir left behind.
-  loaded_config, loaded = convert_main.load_converted(str(out))
+  loaded_config, loaded = converted.load_converted(str(out))
   assert loaded_config == config
   assert_trees_equal(loaded, params)
   with pytest.raises(FileExistsError):
@@ -189,6 +189,6 @@ def test_convert_entry_point_and_load_converted(tmp_path):
   convert_main.main(
     ["--from", f"hf:{tmp_path / 'hf'}", "--out", str(out), "--overwrite", "--dtype", "bfloat16"]
   )
-  _, bf16 = convert_main.load_converted(str(out))
+  _, bf16 = converted.load_converted(str(out))
   assert all(w.dtype == ml_dtypes.bfloat16 for w in jax.tree.leaves(bf16))
   assert sorted(os.listdir(tmp_path)) == ["converted", "hf"]
