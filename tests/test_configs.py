@@ -16,7 +16,6 @@ TRAINING = [
   (flamingo_config, "size=3b"),
   (flamingo_config, "size=9b"),
   (flamingo_config, "size=80b"),
-  (flamingo_config, "size=3b,data=synthetic"),
   (flamingo_config, "size=tiny,data=easy_vqa"),
   (flamingo_config, "size=smollm2,only=bursty.vqa"),
   (contrastive, "size=tiny"),
