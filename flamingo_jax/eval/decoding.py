@@ -8,11 +8,10 @@ so repeated calls with the same shapes hit the jit cache):
 Prompts are LEFT-padded (token_mask marks valid tokens), so position T-1 holds every row's last
 token. `prefill_inputs` is a dict of arrays (e.g. images) passed through to prefill.
 
-The cache is any pytree; beam search reorders its batch rows either with `reorder_cache(cache,
-indices [M]) -> cache` (rows gathered by `indices`; M may differ from the cache's batch: the first
-call expands a B-row prefill cache to B*K rows) or, simpler, with `cache_batch_axes`: a pytree
-like the cache whose leaves give each leaf's batch axis (None: no batch axis, e.g. a scalar write
-index).
+The cache is any pytree; beam search gathers its batch rows (the first gather expands a B-row
+prefill cache to B*K rows) along `cache_batch_axes`: a pytree like the cache whose leaves give each
+leaf's batch axis (None: no batch axis, e.g. a scalar write index; `models/lm.py: CACHE_BATCH_AXES`
+for the Flamingo LM's cache).
 
 Shapes: B batch, T prompt tokens, V vocabulary, K beams, N = max_new_tokens.
 Outputs are tokens [B,N] (the stop token included, pad_id after it) and summed fp32 log-probs
@@ -74,15 +73,6 @@ class _AxesReorder:
 
   def __eq__(self, other):
     return isinstance(other, _AxesReorder) and self._key() == other._key()
-
-
-def make_reorder_fn(cache_batch_axes: PyTree) -> ReorderFn:
-  """`reorder_cache` gathering rows along each leaf's batch axis (None = leave the leaf alone).
-
-  Example for the Flamingo LM cache (`models/lm.py:init_cache`): {'k': 1, 'v': 1, 'valid': 0,
-  'index': None, 'positions': 0, 'last_media': 0, 'xattn_k': 1, 'xattn_v': 1, 'xattn_owner': None}.
-  """
-  return _AxesReorder(cache_batch_axes)
 
 
 def _stop_mask(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
@@ -204,8 +194,7 @@ def beam_search(
   pad_id: int,
   num_beams: int = 3,
   alpha: float = 0.6,
-  reorder_cache: ReorderFn | None = None,
-  cache_batch_axes: PyTree = None,
+  cache_batch_axes: PyTree,
   prefill_inputs: dict[str, Any] | None = None,
 ) -> BeamOutput:
   """Beam search with fixed shapes in a `lax.while_loop`.
@@ -221,14 +210,11 @@ def beam_search(
     num_beams: K (default 3 as in Flamingo).
     alpha: length penalty exponent (0: plain summed log-prob); traced: changing it does not
       recompile.
-    reorder_cache / cache_batch_axes: how to gather cache rows (exactly one; a reorder_cache
-      function is a static jit argument: reuse the same object).
+    cache_batch_axes: the batch axis of each cache leaf (None: shared by the batch), e.g.
+      `models/lm.py: CACHE_BATCH_AXES`; beams gather their cache rows along it.
   """
   _check_prompt(tokens, token_mask, max_new_tokens)
-  if (reorder_cache is None) == (cache_batch_axes is None):
-    raise ValueError("beam_search needs exactly one of reorder_cache and cache_batch_axes")
-  if reorder_cache is None:
-    reorder_cache = make_reorder_fn(cache_batch_axes)
+  reorder_cache = _AxesReorder(cache_batch_axes)  # hashable: jit caches on the axes' value
   if num_beams < 1:
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   return _beam_search(
@@ -274,6 +260,7 @@ def _beam_search(
   reorder_cache,
   prefill_inputs,
 ):
+  """The jitted beam search. Long: one `lax.while_loop` whose state every part of the step shares."""
   batch, k, n = tokens.shape[0], num_beams, max_new_tokens
   logits, cache = prefill_fn(params, tokens, token_mask, **(prefill_inputs or {}))
   vocab = logits.shape[-1]

@@ -32,20 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.eval import decoding, scoring
+from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import masking
-
-# Batch axis of each KV-cache leaf (models/lm.py: init_cache) for beam reordering.
-_CACHE_BATCH_AXES = {
-  "k": 1,
-  "v": 1,
-  "valid": 0,
-  "index": None,
-  "positions": 0,
-  "last_media": 0,
-  "xattn_k": 1,
-  "xattn_v": 1,
-  "xattn_owner": None,
-}
 
 
 def bucket(length: int, multiple: int) -> int:
@@ -123,7 +111,7 @@ class EvalModel:
     self.visual_cache_size = int(visual_cache_size)
     self._latents = model.configs.resampler.num_latents
     keys = jax.eval_shape(lambda: model.init_cache(1, 2, 1)).keys()
-    self._reorder = decoding.make_reorder_fn({k: _CACHE_BATCH_AXES[k] for k in keys})
+    self._cache_axes = {k: lm_lib.CACHE_BATCH_AXES[k] for k in keys}
 
   def _fn(self, key, build: Callable[[], Callable], jit: bool = True):
     """Builds each function once: the same object keeps hitting jit's cache."""
@@ -265,7 +253,7 @@ class EvalModel:
           prefill_inputs=inputs,
           num_beams=self.num_beams,
           alpha=self.length_penalty,
-          reorder_cache=self._reorder,
+          cache_batch_axes=self._cache_axes,
           **kw,
         )
       out += self._generated(result, real, stops)

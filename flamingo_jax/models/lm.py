@@ -5,17 +5,13 @@ Hq/Hkv query/key-value heads, dh head dim, N media items, R visual tokens per it
 
 All L layers' parameters are stacked on a leading axis (`lm/layers`) and run by `lax.scan`, MaxText style,
 so compile time does not grow with depth. Xattn block x sits before layer x*every: the scan runs over
-`L // every` groups of (one block, `every` layers); when `every` does not divide L a tail group follows.
-A group reads its layers by a dynamic slice of the [L, ...] stack inside the loop: slicing the first
-`L // every * every` layers outside it would be a copy of the whole LM on XLA:CPU, kept for the backward.
-Within a group the `every` layers are unrolled (a nested scan costs ~25% of the step on XLA:CPU), so the
-compiled program grows with `every` (at most 7 in the size table), never with L. `scan_unroll` > 1 also
-unrolls that many groups per loop iteration (MaxText's `scan_layers=False` when it covers all groups).
-Cached calls of fewer than `UNROLL_MIN_TOKENS` tokens (decoding steps) run one flat scan over the L
-layers instead, the xattn block before layer l applied under `lax.cond` (l % every == 0): an unrolled layer
-takes a static slice of the stacked weights, which XLA:CPU copies out into fresh buffers, all L layers'
-weights per call (~7x the time of a batch-1 step over the weights themselves), and a group's layers
-are such slices of the group's copy; a flat scan's one dynamic slice per layer stays cache-sized.
+`L // every` groups of (one block, `every` layers), then a tail group when `every` does not divide L. A
+group reads its layers by a dynamic slice of the [L, ...] stack inside the loop (slicing outside copies
+the whole LM on XLA:CPU). A group's `every` layers are unrolled (a nested scan costs ~25% of the step on
+XLA:CPU); `scan_unroll` > 1 unrolls that many groups per iteration. Cached calls of fewer than
+`UNROLL_MIN_TOKENS` tokens (decoding) run one flat scan over the L layers, each xattn block under
+`lax.cond`: XLA:CPU copies an unrolled layer's static weight slice into fresh buffers on every call
+(~7x a batch-1 step's weight reads), while a flat scan's dynamic slice per layer stays cache-sized.
 
 Two LM families: Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU; SmolLM2) and the paper's
 Chinchilla-style GELU MLP with LayerNorm (3B/9B/80B sizes; RoPE stands in for its relative positions).
@@ -57,13 +53,17 @@ class LMConfig:
     return cls(**d)
 
 
-# Cached calls (decoding) below this many tokens (B*T) run the layers as one flat scan (module docstring).
-# Never training: a gradient through a scan's dynamic weight slices is several times slower on XLA:CPU.
-UNROLL_MIN_TOKENS = 256
+# Cached calls (decoding) below this many tokens (B*T) run one flat scan (module docstring); never training:
+UNROLL_MIN_TOKENS = 256  # a gradient through a scan's dynamic weight slices is several times slower there
 
 
 def num_xattn_blocks(num_layers: int, every: int) -> int:
   return math.ceil(num_layers / every) if every > 0 else 0
+
+
+# Batch axis of each KV-cache leaf (`init_cache`; None: shared by the batch), for beam reordering.
+CACHE_BATCH_AXES = dict(k=1, v=1, valid=0, index=None, positions=0, last_media=0)
+CACHE_BATCH_AXES |= dict(xattn_k=1, xattn_v=1, xattn_owner=None)  # with gated xattn blocks
 
 
 def init_cache(
@@ -224,6 +224,8 @@ class DecoderLM(hk.Module):
 
     Returns:
       (logits [B, T, V+E] fp32, updated cache or None).
+
+    Long: the forward with and without a KV cache shares its embedding, masks and head.
     """
     c, dtype = self.cfg, self.dtype
     b, t = tokens.shape
@@ -301,7 +303,10 @@ class DecoderLM(hk.Module):
 
   # ------------------------------------------------------------------------------------------ layers
   def _run_layers(self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index):
-    """Scan over groups of (xattn block, `every` layers). Returns (x, (k, v) stacked [L, ...] or None)."""
+    """Scan over groups of (xattn block, `every` layers). Returns (x, (k, v) stacked [L, ...] or None).
+
+    Long: the grouped scan over (xattn block, layers) with its cache plumbing.
+    """
     c, dtype = self.cfg, self.dtype
     every = self.xcfg.every if (self.xcfg and self.num_blocks) else c.num_layers
     n_groups, tail = c.num_layers // every, c.num_layers % every

@@ -163,15 +163,15 @@ def test_wide_beam_is_exact(alpha):
     np.testing.assert_allclose(np.asarray(beam.beam_scores[b])[: len(top)], top, atol=1e-5)
 
 
-@pytest.mark.parametrize("reorder", ["axes", "fn"])
-def test_beam_scores_match_teacher_forcing(reorder):
+def test_beam_scores_match_teacher_forcing():
   # Every returned hypothesis must score what the model gives it when re-scored from scratch: a
   # cache not reordered with its beam would break this.
   table = _random_table(11)
   tokens, mask = _prompts()
   alpha = 0.6
-  kw = dict(cache_batch_axes=CACHE_AXES) if reorder == "axes" else dict(reorder_cache=_reorder_fn)
-  beam = decoding.beam_search(prefill, decode_step, table, tokens, mask, num_beams=3, alpha=alpha, **kw, **KW)
+  beam = decoding.beam_search(
+    prefill, decode_step, table, tokens, mask, num_beams=3, alpha=alpha, cache_batch_axes=CACHE_AXES, **KW
+  )
   for b in range(tokens.shape[0]):
     for j in range(3):
       score = float(beam.beam_scores[b, j])
@@ -183,10 +183,6 @@ def test_beam_scores_match_teacher_forcing(reorder):
       expected = _seq_logp(table, tokens[b], seq[:length]) / _lp(length, alpha)
       assert score == pytest.approx(expected, abs=1e-4)
     assert np.all(np.diff(np.asarray(beam.beam_scores[b])) <= 1e-6)  # best first
-
-
-def _reorder_fn(cache, indices):
-  return {"prev": cache["prev"][indices], "index": cache["index"]}
 
 
 def test_stop_and_padding_per_row():
