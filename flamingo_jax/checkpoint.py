@@ -21,14 +21,10 @@ and the cause; Orbax deletes old steps only after a new one is complete, so they
 Call `wait()` or `close()` before exiting.
 
 Unreadable steps (`restore_newest`): a step whose files do not read (flipped bytes, which the
-fingerprints catch, truncated metadata, a missing item) is moved aside to WORKDIR/checkpoints_corrupt/<step> (renamed, never
-deleted) and the next newest step is tried; `fallback=False` makes the first one an error instead.
-A template mismatch (another model or optimizer) is never a reason to fall back: it raises.
-
+fingerprints catch; truncated metadata; a missing item) is moved to WORKDIR/checkpoints_corrupt/<step>
+(renamed, never deleted) and the next newest step is tried; `fallback=False` makes it an error. A
+template mismatch (another model or optimizer) is never a reason to fall back: it raises.
 Preemption (SIGTERM -> save at the next step boundary) is `flamingo_jax/train/preemption.py`.
-
-Resume order: this workdir's newest readable checkpoint > `init_from` sources
-(`flamingo_jax/init_from.py`) > fresh init.
 """
 
 import contextlib
@@ -51,7 +47,9 @@ from flamingo_jax.checkpoint_errors import (
   CheckpointSaveError,
   NoReadableCheckpointError,
   TemplateMismatchError,
+  check_template,
 )
+from flamingo_jax.parallel.sharding import path_str
 
 CHECKPOINTS_DIR = "checkpoints"
 CORRUPT_DIR = "checkpoints_corrupt"
@@ -63,10 +61,6 @@ def _all_processes(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
-
-
-def _flat(tree) -> dict[str, Any]:
-  return {fingerprint.path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _to_json(value, where: str):
@@ -107,7 +101,7 @@ def abstract_like(tree):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None:
       raise ValueError(
-        f"template leaf {fingerprint.path_str(path)}: a ShapeDtypeStruct without a sharding "
+        f"template leaf {path_str(path)}: a ShapeDtypeStruct without a sharding "
         "(give it one, or use a numpy array to restore into host memory)"
       )
     return x
@@ -234,26 +228,6 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
     return int(step)
 
-  def _check_template(self, step: int, saved_metadata, template) -> None:
-    """Raises TemplateMismatchError naming the path when leaves or shapes differ."""
-    saved = _flat(getattr(saved_metadata, "tree", saved_metadata))
-    wanted = _flat(template)
-    where = f"{self.directory}/{step}/{STATE}"
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    if missing or extra:
-      raise TemplateMismatchError(
-        f"{where} does not match the state template: missing from the checkpoint "
-        f"{missing[:10]}, not in the template {extra[:10]}"
-      )
-    for path, leaf in wanted.items():
-      shape = getattr(saved[path], "shape", None)
-      if shape is not None and tuple(shape) != tuple(np.shape(leaf)):
-        raise TemplateMismatchError(
-          f"{where}: {path} has shape {tuple(shape)} in the checkpoint, "
-          f"{tuple(np.shape(leaf))} in the template"
-        )
-
   def restore(
     self, step: int | None = None, state_template=None, restore_data: bool = True
   ) -> tuple[Any, dict | None]:
@@ -283,7 +257,7 @@ class Checkpointer:
         saved = self._manager.item_metadata(step)
         if saved is None or saved.get(STATE) is None:
           raise FileNotFoundError(f"no readable {STATE}/ item in {self.directory / str(step)}")
-        self._check_template(step, saved[STATE], template)
+        check_template(f"{self.directory}/{step}/{STATE}", saved[STATE], template)
         items[STATE] = ocp.args.StandardRestore(template)
       if restore_data:
         items[DATA] = ocp.args.JsonRestore()

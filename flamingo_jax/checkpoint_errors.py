@@ -9,7 +9,11 @@ go wrong") shows what each prints.
 import json
 import re
 
+import jax
+import numpy as np
 from etils import epath
+
+from flamingo_jax.parallel.sharding import path_str
 
 STATE = "state"  # the TrainState item of a step directory
 # Orbax's JSON files in a step directory (a truncated one is named by `_unreadable_file`).
@@ -60,3 +64,25 @@ def _unreadable_file(step_dir_path) -> str | None:
           return str(path)
     level = [p for p in files if p.is_dir()]
   return None
+
+
+def check_template(where: str, saved_metadata, template) -> None:
+  """Raises TemplateMismatchError naming the path when the saved leaves or shapes differ from the
+  template's (`where`: the state item's directory)."""
+
+  def flat(tree):
+    return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  saved, wanted = flat(getattr(saved_metadata, "tree", saved_metadata)), flat(template)
+  missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+  if missing or extra:
+    raise TemplateMismatchError(
+      f"{where} does not match the state template: missing from the checkpoint "
+      f"{missing[:10]}, not in the template {extra[:10]}"
+    )
+  for path, leaf in wanted.items():
+    shape = getattr(saved[path], "shape", None)
+    if shape is not None and tuple(shape) != tuple(np.shape(leaf)):
+      raise TemplateMismatchError(
+        f"{where}: {path} has shape {tuple(shape)} in the checkpoint, {tuple(np.shape(leaf))} in the template"
+      )

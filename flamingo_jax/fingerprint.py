@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flamingo_jax.parallel.sharding import path_str
+
 _GOLDEN = np.uint32(2654435761)  # Knuth's multiplicative hash constant (odd)
 _UINT_OF_WIDTH = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -64,16 +66,3 @@ def mismatches(saved: dict[str, list], tree: Any) -> list[str]:
     for k, (dtype, value) in now.items()
     if k in saved and saved[k][0] == dtype and int(saved[k][1]) != value
   )
-
-
-def path_str(keypath) -> str:
-  """'params/lm/embed/embeddings' from a jax key path (dict keys, attributes, sequence indices)."""
-  parts = []
-  for k in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)

@@ -153,6 +153,8 @@ def maybe_initialize_distributed(
 
   Returns:
     True when JAX runs distributed (initialised now or before), False for a single process.
+
+  Long: each source of the multi-host settings (config, environment, TPU) checked in turn.
   """
   environ = os.environ if environ is None else environ
   if jax.distributed.is_initialized():

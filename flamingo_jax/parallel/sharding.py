@@ -15,8 +15,7 @@ as size 1.
 Named rule sets live in `RULE_SETS`; a config refers to one by name (e.g. `config.sharding.rules =
 'flamingo'`) and every function here accepts either the name or the rules themselves.
 
-Activations use *logical* axis names ('batch', 'length', 'embed', 'heads', 'mlp', 'vocab', ...)
-mapped to mesh axes by `DEFAULT_LOGICAL_RULES`; `with_logical_constraint` applies them inside `jit`.
+Activation constraints by logical axis names are `logical.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flamingo_jax.parallel.mesh import MESH_AXES
@@ -108,20 +107,6 @@ RULE_SETS = {
   "replicated": REPLICATED_RULES,
 }
 
-# Logical activation axes -> mesh axes. The batch is split over both data-parallel axes.
-DEFAULT_LOGICAL_RULES = (
-  ("batch", ("data", "fsdp")),
-  ("length", None),
-  ("embed", None),
-  ("heads", "tensor"),
-  ("kv_heads", "tensor"),
-  ("head_dim", None),
-  ("mlp", "tensor"),
-  ("vocab", "tensor"),
-  ("media", None),
-  ("latents", None),
-)
-
 
 # ------------------------------------------------------------------------------------------------
 def path_str(key_path) -> str:
@@ -168,7 +153,8 @@ def _shape(leaf) -> tuple[int, ...]:
   return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
 
 
-def _entry_axes(entry) -> tuple[str, ...]:
+def entry_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, an axis name, or a tuple of them)."""
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
@@ -213,7 +199,7 @@ def check_spec(name: str, shape: Sequence[int], spec: P, mesh: Mesh, *, fallback
   mesh_sizes = dict(mesh.shape)
   used, entries = set(), []
   for dim, entry in enumerate(spec):
-    axes = _entry_axes(entry)
+    axes = entry_axes(entry)
     unknown = [a for a in axes if a not in mesh_sizes and a not in MESH_AXES]
     if unknown:
       raise ValueError(
@@ -317,88 +303,3 @@ def optimizer_state_shardings(opt_state_shapes: Any, param_specs: Any, mesh: Mes
     )
 
   return jax.tree_util.tree_map_with_path(one, opt_state_shapes)
-
-
-# ------------------------------------------------------------------------------------------------
-def logical_to_spec(
-  logical_axes: Sequence[str | None],
-  rules: Sequence[tuple] = DEFAULT_LOGICAL_RULES,
-  mesh_axis_sizes: Mapping[str, int] | None = None,
-  shape: Sequence[int] | None = None,
-) -> P:
-  """Maps logical axis names to a PartitionSpec over mesh axes.
-
-  Args:
-    logical_axes: one logical name (or None) per dimension, e.g. ('batch', 'length', 'embed').
-    rules: `(logical name, mesh axis | tuple of mesh axes | None)` pairs; the first pair wins.
-    mesh_axis_sizes: the mesh's axis name -> size; mesh axes absent from it are dropped. None keeps
-      all axes (no mesh to check against).
-    shape: if given, a dimension its mesh axes do not divide is left unsharded (e.g. batch 1).
-
-  Returns:
-    The PartitionSpec; a mesh axis is used at most once (later dims lose it).
-
-  Raises:
-    ValueError: a logical name that has no rule.
-  """
-  table = {}
-  for logical, mesh_axes in rules:
-    table.setdefault(logical, mesh_axes)
-  used, entries = set(), []
-  for dim, logical in enumerate(logical_axes):
-    if logical is None:
-      entries.append(None)
-      continue
-    if logical not in table:
-      raise ValueError(f"logical axis {logical!r} has no rule; known: {sorted(table)}.")
-    axes = tuple(
-      a
-      for a in _entry_axes(table[logical])
-      if a not in used and (mesh_axis_sizes is None or a in mesh_axis_sizes)
-    )
-    if (
-      shape is not None
-      and mesh_axis_sizes is not None
-      and shape[dim] % math.prod(mesh_axis_sizes[a] for a in axes)
-    ):
-      axes = ()
-    used |= set(axes)
-    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-  return P(*entries)
-
-
-def with_logical_constraint(
-  x: jax.Array,
-  logical_axes: Sequence[str | None],
-  rules: Sequence[tuple] = DEFAULT_LOGICAL_RULES,
-  mesh: Mesh | None = None,
-) -> jax.Array:
-  """`jax.lax.with_sharding_constraint` by logical axis names; a no-op without a mesh.
-
-  The mesh is `mesh` if given, else the one set by `jax.set_mesh` (only its `Auto` axes are used);
-  with neither, `x` is returned unchanged, so model code runs the same on one device.
-
-  Args:
-    x: an array of rank `len(logical_axes)`.
-    logical_axes: one logical name (or None) per dimension of `x`.
-    rules: logical -> mesh axes pairs, as `DEFAULT_LOGICAL_RULES`.
-    mesh: optional concrete mesh.
-  """
-  if len(logical_axes) != x.ndim:
-    raise ValueError(
-      f"logical axes {tuple(logical_axes)} do not match the rank of an array of shape {x.shape}."
-    )
-  if mesh is None:
-    abstract = jax.sharding.get_abstract_mesh()
-    if abstract.empty:
-      return x
-    sizes = {
-      name: size
-      for name, size, kind in zip(abstract.axis_names, abstract.axis_sizes, abstract.axis_types)
-      if kind == AxisType.Auto
-    }
-    if not sizes:
-      return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, rules, sizes, x.shape))
-  spec = logical_to_spec(logical_axes, rules, dict(mesh.shape), x.shape)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flamingo_jax.parallel import logical, sharding
 from flamingo_jax.parallel import mesh as mesh_lib
-from flamingo_jax.parallel import sharding
 
 
 @pytest.fixture(name="mesh")
@@ -254,7 +254,7 @@ def test_device_put_and_jit_with_rule_shardings(mesh):
   tx = optax.adamw(1e-2, weight_decay=0.1)
   opt_shardings = sharding.optimizer_state_shardings(jax.eval_shape(tx.init, params), param_shardings, mesh)
   batch_sharding = NamedSharding(
-    mesh, sharding.logical_to_spec(("batch", None), mesh_axis_sizes=dict(mesh.shape))
+    mesh, logical.logical_to_spec(("batch", None), mesh_axis_sizes=dict(mesh.shape))
   )
   placed = jax.device_put(params, param_shardings)
   q = placed["lm/layers"]["q"]
@@ -291,27 +291,25 @@ def test_device_put_and_jit_with_rule_shardings(mesh):
 
 def test_logical_to_spec():
   sizes = {"data": 2, "fsdp": 2, "tensor": 2}
-  assert sharding.logical_to_spec(("batch", "length", "heads"), mesh_axis_sizes=sizes) == P(
+  assert logical.logical_to_spec(("batch", "length", "heads"), mesh_axis_sizes=sizes) == P(
     ("data", "fsdp"), None, "tensor"
   )
   # Axes absent from the mesh are dropped; an indivisible dim is left unsharded.
-  assert sharding.logical_to_spec(("batch", "mlp"), mesh_axis_sizes={"fsdp": 4}) == P("fsdp", None)
-  assert sharding.logical_to_spec(("batch", "vocab"), mesh_axis_sizes=sizes, shape=(1, 6)) == P(
-    None, "tensor"
-  )
+  assert logical.logical_to_spec(("batch", "mlp"), mesh_axis_sizes={"fsdp": 4}) == P("fsdp", None)
+  assert logical.logical_to_spec(("batch", "vocab"), mesh_axis_sizes=sizes, shape=(1, 6)) == P(None, "tensor")
   with pytest.raises(ValueError, match="logical axis 'hidden' has no rule"):
-    sharding.logical_to_spec(("batch", "hidden"))
+    logical.logical_to_spec(("batch", "hidden"))
 
 
 def test_with_logical_constraint(mesh):
   x = jnp.ones((8, 4, 6))
   axes = ("batch", "length", "heads")
-  assert sharding.with_logical_constraint(x, axes) is x  # No mesh: a no-op.
+  assert logical.with_logical_constraint(x, axes) is x  # No mesh: a no-op.
   with pytest.raises(ValueError, match="do not match the rank"):
-    sharding.with_logical_constraint(x, ("batch",))
-  out = jax.jit(lambda a: sharding.with_logical_constraint(a * 2, axes, mesh=mesh))(x)
+    logical.with_logical_constraint(x, ("batch",))
+  out = jax.jit(lambda a: logical.with_logical_constraint(a * 2, axes, mesh=mesh))(x)
   assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
   with jax.set_mesh(mesh):
-    out = jax.jit(lambda a: sharding.with_logical_constraint(a * 2, axes))(x)
+    out = jax.jit(lambda a: logical.with_logical_constraint(a * 2, axes))(x)
   assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
   np.testing.assert_array_equal(np.asarray(out), 2 * np.ones((8, 4, 6)))
