@@ -108,7 +108,10 @@ def breakdown(objective, state, batch, steps: int) -> dict:
 
 
 def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool = False) -> dict:
-  """Builds, compiles and times the step; returns its figures."""
+  """Builds, compiles and times the step; returns its figures.
+
+  Long: one measurement (build, lower, compile, time) end to end.
+  """
   tokens, images, visual = SHAPES[size]
   cfg = model_config(size, remat)
   shape = dict(b=batch_size, t=tokens, n=images, lv=visual)
@@ -172,6 +175,7 @@ def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool
 
 
 def main():
+  """Command line: runs each configuration and prints the table. Long: flags and table output."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size", default="1b", choices=sorted(SHAPES))
   parser.add_argument("--batch", default="32", help="comma-separated batch sizes")

@@ -22,6 +22,7 @@ _VISION = {"tiny": ("test", 32), "smollm2": ("nano", 64), "f6": ("F6", 288)}
 
 
 def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
+  """The stage-1 config for `arg`. Long: a flat list of fields, read top to bottom."""
   args = common.parse_args(arg, {"size": "smollm2", "steps": 0})
   size = args["size"]
   if size not in _TEXT:

@@ -29,6 +29,7 @@ _TASKS = "easy_vqa.easy_vqa_binding"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  """The evaluation config for `arg`. Long: a flat list of fields, read top to bottom."""
   args = common.parse_args(
     arg, {"tasks": _TASKS, "shots": "0.4.8.16", "seeds": 3, "runlocal": False, "quick": False}
   )

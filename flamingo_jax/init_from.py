@@ -143,6 +143,8 @@ def load_params_subset(
   Raises:
     ValueError: `select` matches nothing in the template; a selected param is missing from the
       source (names it); a shape differs (names the path and both shapes).
+
+  Long: one partial Orbax restore (locate, match, check shapes, restore, reassemble).
   """
   item_dir, roots = _locate_params(path, kind, step)
   if not (item_dir / "_METADATA").exists():

@@ -157,7 +157,10 @@ def nfnet_largest_map(variant: str, image_size: int) -> int:
 
 
 def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int) -> dict:
-  """Per-device activation bytes of one micro-batch of `b` examples (formulas: module docstring)."""
+  """Per-device activation bytes of one micro-batch of `b` examples (formulas: module docstring).
+
+  Long: the module docstring's per-module formulas, one line each.
+  """
   c = jnp.dtype(flamingo.DTYPES[model_cfg.dtype]).itemsize
   t = tensor
   lm, xa, rs = model_cfg.lm, model_cfg.xattn, model_cfg.resampler
@@ -230,7 +233,10 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
 
 # --------------------------------------------------------------------------------------------- plan
 def make_plan(config, devices: int, hbm_gib: float = 32.0, mesh: Mapping[str, int] | None = None) -> dict:
-  """The memory plan of `config` on `devices` chips of `hbm_gib` GiB each (bytes per device)."""
+  """The memory plan of `config` on `devices` chips of `hbm_gib` GiB each (bytes per device).
+
+  Long: the plan's rows (params, optimizer, gradients, activations, batches) as one table.
+  """
   sizes = mesh_sizes(mesh if mesh is not None else config.mesh.shape, devices)
   rules = config.sharding.rules
   t = sizes.get("tensor", 1)

@@ -86,6 +86,8 @@ def easy_vqa_mixture_config(
   sizes are small for a CPU; `max_examples` builds only that many records per split (tests). The token budgets hold every easy-VQA sequence with the
   SmolLM2 tokenizer (longest: documents 62 ids, VQA 20, clips 15, captions 9); a byte-level
   tokenizer needs about 4x more.
+
+  Long: a declarative table of the datasets' fields.
   """
 
   def easy(kind):

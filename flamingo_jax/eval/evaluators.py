@@ -117,6 +117,8 @@ class Evaluator:
 
     `lm_only`: the frozen LM alone (no cross-attention, no images); with text_only_format 'lm'
     the prompts are also rewritten as plain text (`plain_text`), as that LM reads them.
+
+    Long: one evaluation protocol (prompts, decoding, metrics) read in order.
     """
     if selection not in ("random", "rices"):
       raise ValueError(f"selection must be 'random' or 'rices', got {selection!r}")

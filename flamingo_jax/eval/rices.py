@@ -56,6 +56,8 @@ def top_k_similar(
     exclude_ids: [Nq] for each query an id whose support rows must never be returned (the
       query's own id when queries and support overlap), or None.
     chunk_size: queries per similarity matmul (bounds memory to chunk_size x Ns floats).
+
+  Long: the chunked, multi-host nearest-neighbour search in one place.
   """
   support = l2_normalize(support_feats)
   queries = l2_normalize(query_feats)

@@ -85,6 +85,8 @@ def rank_candidates(
     row_inputs: row_inputs[q][p]: dict of arrays without batch axis (e.g. images [N,F,H,W,3])
       for the rows of prompt p of query q, stacked on a new leading axis and passed as keywords.
     length_normalize: divide each candidate's log-likelihood by its token count.
+
+  Long: batching, scoring and prompt-ensemble averaging of one ranking pass.
   """
   num_queries = len(prompts)
   if len(candidates) != num_queries:

@@ -105,6 +105,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, A
   """Runs (or resumes) training in `workdir`. Returns the last metrics as floats.
 
   `stop_after`: leave the loop after this many steps of this call (tests of interrupted runs).
+
+  Long: the loop itself, top to bottom (resume, compile, step, log, checkpoint, preemption).
   """
   mesh_lib.maybe_initialize_distributed(config)
   os.makedirs(workdir, exist_ok=True)

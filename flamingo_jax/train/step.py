@@ -47,6 +47,8 @@ def make_train_step(
     optimizer: over the trainable params.
     datasets: {name: {'weight': lambda_m, 'micro_batches': k}} for every dataset of the mixture.
     schedule: the learning-rate schedule, only for the `train/lr` metric.
+
+  Long: the step (accumulation over datasets, clip, non-finite skip, update) read as one.
   """
   names = sorted(datasets)
 

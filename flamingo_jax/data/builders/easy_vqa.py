@@ -216,6 +216,10 @@ class EasyVqa(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split):
+    """The examples of `split` for the config's kind.
+
+    Long: one short branch per kind over the shared decoded images.
+    """
     config = self.builder_config
     limit = config.max_examples
     questions = read_questions(split)
