@@ -3,7 +3,7 @@
     python benchmarks/decode.py [--new_tokens 64] [--prompt_tokens 16] [--runs 3] [--threads 2]
     python benchmarks/decode.py --hf            # also Hugging Face transformers on the same GGUF
 
-Batch 1, fp32 (`configs/flamingo.py:size=smollm2`, Flamingo at init == the LM, text-only prompt):
+Batch 1, fp32 (`configs/main_job.py`, Flamingo at init == the LM, text-only prompt):
   cached    `eval/decoding.greedy_decode`: prefill, then one token per `lax.while_loop` step
             reading/writing the KV cache (`flamingo_jax/generate.py: Generator`), one jit;
   uncached  a jitted `lax.fori_loop` that re-runs the whole forward over a [1, P+N] buffer
@@ -65,7 +65,10 @@ def _median_time(fn, runs: int) -> tuple[float, float]:
 
 
 def jax_bench(prompt_ids, new_tokens: int, runs: int) -> tuple[dict, list]:
-  """{method: (median wall s, median CPU s)} and the cached run's tokens."""
+  """{method: (median wall s, median CPU s)} and the cached run's tokens.
+
+  Long: one timing protocol (warm-up, repeats, the three methods) in one place.
+  """
   sys.path.insert(0, REPO_ROOT)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -75,7 +78,7 @@ def jax_bench(prompt_ids, new_tokens: int, runs: int) -> tuple[dict, list]:
   from flamingo_jax.eval import decoding  # pylint: disable=g-import-not-at-top
   from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
 
-  model_cfg = flamingo.model_config("smollm2")  # = configs/flamingo.py:size=smollm2's model
+  model_cfg = flamingo.model_config("smollm2")  # = configs/main_job.py's model
   tokenizer = sources.make_tokenizer("smollm2", "smollm2")
   params = pretrained.init_flamingo_with_lm(model_cfg, "smollm2", jax.random.PRNGKey(0), text_only=True)
   gen = generate.Generator(model_cfg, params, tokenizer)

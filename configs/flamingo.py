@@ -1,13 +1,14 @@
-"""Flamingo (stage 2) config: frozen LM + frozen vision encoder, trained resampler and xattn blocks.
+"""Flamingo (stage 2) at the paper's sizes, and `tiny` for tests.
 
     python -m flamingo_jax.summary --config configs/flamingo.py:size=80b
+    python -m flamingo_jax.plan --config configs/flamingo.py:size=80b --devices 1536 --hbm_gib 32
+    python -m flamingo_jax.train --config configs/flamingo.py:size=3b --workdir gs://YOUR_BUCKET/runs/3b
     python -m flamingo_jax.train --config configs/flamingo.py:size=tiny --workdir /tmp/flamingo_tiny
-    python -m flamingo_jax.train --config configs/flamingo.py:size=smollm2 --workdir runs/main/flamingo \
-        --config.init_from.vision=runs/main/contrastive
 
-Arguments: size = tiny | smollm2 | 3b | 9b | 80b (flamingo_jax/models/flamingo.py: SIZES); steps = total
-steps (0: the size's default); data = easy_vqa | synthetic | paper (default per size); only = the datasets
-of the mixture to keep, '.'-separated (e.g. `only=bursty`: the in-context binding documents alone).
+Arguments: size = 3b | 9b | 80b (the paper's mixture through the JSONL builders, bf16, TPU meshes) | tiny
+(the tiny model of the tests); steps = total steps (0: the size's default); data = paper | synthetic |
+easy_vqa (default: paper for the paper sizes, synthetic for tiny); only = the datasets of the mixture to
+keep, '.'-separated. The CPU main job (SmolLM2-135M on easy-VQA) is configs/main_job.py.
 """
 
 import ml_collections
@@ -79,32 +80,16 @@ def _paper_data(image_size: int) -> dict:
   )
 
 
-def _easy_vqa_data(image_size: int) -> dict:
+def easy_vqa_data(image_size: int) -> dict:
+  """The easy-VQA mixture (`data/mixture.py`), built offline from the `easy-vqa` package."""
   from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
 
   cfg = mixture.easy_vqa_mixture_config(image_size=image_size).to_dict()
   return dict(source="mixture", data_dir="runs/tfds", **cfg)
 
 
-# The easy-VQA mixture on a 2-core CPU: (lambda, batch) per dataset, ~1100 text tokens per step. VQA pairs
-# weigh as much as the documents: they are the one source in the prompt format of the evaluation. The
-# bursty binding documents weigh as the paired sets: at 1.0 their noisy gradient cost easy-VQA ~20
-# points within 110 steps (docs/EXPERIMENTS.md).
-CPU_MIXTURE = {"m3w": (1.0, 4), "pairs": (0.2, 8), "vqa": (1.0, 8), "vtp": (0.03, 4), "bursty": (0.2, 4)}
-
-
-def _cpu_batches(data: dict) -> None:
-  for name, (weight, batch) in CPU_MIXTURE.items():
-    data["datasets"][name]["weight"] = weight
-    data["datasets"][name]["batch_size"] = batch
-  # easy-VQA documents always put the text after its image: attending to the next image (the paper's
-  # p_next = 0.5, for web pages) would pair half the texts with the wrong image.
-  data["datasets"]["m3w"]["p_next"] = 0.0
-
-
-def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
-  args = common.parse_args(arg, {"size": "smollm2", "steps": 0, "data": "", "only": ""})
-  size = args["size"]
+def base(size: str) -> ml_collections.ConfigDict:
+  """What every stage-2 config shares: the objective, the model of `size`, freezing and sharding rules."""
   config = ml_collections.ConfigDict()
   config.objective = "flamingo"
   config.model = flamingo.model_config(size)
@@ -112,10 +97,20 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
   config.frozen = list(FROZEN)
   config.sharding = dict(rules="flamingo")
   config.distributed = common.distributed()
-  image_size = config.model.image_size
-  paper = size in ("3b", "9b", "80b")
-  data = args["data"] or ("paper" if paper else "easy_vqa" if size == "smollm2" else "synthetic")
+  return config
 
+
+def get_config(arg: str = "size=3b") -> ml_collections.ConfigDict:
+  """The stage-2 config for `arg`."""
+  args = common.parse_args(arg, {"size": "3b", "steps": 0, "data": "", "only": ""})
+  size = args["size"]
+  paper = size in PAPER_MESH
+  if not paper and size != "tiny":
+    raise KeyError(
+      f"size must be one of {sorted(PAPER_MESH)} or tiny (the CPU main job: configs/main_job.py)"
+    )
+  config = base(size)
+  image_size = config.model.image_size
   if paper:
     config.model.dtype = "bfloat16"
     config.model.remat = "dots"
@@ -124,34 +119,6 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     config.train = common.train(args["steps"] or 500_000, log_every=100, checkpoint_every=2000)
     config.tokenizer = "hf:YOUR_LM_DIR/tokenizer.json"
     config.init_from = dict(lm="hf:YOUR_LM_DIR", vision="gs://YOUR_BUCKET/runs/contrastive", flamingo="")
-  elif size == "smollm2":
-    # The main job on this 2-core CPU (~6 s/step): real frozen SmolLM2-135M, easy-VQA mixture, the small
-    # 'nano' NFNet of stage 1 (configs/contrastive.py:size=smollm2). fp32 matmuls: on this AMD CPU XLA's
-    # fp32 GEMM beats bf16 (benchmarks/README.md). All layer groups unrolled (~13% faster on XLA:CPU).
-    # Resampler 2 x 16 latents: a 64 px image gives the NFNet a 2x2 grid (4 features per frame), and the
-    # paper's 6 x 64 would cost more than the LM itself per step here (the 3b/9b/80b sizes keep it).
-    config.model.vision_variant = "nano"
-    config.model.dtype = "float32"
-    config.model.scan_unroll = 8
-    config.model.resampler.num_latents = 16
-    config.model.resampler.depth = 2
-    config.mesh = dict(shape={"data": -1})
-    steps = args["steps"] or 110
-    # A 110-step run needs the tanh gates to open within tens of steps (paper: 500k steps), so they step
-    # 60x faster (3e-2); the resampler steps 5x slower (1e-4), or it learns an image-independent output
-    # (its std across images fell 0.38 -> 0.01 in 60 steps at 1e-3; README, main-job results). Base rate
-    # 5e-4 with a cosine to 0 (the paper keeps it constant over 500k steps): at 1e-3, constant or
-    # cosine, every run had loss spikes (grad norm 250-890) and the last checkpoint could land on one.
-    config.optim = common.optim(
-      lr=5e-4,
-      warmup_steps=10,
-      total_steps=steps,
-      decay="cosine",
-      lr_multipliers=[(r"_gate$", 60.0), (r"^perceiver_resampler/", 0.2)],
-    )
-    config.train = common.train(steps, log_every=10, checkpoint_every=50)
-    config.tokenizer = "smollm2"
-    config.init_from = dict(lm="smollm2", vision="", flamingo="")
   else:
     config.mesh = dict(shape={"data": -1})
     config.optim = common.optim(lr=1e-3, warmup_steps=2, total_steps=args["steps"] or 10)
@@ -159,26 +126,28 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     config.tokenizer = ""
     config.init_from = dict(lm="", vision="", flamingo="")
 
+  data = args["data"] or ("paper" if paper else "synthetic")
   if data == "synthetic":
     config.data = common.synthetic_data(
       image_size, m3w=(1.0, 8, 16, 2, 1), pairs=(0.2, 8, 8, 1, 1), vtp=(0.03, 8, 8, 1, 4)
     )
     config.tokenizer = ""
   elif data == "easy_vqa":
-    config.data = _easy_vqa_data(image_size)
-    if size == "smollm2":
-      _cpu_batches(config.data)
+    config.data = easy_vqa_data(image_size)
   elif data == "paper":
     config.data = _paper_data(image_size)
   else:
     raise KeyError(f"data must be easy_vqa, synthetic or paper; got {data!r}")
-  if args["only"]:
-    _keep_datasets(config.data, args["only"].split("."))
+  keep_datasets(config.data, args["only"])
   return common.finish(config)
 
 
-def _keep_datasets(data, names: list[str]) -> None:
-  """Drops every dataset of the mixture but `names` (an unknown name is an error)."""
+def keep_datasets(data, only: str) -> None:
+  """Drops every dataset of the mixture but those of `only` ('.'-separated; '' keeps all; an unknown
+  name is an error)."""
+  if not only:
+    return
+  names = only.split(".")
   unknown = sorted(set(names) - set(data.datasets))
   if unknown:
     raise KeyError(

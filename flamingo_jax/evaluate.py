@@ -221,7 +221,10 @@ def setup(config, workdir: str, run_config, model_cfg):
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Runs the configured evaluators on RUN's params; returns (and writes) the results dict."""
+  """Runs the configured evaluators on RUN's params; returns (and writes) the results dict.
+
+  Long: the run's steps (check, set-up, each task, plots, write) top to bottom.
+  """
   unknown = [s for s in config.selection if s not in ("random", "rices")]
   if unknown or any(s < 0 for s in config.shots):
     raise ValueError(

@@ -1,8 +1,8 @@
 """Text generation from Flamingo, or from its frozen LM at initialisation, with a KV cache.
 
-    python -m flamingo_jax.generate --config configs/flamingo.py:size=smollm2 \\
+    python -m flamingo_jax.generate --config configs/main_job.py \\
         --prompt "The capital of France is" --max_new_tokens 8
-    python -m flamingo_jax.generate --config configs/flamingo.py:size=smollm2 --workdir RUN \\
+    python -m flamingo_jax.generate --config configs/main_job.py --workdir RUN \\
         --prompt "<image>Question: What shape is this? Answer:" --image shape.png --beam 3
 
 Params: without `--workdir`, Flamingo at initialisation with the LM from `--lm` (default
@@ -33,19 +33,7 @@ from ml_collections import config_flags
 from flamingo_jax import pretrained, sources
 from flamingo_jax.eval import decoding
 from flamingo_jax.models import flamingo, masking
-
-# Batch axis of every leaf of the LM cache (`models/lm.py: init_cache`) for beam reordering.
-CACHE_BATCH_AXES = {
-  "k": 1,
-  "v": 1,
-  "valid": 0,
-  "index": None,
-  "positions": 0,
-  "last_media": 0,
-  "xattn_k": 1,
-  "xattn_v": 1,
-  "xattn_owner": None,
-}
+from flamingo_jax.models import lm as lm_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +108,7 @@ class Generator:
       stops.add(tokenizer.bos_id)
     self.stop_ids = tuple(sorted(stops - set(self.banned)))
     cache = jax.eval_shape(lambda: self.model.init_cache(1, 1, 0))
-    self.cache_batch_axes = {k: a for k, a in CACHE_BATCH_AXES.items() if k in cache}
+    self.cache_batch_axes = {k: a for k, a in lm_lib.CACHE_BATCH_AXES.items() if k in cache}
     self._fns = {}  # max_new_tokens -> (prefill, decode_step): the same objects hit the jit cache
 
   def functions(self, max_new_tokens: int):
@@ -270,9 +258,7 @@ def run(
 def _define_flags() -> dict:
   """The command-line flags (defined only when run as a program: importing defines nothing)."""
   return dict(
-    config=config_flags.DEFINE_config_file(
-      "config", None, "e.g. configs/flamingo.py:size=smollm2", lock_config=True
-    ),
+    config=config_flags.DEFINE_config_file("config", None, "e.g. configs/main_job.py", lock_config=True),
     workdir=flags.DEFINE_string(
       "workdir", None, "Run to restore (latest checkpoint); default: Flamingo at init == the frozen LM."
     ),

@@ -17,7 +17,7 @@ echo "== stage 1: contrastive vision pretraining -> ${WORKDIR}/contrastive"
 
 echo "== stage 2: Flamingo training -> ${WORKDIR}/flamingo"
 # shellcheck disable=SC2086
-"${PY}" -m flamingo_jax.train --config configs/flamingo.py:size=smollm2 \
+"${PY}" -m flamingo_jax.train --config configs/main_job.py \
   --workdir "${WORKDIR}/flamingo" --config.data.data_dir="${WORKDIR}/tfds" \
   --config.init_from.vision="${WORKDIR}/contrastive" ${FLAGS_FLAMINGO:-}
 

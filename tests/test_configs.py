@@ -5,19 +5,19 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, contrastive, fewshot_eval
+from configs import common, contrastive, fewshot_eval, main_job
 from configs import flamingo as flamingo_config
 from flamingo_jax.parallel.mesh import MESH_AXES
 from flamingo_jax.train import setup as setup_lib
 
 TRAINING = [
   (flamingo_config, "size=tiny"),
-  (flamingo_config, "size=smollm2"),
+  (main_job, ""),
   (flamingo_config, "size=3b"),
   (flamingo_config, "size=9b"),
   (flamingo_config, "size=80b"),
   (flamingo_config, "size=tiny,data=easy_vqa"),
-  (flamingo_config, "size=smollm2,only=bursty.vqa"),
+  (main_job, "only=bursty.vqa"),
   (contrastive, "size=tiny"),
   (contrastive, "size=smollm2"),
   (contrastive, "size=f6"),
@@ -61,7 +61,7 @@ def test_micro_batches_naming_no_dataset_is_an_error():
 
 
 def test_only_keeps_the_named_datasets_and_refuses_unknown_ones():
-  config = flamingo_config.get_config("size=smollm2,only=bursty")
+  config = main_job.get_config("only=bursty")
   assert sorted(config.data.datasets) == ["bursty"] and sorted(config.train.micro_batches) == ["bursty"]
   with pytest.raises(KeyError, match=r"\['burst'\] are not datasets"):
-    flamingo_config.get_config("size=smollm2,only=burst")
+    main_job.get_config("only=burst")

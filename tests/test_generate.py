@@ -287,7 +287,7 @@ def test_smollm2_command_says_paris():
     "-m",
     "flamingo_jax.generate",
     "--config",
-    "configs/flamingo.py:size=smollm2",
+    "configs/main_job.py",
     "--prompt",
     "The capital of France is",
     "--max_new_tokens",

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import flamingo as flamingo_config
+from configs import main_job
 from flamingo_jax import checkpoint, init_from, sources
 from flamingo_jax.models import flamingo
 from tests.test_checkpoint import _state
@@ -119,7 +119,7 @@ def test_initial_params_loads_vision_and_flamingo_sources_and_refuses_overlap(tm
 
 
 def test_initial_params_checks_the_lm_source_config():
-  config = flamingo_config.get_config("size=smollm2")
+  config = main_job.get_config()
   params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), flamingo.param_shapes(config.model))
   loaded = init_from.initial_params(_sources(lm="smollm2"), config.model, params, end_id=0)
   _, lm_params = sources.load_lm("smollm2", np.float32)

@@ -1,4 +1,4 @@
-"""Entry point: `python -m flamingo_jax.train --config configs/flamingo.py:size=smollm2 --workdir DIR`.
+"""Entry point: `python -m flamingo_jax.train --config configs/main_job.py --workdir DIR`.
 
 Any config field can be overridden from the command line, e.g. `--config.optim.lr=3e-5`; an unknown key
 is an error (the configs are locked). A checkpoint that cannot be read (with
