@@ -140,6 +140,7 @@ class Checkpointer:
     if max_to_keep is not None and int(max_to_keep) < 1:
       raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
     self.directory = absolute_path(workdir) / CHECKPOINTS_DIR
+    self._interval = int(save_interval_steps)
     self._config = _config_json(config)
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
@@ -172,8 +173,9 @@ class Checkpointer:
     not already saved (saving a step twice is a no-op returning False).
     """
     step = int(step)
-    if step in self._manager.all_steps():
-      return False
+    wanted = force or step % self._interval == 0 or self._manager.reached_preemption(step)
+    if step in self._manager.all_steps() or not wanted:
+      return False  # decided before the fingerprints, which read the whole state
     items = {
       STATE: ocp.args.StandardSave(state),
       DATA: ocp.args.JsonSave(_to_json(data_state, "data_state")),
