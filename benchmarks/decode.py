@@ -5,7 +5,8 @@
 
 Batch 1, fp32 (`configs/main_job.py`, Flamingo at init == the LM, text-only prompt):
   cached    `eval/decoding.greedy_decode`: prefill, then one token per `lax.while_loop` step
-            reading/writing the KV cache (`flamingo_jax/generate.py: Generator`), one jit;
+            reading/writing the KV cache (`eval/engine.py: EvalModel.decode_fns`, what `generate`
+            and the evaluation run), one jit;
   uncached  a jitted `lax.fori_loop` that re-runs the whole forward over a [1, P+N] buffer
             (right-padded: the causal mask keeps padding out of earlier positions) per new token.
   cached, LM alone   as `cached` for the same LM without the gated xattn blocks (xattn.every=0):
@@ -74,27 +75,28 @@ def jax_bench(prompt_ids, new_tokens: int, runs: int) -> tuple[dict, list]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from flamingo_jax import generate, pretrained, sources  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import pretrained, sources  # pylint: disable=g-import-not-at-top
   from flamingo_jax.eval import decoding  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.eval import engine as engine_lib  # pylint: disable=g-import-not-at-top
   from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
 
   model_cfg = flamingo.model_config("smollm2")  # = configs/main_job.py's model
   tokenizer = sources.make_tokenizer("smollm2", "smollm2")
   params = pretrained.init_flamingo_with_lm(model_cfg, "smollm2", jax.random.PRNGKey(0), text_only=True)
-  gen = generate.Generator(model_cfg, params, tokenizer)
-  prefill, decode_step = gen.functions(new_tokens)
+  params = jax.device_put(params)
+  model = flamingo.make_model(model_cfg)
+  prefill, decode_step = engine_lib.EvalModel(model, tokenizer, batch_size=1).decode_fns(new_tokens)
   tokens = jnp.asarray([prompt_ids], jnp.int32)
   mask = jnp.ones(tokens.shape, bool)
 
   def cached():
     # stop id -1 never occurs: always exactly `new_tokens` tokens.
     out = decoding.greedy_decode(
-      prefill, decode_step, gen.params, tokens, mask, max_new_tokens=new_tokens, stop_ids=(-1,), pad_id=0
+      prefill, decode_step, params, tokens, mask, max_new_tokens=new_tokens, stop_ids=(-1,), pad_id=0
     )
     return np.asarray(out.tokens[0])
 
   p = len(prompt_ids)
-  model = gen.model
 
   @jax.jit
   def uncached_loop(params, prompt):
@@ -111,22 +113,21 @@ def jax_bench(prompt_ids, new_tokens: int, runs: int) -> tuple[dict, list]:
     return buf[0, p:]
 
   def uncached():
-    return np.asarray(uncached_loop(gen.params, tokens))
+    return np.asarray(uncached_loop(params, tokens))
 
   # The same LM without gated xattn blocks (xattn.every = 0): one flat scan over the layers
   # instead of groups of (block, `every` layers); isolates the cost of that structure.
   plain_cfg = flamingo.model_config("smollm2")
   plain_cfg.xattn.every = 0
-  plain = generate.Generator(
-    plain_cfg,
-    pretrained.init_flamingo_with_lm(plain_cfg, "smollm2", jax.random.PRNGKey(0), text_only=True),
-    tokenizer,
+  plain_params = jax.device_put(
+    pretrained.init_flamingo_with_lm(plain_cfg, "smollm2", jax.random.PRNGKey(0), text_only=True)
   )
-  plain_fns = plain.functions(new_tokens)
+  plain_model = flamingo.make_model(plain_cfg)
+  plain_fns = engine_lib.EvalModel(plain_model, tokenizer, batch_size=1).decode_fns(new_tokens)
 
   def cached_plain():
     out = decoding.greedy_decode(
-      *plain_fns, plain.params, tokens, mask, max_new_tokens=new_tokens, stop_ids=(-1,), pad_id=0
+      *plain_fns, plain_params, tokens, mask, max_new_tokens=new_tokens, stop_ids=(-1,), pad_id=0
     )
     return np.asarray(out.tokens[0])
 

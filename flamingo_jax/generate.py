@@ -13,8 +13,8 @@ the `lm/...` params: the vision encoder is neither initialised, restored nor run
 Prompt: plain text with one `<image>` marker per `--image` (PNG/JPEG, resized keeping the aspect
 ratio and padded to `config.model.image_size`, RGB in [0, 1]). BOS is prepended for a trained run
 (Flamingo's sequences start with it) or when the tokenizer asks for it. Decoding: greedy
-(`--beam 0`) or beam search (`--beam K`), both `eval/decoding.py` over the KV cache, jitted once per
-prompt length; it stops at `<EOC>`, EOS or the document separator. `<image>` is never generated;
+(`--beam 0`) or beam search (`--beam K`), through `eval/engine.py: EvalModel` (the inference of the
+evaluation too) over the KV cache, jitted once per prompt length; it stops at `<EOC>`, EOS or the document separator. `<image>` is never generated;
 at initialisation `<EOC>` is not either (its embedding is untrained). Prints the continuation.
 Tokenizer: `config.tokenizer`, else the LM source's own (GGUF metadata, or `DIR/tokenizer.json`).
 """
@@ -31,16 +31,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from flamingo_jax import pretrained, sources
-from flamingo_jax.eval import decoding
-from flamingo_jax.models import flamingo, masking
-from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.eval import engine as engine_lib
+from flamingo_jax.models import flamingo
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
   text: str  # the continuation, without the stop token
-  tokens: tuple  # generated ids, the stop token included
-  score: float  # summed log-prob (greedy) or the length-normalised beam score
+  tokens: tuple  # generated ids, without the stop token
 
 
 def load_images(paths: Sequence[str], size: int) -> np.ndarray | None:
@@ -78,129 +76,30 @@ def encode_prompt(tokenizer, prompt: str, num_images: int, add_bos: bool) -> lis
   return ids
 
 
-class Generator:
-  """Prompt (+ images) -> continuation with the KV cache; one compilation per prompt shape."""
+def continue_prompt(
+  engine, params, tokenizer, ids: Sequence[int], images, *, max_new_tokens: int
+) -> Generation:
+  """One prompt's continuation through `eval/engine.py: EvalModel` (the one inference surface).
 
-  def __init__(self, model_cfg, params, tokenizer, *, add_bos: bool = False, banned_ids: Sequence[int] = ()):
-    """
-    Args:
-      model_cfg: `config.model`.
-      params: Flamingo params (the `lm/...` modules suffice for prompts without images).
-      tokenizer: `data/tokenizer.py: Tokenizer` with V + E ids.
-      add_bos: prepend `tokenizer.bos_id` to every prompt.
-      banned_ids: ids whose logits are -inf (never generated).
-    """
-    vocab = model_cfg.lm.vocab_size + model_cfg.lm.num_extra_tokens
-    if tokenizer.vocab_size != vocab:
-      raise ValueError(
-        f"the tokenizer has {tokenizer.vocab_size} ids, config.model.lm "
-        f"{model_cfg.lm.vocab_size} + {model_cfg.lm.num_extra_tokens} extra"
-      )
-    self.model = flamingo.make_model(model_cfg)
-    self.params = jax.device_put(params)
-    self.tokenizer = tokenizer
-    self.add_bos = add_bos
-    self.max_len = int(model_cfg.lm.max_seq_len)
-    self.dtype = flamingo.DTYPES[model_cfg.dtype]
-    self.banned = tuple(sorted({int(i) for i in banned_ids}))
-    stops = {tokenizer.eoc_id, tokenizer.eos_id}
-    if not tokenizer.add_bos:  # then bos_id is the document separator: a document ends there
-      stops.add(tokenizer.bos_id)
-    self.stop_ids = tuple(sorted(stops - set(self.banned)))
-    cache = jax.eval_shape(lambda: self.model.init_cache(1, 1, 0))
-    self.cache_batch_axes = {k: a for k, a in lm_lib.CACHE_BATCH_AXES.items() if k in cache}
-    self._fns = {}  # max_new_tokens -> (prefill, decode_step): the same objects hit the jit cache
-
-  def functions(self, max_new_tokens: int):
-    """(prefill, decode_step) for `eval/decoding.py`; the cache has room for `max_new_tokens`."""
-    if max_new_tokens not in self._fns:
-      self._fns[max_new_tokens] = self._make_functions(max_new_tokens)
-    return self._fns[max_new_tokens]
-
-  def _make_functions(self, max_new_tokens):
-    model, banned, dtype = self.model, self.banned, self.dtype
-    image_id = self.tokenizer.image_id
-
-    def mask(logits):
-      return logits.at[..., banned].set(-jnp.inf) if banned else logits
-
-    def prefill(params, tokens, token_mask, images=None):
-      """tokens, token_mask [B,T]; images [B,N,1,H,W,3] or None -> (logits [B,T,V+E], cache)."""
-      b, t = tokens.shape
-      num_media = 0 if images is None else images.shape[1]
-      cache = model.init_cache(b, t + max_new_tokens, num_media, dtype)
-      visual = media_index = None
-      if images is not None:
-        visual = model.encode_media(params, None, images)
-        media_index = masking.media_index_from_tokens(tokens, image_id)
-      logits, cache = model.lm_forward(params, None, tokens, visual, media_index, token_mask, cache, False)
-      return mask(logits), cache
-
-    def decode_step(params, tokens, cache):
-      """tokens [B,1] -> (logits [B,1,V+E], cache): keeps attending to the prompt's last image."""
-      logits, cache = model.lm_forward(params, None, tokens, None, None, None, cache, False)
-      return mask(logits), cache
-
-    return prefill, decode_step
-
-  def encode_prompt(self, prompt: str, num_images: int) -> list[int]:
-    return encode_prompt(self.tokenizer, prompt, num_images, self.add_bos)
-
-  def generate(
-    self,
-    prompt: str,
-    images: np.ndarray | None = None,
-    *,
-    max_new_tokens: int = 32,
-    beam: int = 0,
-    alpha: float = 0.0,
-    params=None,
-  ) -> Generation:
-    """Continues `prompt`.
-
-    Args:
-      prompt: text with one `<image>` per image.
-      images: float32 [1, N, 1, H, W, 3] in [0, 1] (see `load_images`), or None.
-      max_new_tokens: N.
-      beam: 0 = greedy; K >= 1 = beam search with K beams (K = 1, alpha = 0 equals greedy).
-      alpha: beam search length penalty exponent.
-      params: use these instead of the constructor's (same tree: reuses the compilation).
-    """
-    num_images = 0 if images is None else images.shape[1]
-    ids = self.encode_prompt(prompt, num_images)
-    if len(ids) + max_new_tokens > self.max_len:
-      raise ValueError(
-        f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed "
-        f"config.model.lm.max_seq_len={self.max_len}"
-      )
-    tokens = jnp.asarray([ids], jnp.int32)
-    token_mask = jnp.ones(tokens.shape, bool)
-    prefill, decode_step = self.functions(max_new_tokens)
-    params = self.params if params is None else params
-    kw = dict(
-      max_new_tokens=max_new_tokens,
-      stop_ids=self.stop_ids,
-      pad_id=self.tokenizer.pad_id,
-      prefill_inputs=None if images is None else {"images": jnp.asarray(images)},
+  ids: the prompt's token ids; images: float32 [1, N, 1, S, S, 3] (`load_images`) or None (the LM
+  alone: no cross-attention is computed, which a prompt without images never uses).
+  """
+  max_len = int(engine.model.configs.lm.max_seq_len)
+  if len(ids) + max_new_tokens > max_len:
+    raise ValueError(
+      f"{len(ids)} prompt tokens + {max_new_tokens} new ones exceed config.model.lm.max_seq_len={max_len}"
     )
-    if beam <= 0:
-      out = decoding.greedy_decode(prefill, decode_step, params, tokens, token_mask, **kw)
-    else:
-      out = decoding.beam_search(
-        prefill,
-        decode_step,
-        params,
-        tokens,
-        token_mask,
-        num_beams=beam,
-        alpha=alpha,
-        cache_batch_axes=self.cache_batch_axes,
-        **kw,
-      )
-    out = jax.device_get(out)
-    new = [int(t) for t in out.tokens[0, : int(out.lengths[0])]]
-    text_ids = new[:-1] if new and new[-1] in self.stop_ids else new
-    return Generation(text=self.tokenizer.decode(text_ids), tokens=tuple(new), score=float(out.scores[0]))
+  num_images = 0 if images is None else images.shape[1]
+  (new,) = engine.generate(
+    params,
+    [list(ids)],
+    [list(range(num_images))],
+    lambda i: images[0, i, 0],
+    prompt_len=len(ids),
+    max_new_tokens=max_new_tokens,
+    lm_only=images is None,
+  )
+  return Generation(text=tokenizer.decode(new), tokens=tuple(new))
 
 
 def restore_params(model_cfg, workdir: str, text_only: bool) -> dict:
@@ -251,8 +150,25 @@ def run(
       model_cfg, lm_spec, jax.random.PRNGKey(seed), text_only=text_only
     )
     banned = [tokenizer.image_id, tokenizer.eoc_id]
-  generator = Generator(model_cfg, params, tokenizer, add_bos=add_bos, banned_ids=banned)
-  return generator.generate(prompt, images, max_new_tokens=max_new_tokens, beam=beam, alpha=alpha)
+  vocab = model_cfg.lm.vocab_size + model_cfg.lm.num_extra_tokens
+  if tokenizer.vocab_size != vocab:
+    raise ValueError(
+      f"the tokenizer has {tokenizer.vocab_size} ids, config.model.lm "
+      f"{model_cfg.lm.vocab_size} + {model_cfg.lm.num_extra_tokens} extra"
+    )
+  engine = engine_lib.EvalModel(
+    flamingo.make_model(model_cfg),
+    tokenizer,
+    batch_size=1,
+    num_beams=max(beam, 1),
+    length_penalty=alpha,
+    image_batch_size=max(len(image_paths), 1),
+    banned_ids=banned,
+  )
+  ids = encode_prompt(tokenizer, prompt, len(image_paths), add_bos)
+  return continue_prompt(
+    engine, jax.device_put(params), tokenizer, ids, images, max_new_tokens=max_new_tokens
+  )
 
 
 def _define_flags() -> dict:

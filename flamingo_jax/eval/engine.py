@@ -179,12 +179,18 @@ class EvalModel:
       cache = m.init_cache(b, t + max_new_tokens, 0 if visual is None else visual.shape[1], m.configs.dtype)
       phi = None if visual is None else masking.media_index_from_tokens(tokens, image_id)[:, :-1]
       # All but the last token: their logits are never computed (the outputs are unused).
-      _, cache = m.lm_forward(params, None, tokens[:, :-1], visual, phi, token_mask[:, :-1], cache, lm_only)
+      _, cache = m.prefill(
+        params,
+        tokens[:, :-1],
+        cache,
+        visual=visual,
+        media_index=phi,
+        token_mask=token_mask[:, :-1],
+        lm_only=lm_only,
+      )
       if visual is not None and "xattn_k" in cache:
         cache = _last_media_only(cache, latents)
-      logits, cache = m.lm_forward(
-        params, None, tokens[:, -1:], None, None, token_mask[:, -1:], cache, lm_only
-      )
+      logits, cache = m.prefill(params, tokens[:, -1:], cache, token_mask=token_mask[:, -1:], lm_only=lm_only)
       return self._ban(logits), cache
 
     return prefill
@@ -196,7 +202,7 @@ class EvalModel:
     m = self.model
 
     def step(params, tokens, cache):
-      logits, cache = m.lm_forward(params, None, tokens, None, None, None, cache, lm_only)
+      logits, cache = m.decode_step(params, tokens, cache, lm_only=lm_only)
       return self._ban(logits), cache
 
     return step
@@ -219,6 +225,14 @@ class EvalModel:
     ids, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
     return [[int(i) for i in ids[r, : lengths[r]] if int(i) not in stops] for r in range(real)]
 
+  def decode_fns(self, max_new_tokens: int, lm_only: bool = False):
+    """(prefill(params, tokens, token_mask, visual=None), decode_step(params, tokens, cache)), as
+    `eval/decoding.py` takes them; the cache has room for `max_new_tokens`. Built once per key."""
+    prefill = self._fn(
+      ("prefill", max_new_tokens, lm_only), lambda: self._prefill(max_new_tokens, lm_only), jit=False
+    )
+    return prefill, self._fn(("step", lm_only), lambda: self._decode_step(lm_only), jit=False)
+
   def generate(
     self,
     params,
@@ -232,10 +246,7 @@ class EvalModel:
     extra_stop_ids: Sequence[int] = (),
   ) -> list[list[int]]:
     """Generated ids (stop token excluded) of each prompt (ids with BOS; media refs per prompt)."""
-    prefill = self._fn(
-      ("prefill", max_new_tokens, lm_only), lambda: self._prefill(max_new_tokens, lm_only), jit=False
-    )
-    step = self._fn(("step", lm_only), lambda: self._decode_step(lm_only), jit=False)
+    prefill, step = self.decode_fns(max_new_tokens, lm_only)
     stops = self._stops(extra_stop_ids)
     kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad_id)
     out = []
@@ -269,7 +280,7 @@ class EvalModel:
       first, cache = prefill(params, tokens, token_mask, visual)
       scores = []
       for c in range(conts.shape[1]):
-        logits, _ = m.lm_forward(params, None, conts[:, c], None, None, cont_mask[:, c], cache, lm_only)
+        logits, _ = m.prefill(params, conts[:, c], cache, token_mask=cont_mask[:, c], lm_only=lm_only)
         logits = jnp.concatenate([first, self._ban(logits)[:, :-1]], axis=1).astype(jnp.float32)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), conts[:, c, :, None], axis=-1)
         scores.append(jnp.sum(logp[..., 0] * cont_mask[:, c], axis=-1))

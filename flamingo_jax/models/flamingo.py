@@ -10,6 +10,9 @@ Dv vision width, V+E vocabulary (original + extra tokens).
     forward(params, rng, images, tokens, media_index, token_mask, is_training) -> logits [B,T,V+E]
     encode_media(params, rng, images [B,N,F,H,W,3]) -> visual [B,N,R,Dr]
     lm_forward(params, rng, tokens, visual, media_index, token_mask, cache, lm_only) -> (logits, cache)
+    prefill(params, tokens, cache, *, visual, media_index, token_mask, lm_only) -> (logits, cache)
+    decode_step(params, tokens [B,1], cache, *, lm_only) -> (logits [B,1,V+E], cache)
+        (the KV-cache calls of inference, `eval/engine.py`; the cache is `init_cache`'s)
     vision_features(params, rng, images [B,H,W,3]) -> pooled [B,Dv]   (RICES, contrastive checks)
     forward_features(params, rng, features [B,N,F,Lv,Dv], tokens, media_index, token_mask) -> logits
         (precomputed frozen-vision features: resampler + LM only)
@@ -240,6 +243,14 @@ class FlamingoModel(NamedTuple):
   def init_cache(self, batch: int, max_len: int, num_media: int, dtype=jnp.float32) -> dict:
     c = self.configs
     return lm_lib.init_cache(c.lm, c.xattn, batch, max_len, num_media, c.resampler.num_latents, dtype)
+
+  def prefill(self, params, tokens, cache, *, visual=None, media_index=None, token_mask=None, lm_only=False):
+    """Appends tokens [B,T] (and their media K/V) to `cache` -> (logits [B,T,V+E], cache)."""
+    return self.lm_forward(params, None, tokens, visual, media_index, token_mask, cache, lm_only)
+
+  def decode_step(self, params, tokens, cache, *, lm_only=False):
+    """One new token per row [B,1] -> (logits [B,1,V+E], cache); attends to the last image seen."""
+    return self.lm_forward(params, None, tokens, None, None, None, cache, lm_only)
 
 
 def make_model(model_cfg) -> FlamingoModel:

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from flamingo_jax.models import masking
+from flamingo_jax.models import flamingo, masking
+from flamingo_jax.models import lm as lm_lib
 from tests.models import helpers
 
 IMAGE_POSITIONS = [[2, 6, 9], [0, 4, 8]]
@@ -85,3 +86,15 @@ def test_encode_media_shapes_and_pooled_features(setup):
   model, params, images, *_ = setup
   pooled = model.vision_features(params, None, images[:, 0, 0])
   assert pooled.shape[0] == images.shape[0] and pooled.ndim == 2
+
+
+@pytest.mark.parametrize(
+  "size, layers, every, blocks",
+  [("3b", 24, 1, 24), ("9b", 32, 4, 8), ("80b", 80, 7, 12)],
+)
+def test_xattn_block_counts_of_the_paper_sizes(size, layers, every, blocks):
+  """Table 4 of the paper: xattn before every layer (3B), every 4th (9B), every 7th (80B), starting at
+  layer 0. The 9B LM keeps 32 layers (docs/ARCHITECTURE.md, deviations: Table 5's 7.1B LM)."""
+  cfg = flamingo.model_config(size)
+  assert (cfg.lm.num_layers, cfg.xattn.every) == (layers, every)
+  assert lm_lib.num_xattn_blocks(cfg.lm.num_layers, cfg.xattn.every) == blocks

@@ -57,3 +57,16 @@ def test_learning_rate_schedule_warms_up_then_holds_or_decays_to_zero(decay):
 def test_unknown_decay_is_an_error():
   with pytest.raises(ValueError, match="optim.decay"):
     _updates(decay="linear")
+
+
+def test_weight_decay_spares_exactly_the_perceiver_resampler():
+  """The paper (App. B.1.2): decay 0.1 on every trained parameter except the Perceiver Resampler."""
+  cfg = ml_collections.ConfigDict(common.optim(lr=1e-2, warmup_steps=0))
+  params = _params()
+  opt = optimizer_lib.make_optimizer(cfg, params)
+  zero = jax.tree.map(jnp.zeros_like, params)  # no gradient: what moves is the decay alone
+  updates, _ = opt.update(zero, opt.init(params), params)
+  np.testing.assert_array_equal(updates["perceiver_resampler"]["latents"], 0.0)
+  np.testing.assert_allclose(
+    updates["lm/gated_xattn"]["q"], -1e-2 * 0.1 * params["lm/gated_xattn"]["q"], rtol=1e-6
+  )

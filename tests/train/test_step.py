@@ -133,3 +133,20 @@ def test_poisoned_batch_is_skipped_whole_then_training_resumes(setup):
   assert not np.array_equal(
     after_good.params["lm/gated_xattn"]["attn_gate"], state.params["lm/gated_xattn"]["attn_gate"]
   )
+
+
+def test_clipping_acts_on_the_accumulated_gradient(setup):
+  """The global-norm clip sees the lambda-weighted sum over datasets and micro-batches, once."""
+  cfg, objective, _, state = setup
+  a, b = helpers.synthetic_batch(cfg, seed=3), helpers.synthetic_batch(cfg, seed=4)
+  batches, datasets = (
+    {"m3w": a, "pairs": b},
+    {"m3w": dict(weight=1.0, micro_batches=2), "pairs": dict(weight=0.2, micro_batches=1)},
+  )
+  plain, _ = _run(state, objective, batches, datasets)
+  grads = jax.tree.map(lambda old, new: old - new, state.params, plain.params)  # SGD(1): the gradient
+  norm = float(optax.global_norm(grads))
+  clipped_sgd = optax.chain(optax.clip_by_global_norm(norm / 2), _SGD)
+  clipped, _ = jax.jit(step_lib.make_train_step(objective, clipped_sgd, datasets))(state, batches)
+  step = jax.tree.map(lambda old, new: old - new, state.params, clipped.params)
+  _assert_normwise_close(step, jax.tree.map(lambda g: g / 2, grads), rtol=1e-4)
