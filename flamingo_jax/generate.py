@@ -81,8 +81,9 @@ def continue_prompt(
 ) -> Generation:
   """One prompt's continuation through `eval/engine.py: EvalModel` (the one inference surface).
 
-  ids: the prompt's token ids; images: float32 [1, N, 1, S, S, 3] (`load_images`) or None (the LM
-  alone: no cross-attention is computed, which a prompt without images never uses).
+  ids: the prompt's token ids; images: float32 [1, N, 1, S, S, 3] (`load_images`) or None. Without
+  images the gated blocks still run (their dense FFW acts on every token; only the cross-attention
+  is zero), so `params` need the `lm/...` modules only.
   """
   max_len = int(engine.model.configs.lm.max_seq_len)
   if len(ids) + max_new_tokens > max_len:
@@ -94,10 +95,9 @@ def continue_prompt(
     params,
     [list(ids)],
     [list(range(num_images))],
-    lambda i: images[0, i, 0],
+    lambda i: images[0, i],  # [F, S, S, 3]
     prompt_len=len(ids),
     max_new_tokens=max_new_tokens,
-    lm_only=images is None,
   )
   return Generation(text=tokenizer.decode(new), tokens=tuple(new))
 

@@ -10,7 +10,7 @@ token. `prefill_inputs` is a dict of arrays (e.g. images) passed through to pref
 
 The cache is any pytree; beam search gathers its batch rows (the first gather expands a B-row
 prefill cache to B*K rows) along `cache_batch_axes`: a pytree like the cache whose leaves give each
-leaf's batch axis (None: no batch axis, e.g. a scalar write index; `models/lm.py: CACHE_BATCH_AXES`
+leaf's batch axis (None: no batch axis, e.g. a scalar write index; `models/kv_cache.py: CACHE_BATCH_AXES`
 for the Flamingo LM's cache).
 
 Shapes: B batch, T prompt tokens, V vocabulary, K beams, N = max_new_tokens.
@@ -55,15 +55,14 @@ class _AxesReorder:
     self._axes = tuple(None if a is None else int(a) for a in leaves)
 
   def __call__(self, cache: PyTree, indices: jax.Array) -> PyTree:
-    leaves, treedef = jax.tree.flatten(cache)
-    if treedef != self._treedef:
-      raise ValueError(f"cache_batch_axes has the structure {self._treedef} but the cache has {treedef}")
-    return jax.tree.unflatten(
-      treedef,
-      [
-        leaf if axis is None else jnp.take(leaf, indices, axis=axis) for axis, leaf in zip(self._axes, leaves)
-      ],
-    )
+    def one(axis, leaf):  # leaf: an array, or None for a field the cache does not have
+      return leaf if axis is None or leaf is None else jnp.take(leaf, indices, axis=axis)
+
+    axes = jax.tree.unflatten(self._treedef, self._axes)
+    try:
+      return jax.tree.map(one, axes, cache, is_leaf=lambda x: x is None)
+    except ValueError as e:
+      raise ValueError(f"cache_batch_axes has the structure {self._treedef}; the cache: {e}") from None
 
   def _key(self):
     return (self._treedef, self._axes)
@@ -211,7 +210,7 @@ def beam_search(
     alpha: length penalty exponent (0: plain summed log-prob); traced: changing it does not
       recompile.
     cache_batch_axes: the batch axis of each cache leaf (None: shared by the batch), e.g.
-      `models/lm.py: CACHE_BATCH_AXES`; beams gather their cache rows along it.
+      `models/kv_cache.py: CACHE_BATCH_AXES`; beams gather their cache rows along it.
   """
   _check_prompt(tokens, token_mask, max_new_tokens)
   reorder_cache = _AxesReorder(cache_batch_axes)  # hashable: jit caches on the axes' value

@@ -32,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.eval import decoding, scoring
-from flamingo_jax.models import lm as lm_lib
-from flamingo_jax.models import masking
+from flamingo_jax.models import kv_cache, masking
 
 
 def bucket(length: int, multiple: int) -> int:
@@ -59,20 +58,19 @@ def _prefilled(params, tokens, token_mask, logits, cache):
   return logits, cache
 
 
-def _last_media_only(cache: dict, num_latents: int) -> dict:
+def _last_media_only(cache: kv_cache.KVCache, num_latents: int) -> kv_cache.KVCache:
   """Keeps the media K/V of each row's last medium (all decoding attends to), as medium 0."""
-  x, b, nr, h, d = cache["xattn_k"].shape  # [X, B, N*R, H, dh]
-  row = jnp.maximum(cache["last_media"], 0)[None, :, None, None, None, None]
+  x, b, nr, h, d = cache.xattn_k.shape  # [X, B, N*R, H, dh]
+  row = jnp.maximum(cache.last_media, 0)[None, :, None, None, None, None]
 
   def pick(kv):  # -> [X, B, R, H, dh]
     return jnp.take_along_axis(kv.reshape(x, b, nr // num_latents, num_latents, h, d), row, axis=2)[:, :, 0]
 
-  return dict(
-    cache,
-    xattn_k=pick(cache["xattn_k"]),
-    xattn_v=pick(cache["xattn_v"]),
+  return cache._replace(
+    xattn_k=pick(cache.xattn_k),
+    xattn_v=pick(cache.xattn_v),
     xattn_owner=jnp.zeros([num_latents], jnp.int32),
-    last_media=jnp.where(cache["last_media"] >= 0, 0, -1),
+    last_media=jnp.where(cache.last_media >= 0, 0, -1),
   )
 
 
@@ -110,8 +108,7 @@ class EvalModel:
     self._cache, self._cache_params = collections.OrderedDict(), None
     self.visual_cache_size = int(visual_cache_size)
     self._latents = model.configs.resampler.num_latents
-    keys = jax.eval_shape(lambda: model.init_cache(1, 2, 1)).keys()
-    self._cache_axes = {k: lm_lib.CACHE_BATCH_AXES[k] for k in keys}
+    self._cache_axes = kv_cache.CACHE_BATCH_AXES
 
   def _fn(self, key, build: Callable[[], Callable], jit: bool = True):
     """Builds each function once: the same object keeps hitting jit's cache."""
@@ -188,7 +185,7 @@ class EvalModel:
         token_mask=token_mask[:, :-1],
         lm_only=lm_only,
       )
-      if visual is not None and "xattn_k" in cache:
+      if visual is not None and cache.xattn_k is not None:
         cache = _last_media_only(cache, latents)
       logits, cache = m.prefill(params, tokens[:, -1:], cache, token_mask=token_mask[:, -1:], lm_only=lm_only)
       return self._ban(logits), cache
@@ -251,7 +248,8 @@ class EvalModel:
     kw = dict(max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=self.pad_id)
     out = []
     for rows, real, tokens, mask in self._batches(prompts, prompt_len):
-      inputs = None if lm_only else {"visual": self._visual(params, [media[i] for i in rows], load)}
+      refs = [media[i] for i in rows]  # no media in the batch: no visual tokens (the blocks still run)
+      inputs = None if lm_only or not any(refs) else {"visual": self._visual(params, refs, load)}
       if self.num_beams == 1:
         result = decoding.greedy_decode(prefill, step, params, tokens, mask, prefill_inputs=inputs, **kw)
       else:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flamingo_jax.models import gated_xattn, nfnet
+from flamingo_jax.models import gated_xattn, kv_cache, nfnet
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
@@ -240,9 +240,9 @@ class FlamingoModel(NamedTuple):
   vision_features: Callable
   forward_features: Callable
 
-  def init_cache(self, batch: int, max_len: int, num_media: int, dtype=jnp.float32) -> dict:
+  def init_cache(self, batch: int, max_len: int, num_media: int, dtype=jnp.float32) -> kv_cache.KVCache:
     c = self.configs
-    return lm_lib.init_cache(c.lm, c.xattn, batch, max_len, num_media, c.resampler.num_latents, dtype)
+    return kv_cache.init_cache(c.lm, c.xattn, batch, max_len, num_media, c.resampler.num_latents, dtype)
 
   def prefill(self, params, tokens, cache, *, visual=None, media_index=None, token_mask=None, lm_only=False):
     """Appends tokens [B,T] (and their media K/V) to `cache` -> (logits [B,T,V+E], cache)."""

@@ -10,6 +10,7 @@ D LM width, Dr media width, H heads, dh head dim.
 """
 
 import dataclasses
+import math
 
 import haiku as hk
 import jax
@@ -53,6 +54,11 @@ class GatedXAttnParams(hk.Module):
       "ffw_in": get("ffw_in", [x, d, hidden], init=init(d)),
       "ffw_out": get("ffw_out", [x, hidden, d], init=init(hidden)),
     }
+
+
+def num_xattn_blocks(num_layers: int, every: int) -> int:
+  """X: blocks before layers 0, every, 2*every, ... of an L-layer LM (0 when every is 0)."""
+  return math.ceil(num_layers / every) if every > 0 else 0
 
 
 def media_kv(p: dict, visual: jax.Array, cfg: XAttnConfig, dtype):

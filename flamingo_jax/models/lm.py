@@ -18,13 +18,14 @@ Chinchilla-style GELU MLP with LayerNorm (3B/9B/80B sizes; RoPE stands in for it
 """
 
 import dataclasses
-import math
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
 from flamingo_jax.models import gated_xattn, layers
+from flamingo_jax.models.gated_xattn import num_xattn_blocks
+from flamingo_jax.models.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,43 +56,6 @@ class LMConfig:
 
 # Cached calls (decoding) below this many tokens (B*T) run one flat scan (module docstring); never training:
 UNROLL_MIN_TOKENS = 256  # a gradient through a scan's dynamic weight slices is several times slower there
-
-
-def num_xattn_blocks(num_layers: int, every: int) -> int:
-  return math.ceil(num_layers / every) if every > 0 else 0
-
-
-# Batch axis of each KV-cache leaf (`init_cache`; None: shared by the batch), for beam reordering.
-CACHE_BATCH_AXES = dict(k=1, v=1, valid=0, index=None, positions=0, last_media=0)
-CACHE_BATCH_AXES |= dict(xattn_k=1, xattn_v=1, xattn_owner=None)  # with gated xattn blocks
-
-
-def init_cache(
-  lm: LMConfig,
-  xattn: gated_xattn.XAttnConfig | None,
-  batch: int,
-  max_len: int,
-  num_media: int = 0,
-  tokens_per_media: int = 0,
-  dtype=jnp.float32,
-) -> dict:
-  """An empty KV cache. Self-attention K/V [L, B, S, Hkv, dh]; media K/V [X, B, N*R, H, dh]."""
-  kv_shape = (lm.num_layers, batch, max_len, lm.num_kv_heads, lm.head_dim)
-  cache = {
-    "k": jnp.zeros(kv_shape, dtype),
-    "v": jnp.zeros(kv_shape, dtype),
-    "valid": jnp.zeros((batch, max_len), bool),
-    "index": jnp.zeros((), jnp.int32),  # next free slot (shared by the batch)
-    "positions": jnp.zeros((batch,), jnp.int32),  # valid tokens seen per sequence (RoPE offset)
-    "last_media": jnp.full((batch,), -1, jnp.int32),
-  }
-  if xattn is not None and xattn.every > 0:
-    x = num_xattn_blocks(lm.num_layers, xattn.every)
-    m_shape = (x, batch, num_media * tokens_per_media, xattn.num_heads, xattn.head_dim)
-    cache["xattn_k"] = jnp.zeros(m_shape, dtype)
-    cache["xattn_v"] = jnp.zeros(m_shape, dtype)
-    cache["xattn_owner"] = gated_xattn.media_owner(num_media, tokens_per_media)
-  return cache
 
 
 def _decoder_layer(p: dict, x, cos, sin, mask, cfg: LMConfig, dtype, cache_kv=None, index=None):
@@ -209,7 +173,7 @@ class DecoderLM(hk.Module):
     visual: jax.Array | None = None,
     media_index: jax.Array | None = None,
     token_mask: jax.Array | None = None,
-    cache: dict | None = None,
+    cache: KVCache | None = None,
     lm_only: bool = False,
   ):
     """Logits for `tokens` [B, T].
@@ -219,7 +183,7 @@ class DecoderLM(hk.Module):
       media_index: int [B, T], phi per token (-1 none). Defaults to -1 everywhere, or with a cache to
         the last media index of the prompt (decoding continues to look at the last image).
       token_mask: bool [B, T] valid (non-padding) tokens; default all valid.
-      cache: from `init_cache`; when given, this call appends T tokens at slot `cache['index']`.
+      cache: from `init_cache`; when given, this call appends T tokens at slot `cache.index`.
       lm_only: skip the xattn blocks entirely (the plain frozen LM; same params).
 
     Returns:
@@ -250,9 +214,9 @@ class DecoderLM(hk.Module):
       self_mask = layers.causal_mask(token_mask)
       index = None
     else:
-      index = cache["index"]
-      positions = layers.positions_from_mask(token_mask, cache["positions"])
-      valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], token_mask, index, axis=1)
+      index = cache.index
+      positions = layers.positions_from_mask(token_mask, cache.positions)
+      valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_mask, index, axis=1)
       slots = jnp.arange(valid.shape[1])
       query_slots = index + jnp.arange(t)
       self_mask = (slots[None, None, :] <= query_slots[None, :, None]) & valid[:, None, :]
@@ -264,11 +228,11 @@ class DecoderLM(hk.Module):
         media_k, media_v = gated_xattn.media_kv(p_x, visual, self.xcfg, dtype)
         num_media, per_media = visual.shape[1], visual.shape[2]
         owner = gated_xattn.media_owner(num_media, per_media)
-      elif cache is not None and "xattn_k" in cache:
-        media_k, media_v, owner = cache["xattn_k"], cache["xattn_v"], cache["xattn_owner"]
+      elif cache is not None and cache.xattn_k is not None:
+        media_k, media_v, owner = cache.xattn_k, cache.xattn_v, cache.xattn_owner
       if media_index is None:
         media_index = (
-          jnp.broadcast_to(cache["last_media"][:, None], (b, t))
+          jnp.broadcast_to(cache.last_media[:, None], (b, t))
           if cache is not None
           else jnp.full((b, t), -1, jnp.int32)
         )
@@ -289,16 +253,19 @@ class DecoderLM(hk.Module):
 
     new_cache = None
     if cache is not None:
-      new_cache = dict(cache)
-      new_cache["k"], new_cache["v"] = new_kv
-      new_cache["valid"] = valid
-      new_cache["index"] = index + t
-      new_cache["positions"] = cache["positions"] + jnp.sum(token_mask, axis=1).astype(jnp.int32)
-      if use_xattn and "xattn_k" in cache:
+      new_cache = cache._replace(
+        k=new_kv[0],
+        v=new_kv[1],
+        valid=valid,
+        index=index + t,
+        positions=cache.positions + jnp.sum(token_mask, axis=1).astype(jnp.int32),
+      )
+      if use_xattn and cache.xattn_k is not None:
         if visual is not None:
-          new_cache["xattn_k"] = media_k.astype(cache["xattn_k"].dtype)
-          new_cache["xattn_v"] = media_v.astype(cache["xattn_v"].dtype)
-        new_cache["last_media"] = media_index[:, -1]
+          new_cache = new_cache._replace(
+            xattn_k=media_k.astype(cache.xattn_k.dtype), xattn_v=media_v.astype(cache.xattn_v.dtype)
+          )
+        new_cache = new_cache._replace(last_media=media_index[:, -1])
     return logits, new_cache
 
   # ------------------------------------------------------------------------------------------ layers
@@ -340,7 +307,7 @@ class DecoderLM(hk.Module):
       rest = jax.tree.map(lambda a: a[n_main * size : axis0_total], tree)
       return main, rest
 
-    kv = (cache["k"], cache["v"]) if use_cache else None
+    kv = (cache.k, cache.v) if use_cache else None
     # The main groups index the stacked weights inside the loop (a slice [:n_groups*every] taken
     # outside would be a copy of the whole LM's weights on XLA:CPU); the tail is sliced (< every layers).
     group_index = jnp.arange(n_groups, dtype=jnp.int32)
@@ -396,5 +363,5 @@ class DecoderLM(hk.Module):
         x = jax.lax.cond(layer % every == 0, block, lambda x: x, x)
       return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
 
-    kv = (cache["k"], cache["v"]) if cache is not None else None
+    kv = (cache.k, cache.v) if cache is not None else None
     return jax.lax.scan(self._maybe_remat(layer_fn), x, (jnp.arange(c.num_layers), p_layers, kv))

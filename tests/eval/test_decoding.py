@@ -235,7 +235,7 @@ def test_no_retrace_on_same_shapes():
 def test_bad_arguments_raise():
   tokens, mask = _prompts()
   table = _random_table(0)
-  with pytest.raises(ValueError, match="exactly one"):
+  with pytest.raises(TypeError, match="cache_batch_axes"):
     decoding.beam_search(prefill, decode_step, table, tokens, mask, **KW)
   with pytest.raises(ValueError, match="max_new_tokens"):
     decoding.greedy_decode(

@@ -5,8 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from flamingo_jax.models import flamingo, masking
-from flamingo_jax.models import lm as lm_lib
+from flamingo_jax.models import flamingo, gated_xattn, masking
 from tests.models import helpers
 
 IMAGE_POSITIONS = [[2, 6, 9], [0, 4, 8]]
@@ -97,4 +96,4 @@ def test_xattn_block_counts_of_the_paper_sizes(size, layers, every, blocks):
   layer 0. The 9B LM keeps 32 layers (docs/ARCHITECTURE.md, deviations: Table 5's 7.1B LM)."""
   cfg = flamingo.model_config(size)
   assert (cfg.lm.num_layers, cfg.xattn.every) == (layers, every)
-  assert lm_lib.num_xattn_blocks(cfg.lm.num_layers, cfg.xattn.every) == blocks
+  assert gated_xattn.num_xattn_blocks(cfg.lm.num_layers, cfg.xattn.every) == blocks

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.models import flamingo, gated_xattn, masking
+from flamingo_jax.models import flamingo, gated_xattn, kv_cache, masking
 from flamingo_jax.models import lm as lm_lib
 
 LM = lm_lib.LMConfig(**flamingo.SIZES["tiny"]["lm"])
@@ -157,7 +157,7 @@ def _decode_step(params, token, cache):
 def decoding():
   params = _random_params(_DECODE, seed=7)
   visual = _visual(2, 2, seed=8)
-  cache = lm_lib.init_cache(LM, _xattn(2), PROMPT.shape[0], 16, num_media=2, tokens_per_media=R)
+  cache = kv_cache.init_cache(LM, _xattn(2), PROMPT.shape[0], 16, num_media=2, tokens_per_media=R)
   logits, cache = _prefill(params, PROMPT, visual, _phi(PROMPT), PROMPT_MASK, cache)
   cached_logits = [logits[:, -1]]
   generated = [jnp.argmax(logits[:, -1], axis=-1)]
@@ -182,9 +182,9 @@ def test_cached_greedy_decoding_equals_uncached_argmax(decoding):
     np.testing.assert_allclose(cached_logits[:, i], logits, rtol=1e-4, atol=1e-4)
     tokens[:, p + i] = logits.argmax(-1)
   np.testing.assert_array_equal(generated, tokens[:, p:])
-  assert int(cache["index"]) == p + STEPS - 1
-  np.testing.assert_array_equal(cache["positions"], PROMPT_MASK.sum(1) + STEPS - 1)
-  np.testing.assert_array_equal(cache["last_media"], [0, 1])
+  assert int(cache.index) == p + STEPS - 1
+  np.testing.assert_array_equal(cache.positions, PROMPT_MASK.sum(1) + STEPS - 1)
+  np.testing.assert_array_equal(cache.last_media, [0, 1])
 
 
 def test_decode_step_compiles_once(decoding):
@@ -259,7 +259,7 @@ def test_grouped_and_flat_layer_scans_give_the_same_logits_and_cache(monkeypatch
   outputs = []
   for min_tokens in (0, 10**9):  # always grouped (unrolled), always flat when cached
     monkeypatch.setattr(lm_lib, "UNROLL_MIN_TOKENS", min_tokens)
-    cache = lm_lib.init_cache(LM, xcfg, 1, 16, num_media=2, tokens_per_media=R)
+    cache = kv_cache.init_cache(LM, xcfg, 1, 16, num_media=2, tokens_per_media=R)
     fwd = hk.without_apply_rng(
       hk.transform(
         lambda t, v, m, c: lm_lib.DecoderLM(LM, xcfg, scan_unroll=8, name="lm")(
