@@ -3,7 +3,7 @@
 XLA compiles in host memory. What the compiler frees stays in the C allocator's arenas (glibc keeps
 freed small blocks for reuse), so after compiling a large step the process holds several hundred MB
 it no longer uses; the step's own buffers are then allocated on top of them. `release_freed_memory`
-asks glibc to return that memory (`malloc_trim(0)`): on the CPU benchmark shape of issue #8 it takes
+asks glibc to return that memory (`malloc_trim(0)`): on the CPU benchmark shape of benchmarks/train_step.py it takes
 the resident set from 2.33 to 1.72 GB after compiling, and the step's peak RSS down by the same.
 Elsewhere (macOS, musl) it does nothing.
 """

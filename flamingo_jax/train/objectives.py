@@ -54,7 +54,7 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
   """Sum of masked next-token NLL and the token count, in fp32. logits [B,T,V]; targets, mask [B,T].
 
   Its gradient is computed in one pass (a custom VJP), which keeps the step's peak memory to the
-  logits and their gradient (issue #8, benchmarks/README.md)."""
+  logits and their gradient (benchmarks/README.md)."""
   mask = mask.astype(jnp.float32)
   total = _masked_nll_sum(logits.astype(jnp.float32), targets.astype(jnp.int32), mask)
   return total, jnp.sum(mask)
