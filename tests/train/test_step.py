@@ -147,6 +147,7 @@ def test_clipping_acts_on_the_accumulated_gradient(setup):
   grads = jax.tree.map(lambda old, new: old - new, state.params, plain.params)  # SGD(1): the gradient
   norm = float(optax.global_norm(grads))
   clipped_sgd = optax.chain(optax.clip_by_global_norm(norm / 2), _SGD)
-  clipped, _ = jax.jit(step_lib.make_train_step(objective, clipped_sgd, datasets))(state, batches)
+  clipped_state = state._replace(opt_state=clipped_sgd.init(state.params))
+  clipped, _ = jax.jit(step_lib.make_train_step(objective, clipped_sgd, datasets))(clipped_state, batches)
   step = jax.tree.map(lambda old, new: old - new, state.params, clipped.params)
   _assert_normwise_close(step, jax.tree.map(lambda g: g / 2, grads), rtol=1e-4)
