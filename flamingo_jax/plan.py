@@ -59,8 +59,8 @@ Activations of one micro-batch (per device, `b` examples of T tokens and N media
   remat 'none': L*keep_layer + X*keep_block.
   Plus the media keys/values of all blocks, 2 x X*N*R*Ix/t fp32 per example, and the logits: 3 x
   (V/t + E) fp32 per token (logits, log-softmax, their gradient).
-Activations are assumed split over the batch shards `d` as the design intends; XLA does that on meshes
-without 'fsdp' but, until the model constrains its activations, replicates them over 'fsdp' (docs/TPU.md).
+Activations are split over the batch shards `d`: the model places its residual stream by the training
+set-up's logical constraint (`parallel/logical.py`), without which XLA replicates them over 'fsdp'.
 """
 
 import json

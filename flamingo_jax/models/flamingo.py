@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flamingo_jax.models import gated_xattn, kv_cache, nfnet
+from flamingo_jax.models import gated_xattn, kv_cache, layers, nfnet
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
@@ -190,12 +190,18 @@ def parse_configs(cfg) -> Configs:
 class _Flamingo:
   """Holds the three Haiku modules; only used inside a transform."""
 
-  def __init__(self, c: Configs):
+  def __init__(self, c: Configs, constrain: layers.ActivationConstraint):
     self.c = c
     self.vision = nfnet.NFNet(c.vision_variant, dtype=c.dtype, name="vision_encoder")
     self.resampler = resampler_lib.PerceiverResampler(c.resampler, dtype=c.dtype, name="perceiver_resampler")
     self.lm = lm_lib.DecoderLM(
-      c.lm, c.xattn, dtype=c.dtype, remat=c.remat, scan_unroll=c.scan_unroll, name="lm"
+      c.lm,
+      c.xattn,
+      dtype=c.dtype,
+      remat=c.remat,
+      scan_unroll=c.scan_unroll,
+      constrain=constrain,
+      name="lm",
     )
 
   def vision_features(self, images):
@@ -253,12 +259,15 @@ class FlamingoModel(NamedTuple):
     return self.lm_forward(params, None, tokens, None, None, None, cache, lm_only)
 
 
-def make_model(model_cfg) -> FlamingoModel:
-  """Builds the transformed Flamingo functions from a model ConfigDict (see `model_config`)."""
+def make_model(model_cfg, constrain: layers.ActivationConstraint = layers.no_constraint) -> FlamingoModel:
+  """Builds the transformed Flamingo functions from a model ConfigDict (see `model_config`).
+
+  `constrain` places the LM's residual stream by logical axis names (`lm.RESIDUAL_AXES`); training on
+  a mesh passes `parallel.logical.activation_constraint(mesh)`."""
   c = parse_configs(model_cfg)
 
   def template():
-    model = _Flamingo(c)
+    model = _Flamingo(c, constrain)
 
     def init(images, tokens):
       media_index = jnp.zeros(tokens.shape, jnp.int32)

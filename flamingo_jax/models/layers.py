@@ -8,11 +8,24 @@ Numerics: every matmul takes its inputs in the compute dtype (bf16 or fp32) and 
 residual stream stay in fp32.
 """
 
+from collections.abc import Callable
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+# Places an activation by logical axis names, e.g. constrain(x, ("batch", "length", "embed")). The
+# model only names axes; the training set-up supplies the mapping to mesh axes
+# (`flamingo_jax/parallel/logical.py: activation_constraint`).
+ActivationConstraint = Callable[[Array, tuple], Array]
+
+
+def no_constraint(x: Array, logical_axes: tuple) -> Array:
+  """The default `ActivationConstraint`: XLA places activations (one device, evaluation)."""
+  del logical_axes
+  return x
 
 
 def matmul(x: Array, w: Array, dtype) -> Array:

@@ -54,6 +54,11 @@ class LMConfig:
     return cls(**d)
 
 
+# The residual stream [B, T, D] is placed by these logical axes at the input and output of every
+# decoder layer and xattn block (the training set-up maps them to mesh axes; without it, on meshes
+# with 'fsdp', XLA keeps most activations replicated over 'fsdp': docs/TPU.md).
+RESIDUAL_AXES = ("batch", "length", "embed")
+
 # Cached calls (decoding) below this many tokens (B*T) run one flat scan (module docstring); never training:
 UNROLL_MIN_TOKENS = 256  # a gradient through a scan's dynamic weight slices is several times slower there
 
@@ -158,11 +163,13 @@ class DecoderLM(hk.Module):
     dtype=jnp.float32,
     remat: str = "none",
     scan_unroll: int = 1,
+    constrain: layers.ActivationConstraint = layers.no_constraint,
     name: str = "lm",
   ):
     super().__init__(name=name)
     self.cfg, self.xcfg, self.dtype, self.remat = cfg, xattn, dtype, remat
     self.scan_unroll = scan_unroll
+    self.constrain = constrain
     self.num_blocks = num_xattn_blocks(cfg.num_layers, xattn.every) if xattn else 0
 
   # ---------------------------------------------------------------------------------------- forward
@@ -283,14 +290,17 @@ class DecoderLM(hk.Module):
         x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every
       )
 
+    residual = lambda x: self.constrain(x, RESIDUAL_AXES)
+
     def group_fn(x, xs):
       p_block, p_group, kv_group, mk, mv = xs
       if p_block is not None:
-        x = gated_xattn.gated_xattn_block(p_block, x, mk, mv, xmask, self.xcfg, dtype)
+        x = residual(gated_xattn.gated_xattn_block(p_block, residual(x), mk, mv, xmask, self.xcfg, dtype))
 
       def layer_fn(x, layer_xs):
         p_layer, kv = layer_xs
-        return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
+        x, kv = _decoder_layer(p_layer, residual(x), cos, sin, self_mask, c, dtype, kv, index)
+        return residual(x), kv
 
       return jax.lax.scan(layer_fn, x, (p_group, kv_group), unroll=True)
 

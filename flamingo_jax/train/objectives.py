@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax.models import contrastive as contrastive_lib
-from flamingo_jax.models import flamingo
+from flamingo_jax.models import flamingo, layers
 
 
 @jax.custom_vjp
@@ -70,8 +70,10 @@ class Objective:
   param_metrics: Callable[[Any], dict]
 
 
-def flamingo_objective(model_cfg) -> Objective:
-  model = flamingo.make_model(model_cfg)
+def flamingo_objective(model_cfg, constrain=layers.no_constraint) -> Objective:
+  """The paper's NLL of the text given the interleaved media; `constrain` places activations
+  (`flamingo.make_model`)."""
+  model = flamingo.make_model(model_cfg, constrain)
 
   def init(rng, batch):
     return model.init(rng, batch["images"], batch["tokens"])
@@ -138,9 +140,10 @@ def contrastive_objective(model_cfg, special_ids=()) -> Objective:
   return Objective("contrastive", init, loss_sum, param_metrics)
 
 
-def make_objective(config, special_ids=()) -> Objective:
+def make_objective(config, special_ids=(), constrain=layers.no_constraint) -> Objective:
+  """The objective `config.objective` names; `constrain` (Flamingo only) places its activations."""
   if config.objective == "flamingo":
-    return flamingo_objective(config.model)
+    return flamingo_objective(config.model, constrain)
   if config.objective == "contrastive":
     return contrastive_objective(config.model, special_ids)
   raise ValueError(f"config.objective must be 'flamingo' or 'contrastive', got {config.objective!r}")

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from flamingo_jax.models import flamingo
-from flamingo_jax.parallel import partitioning
+from flamingo_jax.parallel import logical, partitioning
 from flamingo_jax.train import objectives as objectives_lib
 from flamingo_jax.train import optimizer as optimizer_lib
 from flamingo_jax.train import state as state_lib
@@ -60,15 +60,15 @@ def dataset_specs(config) -> dict[str, dict[str, Any]]:
   }
 
 
-def _init_batch(config) -> dict:
+def _init_batch(batches: dict) -> dict:
   """One row of the alphabetically first dataset: the params' shapes do not depend on which."""
-  first = batch_shapes(config)[sorted(config.data.datasets)[0]]
+  first = batches[sorted(batches)[0]]
   return {k: jax.ShapeDtypeStruct((1,) + s.shape[1:], s.dtype) for k, s in first.items()}
 
 
 def init_params(config, objective, rng) -> dict:
   """Freshly initialised params (numpy, on the host), before any `init_from` source."""
-  batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _init_batch(config))
+  batch = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _init_batch(batch_shapes(config)))
   return jax.device_get(jax.jit(objective.init)(rng, batch))
 
 
@@ -90,19 +90,23 @@ def split_params(config, params) -> tuple[dict, dict]:
   return train_p, cast_frozen(frozen_p, flamingo.DTYPES[config.model.dtype])
 
 
-def setup(config, mesh, special_ids=()) -> StepSetup:
+def setup(config, mesh, special_ids=(), *, objective=None, batches=None) -> StepSetup:
   """The step of `config` on `mesh` with its abstract state and batches (nothing allocated).
 
-  `special_ids`: token ids the contrastive text tower skips (<image>, <EOC>, BOS, EOS)."""
-  objective = objectives_lib.make_objective(config, special_ids)
-  params = jax.eval_shape(objective.init, jax.random.PRNGKey(0), _init_batch(config))
+  `special_ids`: token ids the contrastive text tower skips (<image>, <EOC>, BOS, EOS).
+  `objective` and `batches` replace the config's objective and `batch_shapes(config)`; the
+  benchmarks use them to train on precomputed visual features, with the rest of the set-up (freezing,
+  optimizer, shardings, the jitted step) exactly the loop's."""
+  constrain = logical.activation_constraint(mesh)
+  objective = objective or objectives_lib.make_objective(config, special_ids, constrain)
+  batches = batches or batch_shapes(config)
+  params = jax.eval_shape(objective.init, jax.random.PRNGKey(0), _init_batch(batches))
   train_p, frozen_p = split_params(config, params)
   optimizer = optimizer_lib.make_optimizer(config.optim, train_p)
   state = jax.eval_shape(
     lambda p, f: state_lib.create(p, f, optimizer, jax.random.PRNGKey(1)), train_p, frozen_p
   )
   state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
-  batches = batch_shapes(config)
   batch_sh = partitioning.batch_shardings(batches, mesh)
   schedule = optimizer_lib.learning_rate_schedule(config.optim)
   step_fn = step_lib.make_train_step(objective, optimizer, dataset_specs(config), schedule)

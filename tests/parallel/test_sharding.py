@@ -313,3 +313,27 @@ def test_with_logical_constraint(mesh):
     out = jax.jit(lambda a: logical.with_logical_constraint(a * 2, axes))(x)
   assert out.sharding.spec == P(("data", "fsdp"), None, "tensor")
   np.testing.assert_array_equal(np.asarray(out), 2 * np.ones((8, 4, 6)))
+
+
+def test_the_model_places_its_residual_stream_by_the_constraint_it_is_given(mesh):
+  """The LM names the residual stream's axes at every layer and xattn block; on a mesh the training
+  set-up's constraint splits it over the batch (both data axes), and the logits are unchanged."""
+  from flamingo_jax.models import flamingo, lm  # pylint: disable=g-import-not-at-top
+
+  cfg = flamingo.model_config("tiny")
+  seen = []
+
+  def recording(x, axes):
+    seen.append((x.shape, axes))
+    return logical.activation_constraint(mesh)(x, axes)
+
+  placed, plain = flamingo.make_model(cfg, recording), flamingo.make_model(cfg)
+  images = jnp.zeros((8, 1, 1, cfg.image_size, cfg.image_size, 3))
+  tokens = jnp.ones((8, 6), jnp.int32)
+  params = plain.init(jax.random.PRNGKey(0), images, tokens)
+  media_index = jnp.zeros((8, 6), jnp.int32)
+  want = plain.forward(params, None, images, tokens, media_index)
+  got = jax.jit(lambda p: placed.forward(p, None, images, tokens, media_index))(params)
+  assert seen and {axes for _, axes in seen} == {lm.RESIDUAL_AXES}
+  assert {shape for shape, _ in seen} == {(8, 6, cfg.lm.dim)}
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
