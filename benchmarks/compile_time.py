@@ -5,7 +5,7 @@
 The SmolLM2-width model of benchmarks/train_step.py (dim 576, xattn every 4, resampler 6 x 64, precomputed
 visual features, batch 4 x 128 tokens x 4 images) with `num_layers` set to each depth. For each depth it
 times `jax.jit(step).lower(...)` (tracing) and `.compile()` (XLA) of the whole training step, from
-abstract shapes (`jax.eval_shape`: no weights are materialised). The layers run under one `lax.scan` over
+abstract shapes (the loop's `setup`: no weights are materialised). The layers run under one `lax.scan` over
 groups of (xattn block, 4 layers), so the compiled program should not grow with depth; `--unrolled` also
 times `scan_unroll` = all groups (the CPU main job's setting), whose program does grow.
 Prints seconds per depth and the ratio of the deepest to the shallowest (target: within 2x).
@@ -24,32 +24,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import train_step as bench  # noqa: E402
 
-from configs import flamingo as flamingo_config  # noqa: E402
-from flamingo_jax.models import flamingo  # noqa: E402
-from flamingo_jax.train import state as state_lib  # noqa: E402
-from flamingo_jax.train import step as step_lib  # noqa: E402
-from flamingo_jax.train import trainable  # noqa: E402
-
 
 def compile_seconds(num_layers: int, scan_unroll: int) -> tuple[float, float]:
   """(lower seconds, compile seconds) of the training step with an LM of `num_layers` layers."""
   cfg = bench.model_config("float32")
-  with cfg.unlocked():
-    cfg.lm.num_layers = num_layers
-    cfg.scan_unroll = scan_unroll
-  model = flamingo.make_model(cfg)
-  objective = bench.feature_objective(model)
-  b = bench.batch(cfg)
-  params = jax.eval_shape(objective.init, jax.random.PRNGKey(0), b)
-  train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
-  opt = bench.optimizer()
-  state = jax.eval_shape(lambda t, f: state_lib.create(t, f, opt, jax.random.PRNGKey(1)), train_p, frozen_p)
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"m3w": b})
-  step = jax.jit(
-    step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}), donate_argnums=0
-  )
+  cfg.lm.num_layers = num_layers
+  cfg.scan_unroll = scan_unroll
+  s, _ = bench.step_setup(cfg)
   t0 = time.perf_counter()
-  lowered = step.lower(state, batch)
+  lowered = s.step.lower(s.state, s.batches)
   t1 = time.perf_counter()
   lowered.compile()
   return t1 - t0, time.perf_counter() - t1

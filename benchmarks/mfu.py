@@ -11,10 +11,10 @@ tokens with 5 images each, 100 visual tokens per image (NFNet-F6 at 320 px gives
 vision encoder's features are random and precomputed, at the resampler's width (the NFNet forward and its
 3072 -> 1536 input projection are left out and not counted).
 
-The step is the project's own: `make_train_step` (AdamW + clipping, non-finite skip), jitted with
-NamedShardings on a mesh of all local devices (`data` axis). FLOPs are counted by hand
-(`train_step.step_flops`: frozen LM forward + activation gradients, trained parts forward + both
-gradients, no recomputation counted), so MFU = counted FLOPs / step time / peak. The peak is the
+The step is the training loop's own (`flamingo_jax/train/setup.py`: the main job's freezing rules,
+AdamW + clipping and non-finite skip, jitted with NamedShardings on a `data` mesh of all local
+devices). FLOPs are counted by hand (`train_step.step_flops`: frozen LM forward + activation
+gradients, trained parts forward + both gradients, no recomputation counted), so MFU = counted FLOPs / step time / peak. The peak is the
 datasheet's dense bf16 rate (`--peak-tflops`, H100/H200 SXM: 989) and, measured in the same run, an
 8192^3 bf16 matmul. Step time: `--steps` steps dispatched back to back, one sync at the end.
 """
@@ -34,13 +34,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import train_step as bench  # noqa: E402
 
-from configs import flamingo as flamingo_config  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
-from flamingo_jax.parallel import mesh as mesh_lib  # noqa: E402
-from flamingo_jax.parallel import partitioning  # noqa: E402
 from flamingo_jax.train import setup as setup_lib  # noqa: E402
 from flamingo_jax.train import state as state_lib  # noqa: E402
-from flamingo_jax.train import step as step_lib  # noqa: E402
 from flamingo_jax.train import trainable  # noqa: E402
 
 # (tokens per sequence, images per sequence, visual tokens per image)
@@ -115,29 +111,18 @@ def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool
   tokens, images, visual = SHAPES[size]
   cfg = model_config(size, remat)
   shape = dict(b=batch_size, t=tokens, n=images, lv=visual)
-  model = flamingo.make_model(cfg)
-  objective = bench.feature_objective(model, images)
-  host_batch = bench.batch(cfg, **shape)
-  mesh = mesh_lib.create_mesh({"data": -1})
-  rules = "flamingo"
-
-  params = jax.jit(objective.init)(jax.random.PRNGKey(0), host_batch)
-  train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
-  frozen_p = setup_lib.cast_frozen(frozen_p, flamingo.DTYPES[cfg.dtype])
+  s, config = bench.step_setup(cfg, **shape)
+  params = jax.jit(s.objective.init)(jax.random.PRNGKey(0), bench.batch(cfg, **shape))
+  train_p, frozen_p = setup_lib.split_params(config, params)
   del params
-  opt = bench.optimizer()
-  state = state_lib.create(train_p, frozen_p, opt, jax.random.PRNGKey(1))
-  state_sh = partitioning.state_shardings(state, rules, mesh)
-  state = jax.device_put(state, state_sh)
+  state = state_lib.create(train_p, frozen_p, s.optimizer, jax.random.PRNGKey(1))
+  state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, s.state))
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   n_train, n_frozen = count(state.params), count(state.frozen)
 
-  batches = [{"m3w": bench.batch(cfg, seed=i, **shape)} for i in range(2)]
-  batch_sh = partitioning.batch_shardings(batches[0], mesh)
-  batches = [jax.device_put(b, batch_sh) for b in batches]
-  step = partitioning.jit_train_step(
-    step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}), state_sh, batch_sh
-  )
+  batch_sh = jax.tree.map(lambda x: x.sharding, s.batches)
+  batches = [jax.device_put({"m3w": bench.batch(cfg, seed=i, **shape)}, batch_sh) for i in range(2)]
+  step = s.step
   t0 = time.perf_counter()
   compiled = step.lower(state, batches[0]).compile()
   compile_s = time.perf_counter() - t0
@@ -152,7 +137,7 @@ def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool
   loss = float(metrics["loss"])  # the one sync
   step_s = (time.perf_counter() - t0) / steps
   flops = float(bench.step_flops(cfg, **shape)["step"])
-  parts = breakdown(objective, state, batches[0], steps) if with_breakdown else {}
+  parts = breakdown(s.objective, state, batches[0], steps) if with_breakdown else {}
   return dict(
     **parts,
     size=size,

@@ -5,7 +5,8 @@
 Shape (benchmarks/README.md): frozen LM dim 576, 30 layers, 9 heads (3 kv), vocab 49152, xattn every 4,
 resampler 6 x 64 latents, 64 precomputed visual tokens per image (width 576, the vision encoder is frozen
 and its features are taken as given, as in the peer's `image_embeds` path), batch 4 x 128 tokens x 4 images,
-trainable = resampler + xattn (+ the two new token rows). Prints step time, text tokens/s, peak RSS,
+trainable = resampler + xattn (+ the two new token rows), with the main job's optimizer and the loop's
+set-up (`flamingo_jax/train/setup.py`). Prints step time, text tokens/s, peak RSS,
 achieved FLOP/s (a hand count of the step's matmuls, `step_flops`) and its fraction of the dense-matmul FLOP/s
 measured in the same run. `--peer` also times lucidrains' flamingo-pytorch 0.1.2 (torch 2.13 CPU) in a
 separate venv (created on first use in /tmp/fj_peer_venv) at the same shape and prints the ratio.
@@ -24,14 +25,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from configs import flamingo as flamingo_config  # noqa: E402
+from configs import main_job  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
-from flamingo_jax.train import host_memory, objectives, trainable  # noqa: E402
+from flamingo_jax.parallel import logical  # noqa: E402
+from flamingo_jax.parallel import mesh as mesh_lib  # noqa: E402
+from flamingo_jax.train import host_memory, objectives  # noqa: E402
 from flamingo_jax.train import setup as setup_lib  # noqa: E402
 from flamingo_jax.train import state as state_lib  # noqa: E402
-from flamingo_jax.train import step as step_lib  # noqa: E402
 
 B, T, N, LV = 4, 128, 4, 64
 PEER_VENV = "/tmp/fj_peer_venv"
@@ -152,25 +153,36 @@ def model_config(dtype: str, remat: str = "none"):
   return cfg
 
 
-def optimizer():
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.1))
+def train_config(model_cfg, b=B, t=T, n=N):
+  """The main job's training config (freezing, optimizer, sharding rules, mesh) over `model_cfg`,
+  with one dataset of b x t tokens and n images."""
+  config = main_job.get_config("only=m3w")
+  config.model = model_cfg
+  ds = config.data.datasets.m3w
+  ds.batch_size, ds.max_tokens, ds.max_images = b, t, n
+  return config
+
+
+def step_setup(model_cfg, b=B, t=T, n=N, lv=LV) -> tuple[setup_lib.StepSetup, dict]:
+  """(the loop's step set-up on precomputed features, its config), on a `data` mesh of all devices."""
+  config = train_config(model_cfg, b, t, n)
+  host_batch = batch(model_cfg, b=b, t=t, n=n, lv=lv)
+  shapes = {"m3w": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)}
+  mesh = mesh_lib.create_mesh(config.mesh.shape)
+  objective = feature_objective(flamingo.make_model(model_cfg, logical.activation_constraint(mesh)), n)
+  return setup_lib.setup(config, mesh, objective=objective, batches=shapes), config
 
 
 def run_jax(dtype: str, steps: int, remat: str = "none") -> dict:
   cfg = model_config(dtype, remat)
-  model = flamingo.make_model(cfg)
-  objective = feature_objective(model)
+  s, config = step_setup(cfg)
   b = batch(cfg)
-  params = jax.jit(objective.init)(jax.random.PRNGKey(0), b)
-  train_p, frozen_p = trainable.split(params, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
-  frozen_p = setup_lib.cast_frozen(frozen_p, flamingo.DTYPES[dtype])
-  opt = optimizer()
-  state = state_lib.create(train_p, frozen_p, opt, jax.random.PRNGKey(1))
-  step = jax.jit(
-    step_lib.make_train_step(objective, opt, {"m3w": dict(weight=1.0, micro_batches=1)}), donate_argnums=0
-  )
+  params = jax.jit(s.objective.init)(jax.random.PRNGKey(0), b)
+  train_p, frozen_p = setup_lib.split_params(config, params)
+  state = state_lib.create(train_p, frozen_p, s.optimizer, jax.random.PRNGKey(1))
+  state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, s.state))
   t0 = time.perf_counter()
-  compiled = step.lower(state, {"m3w": b}).compile()
+  compiled = s.step.lower(s.state, s.batches).compile()
   compile_s = time.perf_counter() - t0
   compile_peak_gb = peak_rss_gb()
   host_memory.release_freed_memory()  # as the training loop does after compiling
