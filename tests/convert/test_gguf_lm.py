@@ -12,6 +12,7 @@ import pytest
 
 from flamingo_jax.convert import gguf_lm, names
 from flamingo_jax.data import tokenizer as tokenizer_lib
+from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
 from tests.convert import reference_llama
 
@@ -30,21 +31,8 @@ TINY = dict(
   tie_embeddings=True,
   max_seq_len=64,
 )
-SMOLLM2 = dict(
-  vocab_size=49152,
-  dim=576,
-  num_layers=30,
-  num_heads=9,
-  num_kv_heads=3,
-  head_dim=64,
-  ffw_hidden=1536,
-  mlp="swiglu",
-  norm="rms",
-  norm_eps=1e-5,
-  rope_theta=100000.0,
-  tie_embeddings=True,
-  max_seq_len=8192,
-)
+# The GGUF file's metadata gives exactly the size table's SmolLM2 LM.
+SMOLLM2 = dict(flamingo.SIZES["smollm2"]["lm"])
 
 
 def llama_cpp_permute(w, n_head):
