@@ -6,29 +6,66 @@ import glob
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 CORRUPTIONS = ("flipped_bytes", "truncated_metadata", "missing_item")
 
 
+def _raw_leaves(state_dir: str) -> list:
+  """The saved state's leaves as Orbax reads them, with no fingerprint check (numpy)."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    leaves = jax.tree.leaves(checkpointer.restore(state_dir))
+  finally:
+    checkpointer.close()
+  key = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+  return [np.asarray(key(x)) for x in leaves]
+
+
+def _invert(path: str, offset: int, count: int = 64) -> None:
+  """Inverts `count` bytes of `path` at `offset` in place (a second call undoes it)."""
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    data = bytes(b ^ 0xFF for b in f.read(count))
+    f.seek(offset)
+    f.write(data)
+
+
+def _flip_bytes_that_are_read(state_dir: str) -> str:
+  """Inverts 64 bytes of an array data file where Orbax still reads without error but restores other
+  values. An OCDBT data file also holds superseded index nodes that no read visits, so each place is
+  checked against a raw read and undone if it changed nothing."""
+  before = _raw_leaves(state_dir)
+  pattern = os.path.join(state_dir, "**", "d", "*")
+  files = sorted((f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f)), key=os.path.getsize)
+  for target in reversed(files):
+    size = os.path.getsize(target)
+    for fraction in (0.5, 0.25, 0.75, 0.125, 0.375, 0.625, 0.875):
+      offset = min(int(size * fraction), max(size - 64, 0))
+      _invert(target, offset)
+      try:
+        after = _raw_leaves(state_dir)
+      except Exception:  # pylint: disable=broad-except  # a decode error: not the silent kind wanted
+        after = before
+      if any(not np.array_equal(a, b) for a, b in zip(before, after)):
+        return target
+      _invert(target, offset)
+  raise AssertionError(f"no 64 inverted bytes under {state_dir} change what Orbax restores")
+
+
 def corrupt_step(step_dir: str, kind: str) -> str:
   """Damages the saved step at `step_dir` in one of CORRUPTIONS' ways; returns the file or directory hit.
 
-  flipped_bytes: 64 bytes inverted in the middle of the largest array data file (no error from
-  Orbax: only the fingerprints notice); truncated_metadata: the state item's `_METADATA` JSON cut
+  flipped_bytes: 64 bytes inverted in an array data file, where Orbax restores other values without
+  an error (only the fingerprints notice); truncated_metadata: the state item's `_METADATA` JSON cut
   in half; missing_item: the state item directory removed.
   """
   state = os.path.join(step_dir, "state")
   if kind == "flipped_bytes":
-    files = [f for f in glob.glob(os.path.join(state, "**", "d", "*"), recursive=True) if os.path.isfile(f)]
-    target = max(files, key=os.path.getsize)
-    with open(target, "r+b") as f:
-      data = bytearray(f.read())
-      middle = len(data) // 2
-      data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
-      f.seek(0)
-      f.write(data)
-    return target
+    return _flip_bytes_that_are_read(state)
   if kind == "truncated_metadata":
     target = os.path.join(state, "_METADATA")
     with open(target, "r+", encoding="utf-8") as f:
