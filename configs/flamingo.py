@@ -92,6 +92,9 @@ def base(size: str) -> ml_collections.ConfigDict:
   """What every stage-2 config shares: the objective, the model of `size`, freezing and sharding rules."""
   config = ml_collections.ConfigDict()
   config.objective = "flamingo"
+  # Eq. 2 sums each sequence's NLL (the paper sizes); a per-token mean keeps a short-text dataset's
+  # weight in the mixture at its lambda (the CPU main job and tiny).
+  config.loss_normalisation = "per_token_mean"
   config.model = flamingo.model_config(size)
   config.trainable = list(TRAINABLE)
   config.frozen = list(FROZEN)
@@ -112,6 +115,7 @@ def get_config(arg: str = "size=3b") -> ml_collections.ConfigDict:
   config = base(size)
   image_size = config.model.image_size
   if paper:
+    config.loss_normalisation = "per_sequence_sum"
     config.model.dtype = "bfloat16"
     config.model.remat = "dots"
     config.mesh = dict(shape=PAPER_MESH[size])

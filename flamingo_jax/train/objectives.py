@@ -70,9 +70,18 @@ class Objective:
   param_metrics: Callable[[Any], dict]
 
 
-def flamingo_objective(model_cfg, constrain=layers.no_constraint) -> Objective:
-  """The paper's NLL of the text given the interleaved media; `constrain` places activations
-  (`flamingo.make_model`)."""
+# How a dataset's summed NLL is normalised: by its target tokens, or by its sequences (paper Eq. 2:
+# the expected NLL of a whole sequence, so a 256-token M3W document weighs ~10-20x a 12-20-token pair).
+NORMALISATIONS = ("per_token_mean", "per_sequence_sum")
+
+
+def flamingo_objective(
+  model_cfg, constrain=layers.no_constraint, normalisation: str = "per_token_mean"
+) -> Objective:
+  """The NLL of the text given the interleaved media, normalised by `normalisation` (one of
+  NORMALISATIONS); `constrain` places activations (`flamingo.make_model`)."""
+  if normalisation not in NORMALISATIONS:
+    raise ValueError(f"loss_normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
   model = flamingo.make_model(model_cfg, constrain)
 
   def init(rng, batch):
@@ -89,6 +98,8 @@ def flamingo_objective(model_cfg, constrain=layers.no_constraint) -> Objective:
       is_training=True,
     )
     total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
+    if normalisation == "per_sequence_sum":
+      count = jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=1)).astype(jnp.float32)
     return total, count, {}
 
   def param_metrics(params):
@@ -131,6 +142,7 @@ def contrastive_objective(model_cfg, special_ids=()) -> Objective:
       out["logit_scale"],
       valid,
       label_smoothing=model_cfg.label_smoothing,
+      terms=model_cfg.loss_terms,
     )
     return loss, jnp.ones((), jnp.float32), {k: v for k, v in metrics.items() if k != "loss"}
 
@@ -143,7 +155,7 @@ def contrastive_objective(model_cfg, special_ids=()) -> Objective:
 def make_objective(config, special_ids=(), constrain=layers.no_constraint) -> Objective:
   """The objective `config.objective` names; `constrain` (Flamingo only) places its activations."""
   if config.objective == "flamingo":
-    return flamingo_objective(config.model, constrain)
+    return flamingo_objective(config.model, constrain, config.loss_normalisation)
   if config.objective == "contrastive":
     return contrastive_objective(config.model, special_ids)
   raise ValueError(f"config.objective must be 'flamingo' or 'contrastive', got {config.objective!r}")

@@ -37,3 +37,33 @@ def test_token_nll_gradient_flows_back_to_bfloat16_logits():
   grad = jax.jit(jax.grad(lambda l: objectives.token_nll(l, targets, jnp.ones((1, 3)))[0]))(logits)
   assert grad.dtype == jnp.bfloat16
   chex.assert_trees_all_close(grad.astype(jnp.float32).sum(), jnp.float32(0.0), atol=1e-2)
+
+
+def test_loss_normalisation_divides_the_same_sum_by_tokens_or_by_sequences():
+  """Eq. 2's per-sequence sum and the per-token mean share the summed NLL; only the divisor differs
+  (sequences with at least one target token, or target tokens)."""
+  from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
+  from tests.train import helpers  # pylint: disable=g-import-not-at-top
+
+  cfg = flamingo.model_config("tiny")
+  batch = helpers.synthetic_batch(cfg, batch=4)
+  batch["loss_mask"][3] = 0  # a row without targets counts as no sequence
+  per_token = objectives.flamingo_objective(cfg)
+  per_sequence = objectives.flamingo_objective(cfg, normalisation="per_sequence_sum")
+  params = per_token.init(jax.random.PRNGKey(0), batch)
+  total_t, tokens, _ = per_token.loss_sum(params, batch, None)
+  total_s, sequences, _ = per_sequence.loss_sum(params, batch, None)
+  assert float(total_t) == float(total_s)
+  assert float(tokens) == batch["loss_mask"].sum() and float(sequences) == 3
+  with np.testing.assert_raises_regex(ValueError, "per_sequence_sum"):
+    objectives.flamingo_objective(cfg, normalisation="per_sequence_mean")
+
+
+def test_paper_sizes_sum_each_sequence_and_the_small_configs_average_tokens():
+  from configs import flamingo as flamingo_config  # pylint: disable=g-import-not-at-top
+  from configs import main_job  # pylint: disable=g-import-not-at-top
+
+  for size in ("3b", "9b", "80b"):
+    assert flamingo_config.get_config(f"size={size}").loss_normalisation == "per_sequence_sum"
+  assert flamingo_config.get_config("size=tiny").loss_normalisation == "per_token_mean"
+  assert main_job.get_config().loss_normalisation == "per_token_mean"
