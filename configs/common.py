@@ -23,17 +23,23 @@ def optim(
   weight_decay=0.1,
   no_decay=(r"^perceiver_resampler/",),
   grad_clip_norm=1.0,
+  grad_clip_on=(".*",),
   agc_clip=0.0,
   agc_on=(r"^vision_encoder/",),
   lr_multipliers=(),
   decay="constant",
+  kind="adamw",
 ) -> dict:
   """The paper's AdamW: warm-up then constant; decay 0.1 except the resampler; clip 1.0.
 
   lr_multipliers: [(regex over 'module/param', factor)], a per-parameter step scale (none in the paper).
-  decay: the rate after warm-up, 'constant' (the paper) or 'cosine' (to 0 at `total_steps`).
+  decay: the rate after warm-up, 'constant' (the paper's stage 2), 'cosine' or 'linear' (to 0 at
+    `total_steps`; 'linear' is the paper's stage 1).
+  kind: 'adamw' (decoupled weight decay) or 'adam' (weight decay as L2 in the gradient).
+  grad_clip_on: the params whose global norm is clipped (regexes; default all).
   """
   return dict(
+    kind=kind,
     lr=lr,
     warmup_steps=warmup_steps,
     decay=decay,
@@ -44,6 +50,7 @@ def optim(
     weight_decay=weight_decay,
     no_decay=list(no_decay),
     grad_clip_norm=grad_clip_norm,
+    grad_clip_on=list(grad_clip_on),
     agc_clip=agc_clip,
     agc_on=list(agc_on),
     lr_multipliers=[list(m) for m in lr_multipliers],

@@ -114,12 +114,13 @@ def contrastive_loss(
   logit_scale: jax.Array,
   valid: jax.Array | None = None,
   label_smoothing: float = 0.1,
+  terms: str = "mean",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Two-way softmax contrastive loss with label smoothing, in fp32.
 
-  logits[i, j] = exp(logit_scale) * <image_i, text_j>. The loss is the mean of
-  the image->text (rows) and text->image (columns) cross-entropies, each
-  averaged over valid anchors. Smoothed targets put 1 - eps + eps / n on the
+  logits[i, j] = exp(logit_scale) * <image_i, text_j>. The loss is the sum (`terms='sum'`, the
+  paper's Eq. 3) or the mean of the image->text (rows) and text->image (columns) cross-entropies,
+  each averaged over valid anchors. Smoothed targets put 1 - eps + eps / n on the
   positive and eps / n on every other valid candidate (n = number of valid
   examples). Invalid examples are neither anchors nor candidates.
 
@@ -157,7 +158,9 @@ def contrastive_loss(
   )
   i2t_loss, i2t_acc = _one_way(logits, valid, safe_n, label_smoothing)
   t2i_loss, t2i_acc = _one_way(logits.T, valid, safe_n, label_smoothing)
-  loss = 0.5 * (i2t_loss + t2i_loss)
+  if terms not in ("sum", "mean"):
+    raise ValueError(f"contrastive_loss: terms must be 'sum' or 'mean', got {terms!r}")
+  loss = (i2t_loss + t2i_loss) * (1.0 if terms == "sum" else 0.5)
   metrics = {
     "loss": loss,
     "i2t_loss": i2t_loss,

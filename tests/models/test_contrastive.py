@@ -40,7 +40,7 @@ def _config():
 
 
 # Jitted: one compilation per shape instead of one per primitive.
-_loss = _jit(contrastive.contrastive_loss, static_argnames="label_smoothing")
+_loss = _jit(contrastive.contrastive_loss, static_argnames=("label_smoothing", "terms"))
 
 
 def _unit(x):
@@ -161,6 +161,9 @@ def test_loss_matches_numpy():
   np.testing.assert_allclose(
     metrics["t2i_loss"], optax.softmax_cross_entropy(logits.T, labels).mean(), rtol=1e-5
   )
+  # The paper's Eq. 3 sums the two terms.
+  summed, _ = _loss(img, txt, scale, terms="sum")
+  np.testing.assert_allclose(summed, 2 * loss, rtol=1e-6)
   # Without smoothing it is the plain cross-entropy.
   loss0, _ = _loss(img, txt, scale, label_smoothing=0.0)
   np.testing.assert_allclose(loss0, _numpy_loss(img, txt, float(scale), 0.0), rtol=1e-5)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import common
@@ -43,30 +44,51 @@ def test_lr_multiplier_matching_nothing_is_an_error():
     _updates(lr_multipliers=[(r"^no_such_module/", 2.0)])
 
 
-@pytest.mark.parametrize("decay", ["constant", "cosine"])
+@pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])
 def test_learning_rate_schedule_warms_up_then_holds_or_decays_to_zero(decay):
   cfg = ml_collections.ConfigDict(common.optim(lr=1e-3, warmup_steps=10, total_steps=110, decay=decay))
   schedule = optimizer_lib.learning_rate_schedule(cfg)
   np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 5e-4, 1e-3], rtol=1e-6)
   if decay == "constant":
     np.testing.assert_allclose([schedule(60), schedule(110)], [1e-3, 1e-3], rtol=1e-6)
-  else:
+  else:  # cosine and linear both pass half the rate half-way
     np.testing.assert_allclose([schedule(60), schedule(110)], [5e-4, 0.0], rtol=1e-5, atol=1e-9)
+  if decay == "linear":
+    np.testing.assert_allclose(schedule(35), 7.5e-4, rtol=1e-5)
 
 
-def test_unknown_decay_is_an_error():
+def test_unknown_decay_or_kind_is_an_error():
   with pytest.raises(ValueError, match="optim.decay"):
-    _updates(decay="linear")
+    _updates(decay="exponential")
+  with pytest.raises(ValueError, match="optim.kind"):
+    _updates(kind="sgd")
 
 
-def test_weight_decay_spares_exactly_the_perceiver_resampler():
-  """The paper (App. B.1.2): decay 0.1 on every trained parameter except the Perceiver Resampler."""
-  cfg = ml_collections.ConfigDict(common.optim(lr=1e-2, warmup_steps=0))
+def test_adam_puts_weight_decay_in_the_gradient_and_adamw_beside_it():
+  """Adam (the paper's stage 1): the L2 term passes through Adam's normalisation, so with no
+  gradient a decayed param moves by ~lr (sign of the param); AdamW moves it by lr * wd * param."""
+  zero = dict(lr=1e-2, weight_decay=0.1)
   params = _params()
-  opt = optimizer_lib.make_optimizer(cfg, params)
-  zero = jax.tree.map(jnp.zeros_like, params)  # no gradient: what moves is the decay alone
-  updates, _ = opt.update(zero, opt.init(params), params)
-  np.testing.assert_array_equal(updates["perceiver_resampler"]["latents"], 0.0)
-  np.testing.assert_allclose(
-    updates["lm/gated_xattn"]["q"], -1e-2 * 0.1 * params["lm/gated_xattn"]["q"], rtol=1e-6
-  )
+  for kind in ("adam", "adamw"):
+    cfg = ml_collections.ConfigDict(common.optim(warmup_steps=0, kind=kind, **zero))
+    opt = optimizer_lib.make_optimizer(cfg, params)
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    q = updates["lm/gated_xattn"]["q"]
+    want = -1e-2 if kind == "adam" else -1e-2 * 0.1
+    np.testing.assert_allclose(q, want * np.ones_like(q), rtol=1e-4)
+    np.testing.assert_array_equal(updates["perceiver_resampler"]["latents"], 0.0)
+
+
+def test_the_global_norm_clip_can_be_scoped_to_some_params():
+  """Stage 1 clips the text encoder's gradient by its own norm; the other params are not touched."""
+  params = _params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
+  for scope, clipped_module in (((".*",), None), ((r"^perceiver_resampler/",), "perceiver_resampler")):
+    cfg = ml_collections.ConfigDict(common.optim(grad_clip_norm=0.1, grad_clip_on=scope))
+    clip = optimizer_lib.clipping(cfg, params)
+    out, _ = clip.update(grads, clip.init(params), params)
+    if clipped_module is None:
+      np.testing.assert_allclose(optax.global_norm(out), 0.1, rtol=1e-5)
+    else:
+      np.testing.assert_allclose(optax.global_norm(out[clipped_module]), 0.1, rtol=1e-5)
+      np.testing.assert_array_equal(out["lm/gated_xattn"]["q"], grads["lm/gated_xattn"]["q"])
