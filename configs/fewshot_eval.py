@@ -49,12 +49,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.image_batch_size = 32  # images per vision-encoder call
   config.visual_cache_size = 4096  # media whose visual tokens stay cached (LRU)
   config.prompt_bucket = 32  # prompts are left-padded to a multiple of this length
-  config.num_prompts = 3  # close-ended prompt ensembling: support permutations
+  config.num_prompts = 6  # close-ended prompt ensembling: support permutations (the paper's 6)
   config.text_only_baseline = True  # the same prompts through the frozen LM, no images
   config.text_only_shots = ()  # shots of the text-only runs (() = config.shots)
   config.text_only_format = "lm"  # 'lm': as plain text (<image> dropped, <EOC> -> a
   # newline); 'flamingo': the identical token sequence
-  config.video_frames = 16  # > the 8 frames of training (temporal interpolation)
+  config.video_frames = 30  # the paper's 30 (training sees 8: temporal interpolation)
   config.lm = "auto"  # LM when there is no checkpoint: 'auto' (the run's
   # init_from.lm, else 'smollm2'), 'none', or a spec
   config.model_size = "smollm2"  # model when the workdir has no config.json

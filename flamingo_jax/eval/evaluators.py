@@ -38,8 +38,6 @@ from flamingo_jax.eval import rices as rices_lib
 from flamingo_jax.eval.metrics import cider as cider_lib
 from flamingo_jax.eval.metrics import vqa as vqa_lib
 
-ZERO_SHOT_EXAMPLES = 2
-
 
 # ------------------------------------------------------------------------------------ evaluators
 def sum_over_hosts(values: np.ndarray) -> np.ndarray:
@@ -175,7 +173,7 @@ class Evaluator:
     """Each query's support examples (RICES: most similar last)."""
     d = self.data
     if shots == 0 or selection == "random":
-      k = ZERO_SHOT_EXAMPLES if shots == 0 else shots
+      k = prompting.ZERO_SHOT_EXAMPLES[self.task] if shots == 0 else shots
       return [
         prompting.random_support(d.support, k, _seed(seed, q), exclude=d.queries[q].image) for q in queries
       ]

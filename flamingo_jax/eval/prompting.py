@@ -179,12 +179,20 @@ def permuted_prompts(
   return prompts
 
 
+# Text-only examples of a zero-shot prompt (paper App. B.1.5): two for open-ended tasks, which show
+# the answer format; none for close-ended ones, whose candidates fix the format.
+ZERO_SHOT_EXAMPLES = {"vqa": 2, "captioning": 2, "classification": 0}
+
+
 def zero_shot_prompt(
   text_examples: Sequence[Example], query: Example, task: str, *, template: PromptTemplate | None = None
 ) -> tuple[str, list[Hashable]]:
-  """Zero-shot prompt as in the paper: two text-only support examples, then the query."""
-  if len(text_examples) != 2:
-    raise ValueError(f"Zero-shot prompts use exactly 2 text-only examples, got {len(text_examples)}")
+  """Zero-shot prompt as in the paper: `ZERO_SHOT_EXAMPLES[task]` text-only examples, then the query."""
+  want = ZERO_SHOT_EXAMPLES[task]
+  if len(text_examples) != want:
+    raise ValueError(
+      f"Zero-shot {task} prompts use exactly {want} text-only examples, got {len(text_examples)}"
+    )
   return build_prompt(text_examples, query, task, template=template, text_only_support=True)
 
 

@@ -184,6 +184,8 @@ def test_classification_ranks_the_answer_set_over_permutations(eval_model, model
     assert r["prediction"] == max(r["scores"], key=r["scores"].get)
   assert ev.predictions[0]["prompt"].count("<image>") == 3
   json.dumps(ev.predictions)  # JSON-able records
+  dict(ev.run(eval_model, params, tok, shots=0, seed=0))
+  assert ev.predictions[0]["prompt"] == "<image>Output:"  # close-ended zero-shot: the query alone
 
 
 def test_merge_hosts_sums_statistics():

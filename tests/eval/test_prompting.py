@@ -44,6 +44,14 @@ def test_zero_shot_text_only_support():
     prompting.zero_shot_prompt(support[:3], query, "vqa")
 
 
+def test_zero_shot_close_ended_prompt_is_the_query_alone():
+  query = prompting.Example(image="query", label="cat")
+  text, refs = prompting.zero_shot_prompt([], query, "classification")
+  assert (text, refs) == ("<image>Output:", ["query"])
+  with pytest.raises(ValueError, match="exactly 0"):
+    prompting.zero_shot_prompt([query], query, "classification")
+
+
 def test_shuffle_is_seeded_and_none_keeps_order():
   support, query = _vqa_examples()
   _, kept = prompting.build_prompt(support, query, "vqa")
