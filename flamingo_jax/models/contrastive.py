@@ -120,9 +120,9 @@ def contrastive_loss(
 
   logits[i, j] = exp(logit_scale) * <image_i, text_j>. The loss is the sum (`terms='sum'`, the
   paper's Eq. 3) or the mean of the image->text (rows) and text->image (columns) cross-entropies,
-  each averaged over valid anchors. Smoothed targets put 1 - eps + eps / n on the
-  positive and eps / n on every other valid candidate (n = number of valid
-  examples). Invalid examples are neither anchors nor candidates.
+  each averaged over valid anchors. Smoothed targets put 1 - eps + eps / n on the positive and
+  eps / n on every other valid candidate (n = number of valid examples). Invalid examples are
+  neither anchors nor candidates.
 
   Args:
     image_embed: [B, E], normally unit-norm.
@@ -135,12 +135,15 @@ def contrastive_loss(
     (loss [], metrics) with metrics 'loss', 'i2t_loss', 't2i_loss',
     'i2t_accuracy', 't2i_accuracy' (top-1 over valid anchors),
     'inverse_temperature' and 'num_valid', all fp32 scalars.
+
+  Long: the argument checks, both directions and their metrics of one loss.
   """
   if image_embed.ndim != 2 or image_embed.shape != text_embed.shape:
     raise ValueError(
-      f"contrastive_loss: image_embed {image_embed.shape} and "
-      f"text_embed {text_embed.shape} must both be [B, E]."
+      f"contrastive_loss: embeddings {image_embed.shape}, {text_embed.shape}: not both [B, E]."
     )
+  if terms not in ("sum", "mean"):
+    raise ValueError(f"contrastive_loss: terms must be 'sum' or 'mean', got {terms!r}")
   b = image_embed.shape[0]
   if valid is None:
     valid = jnp.ones((b,), bool)
@@ -158,8 +161,6 @@ def contrastive_loss(
   )
   i2t_loss, i2t_acc = _one_way(logits, valid, safe_n, label_smoothing)
   t2i_loss, t2i_acc = _one_way(logits.T, valid, safe_n, label_smoothing)
-  if terms not in ("sum", "mean"):
-    raise ValueError(f"contrastive_loss: terms must be 'sum' or 'mean', got {terms!r}")
   loss = (i2t_loss + t2i_loss) * (1.0 if terms == "sum" else 0.5)
   metrics = {
     "loss": loss,
