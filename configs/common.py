@@ -61,9 +61,12 @@ def train(
   total_steps: int, log_every=50, checkpoint_every=1000, keep_checkpoints=3, seed=0, micro_batches=None
 ) -> dict:
   """`train` section. checkpoint_fallback: resume from the next newest checkpoint when the newest
-  does not read (it is moved to WORKDIR/checkpoints_corrupt/); False makes that an error."""
+  does not read (it is moved to WORKDIR/checkpoints_corrupt/); False makes that an error.
+  dataset_schedule: 'accumulate' (every step sees every dataset, the paper) or 'round_robin' (one
+  dataset per step, in turn: the paper's ablation)."""
   return dict(
     total_steps=total_steps,
+    dataset_schedule="accumulate",
     log_every=log_every,
     checkpoint_every=checkpoint_every,
     keep_checkpoints=keep_checkpoints,

@@ -147,7 +147,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       vision_variant=s["vision_variant"],
       image_size=s["image_size"],
       lm=dict(s["lm"], num_extra_tokens=2),
-      xattn=dict(s["xattn"]),
+      xattn=dict(s["xattn"], gating="tanh", media_attention="last"),  # ablation switches
       resampler=dict(s["resampler"]),
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)

@@ -4,6 +4,8 @@
     y = y + tanh(ffw_gate)  * FFW(LN(y))              # squared-ReLU MLP, 4x wide
 
 Both gates start at 0, so at initialisation the block is the identity and Flamingo is exactly its LM.
+Two switches exist for the paper's ablations (Table 3), never as defaults: `gating='none'` adds both
+terms ungated, and `media_attention='all_previous'` lets a token see every media item up to phi.
 
 Shapes: X blocks, B batch, T tokens, N media per sequence, R visual tokens per media item, M = N*R,
 D LM width, Dr media width, H heads, dh head dim.
@@ -26,6 +28,16 @@ class XAttnConfig:
   head_dim: int = 64
   ffw_mult: int = 4
   media_dim: int = 576  # Dr, the resampler's output width
+  gating: str = "tanh"  # 'tanh' (the paper) | 'none' (ablation: ungated)
+  media_attention: str = "last"  # 'last': the phi media item (the paper) | 'all_previous' (ablation)
+
+  def __post_init__(self):
+    if self.gating not in ("tanh", "none"):
+      raise ValueError(f"xattn.gating must be 'tanh' or 'none', got {self.gating!r}")
+    if self.media_attention not in ("last", "all_previous"):
+      raise ValueError(
+        f"xattn.media_attention must be 'last' or 'all_previous', got {self.media_attention!r}"
+      )
 
 
 class GatedXAttnParams(hk.Module):
@@ -82,11 +94,13 @@ def media_owner(num_media: int, tokens_per_media: int) -> jax.Array:
   return jnp.repeat(jnp.arange(num_media, dtype=jnp.int32), tokens_per_media)
 
 
-def xattn_mask(media_index: jax.Array, owner: jax.Array) -> jax.Array:
-  """[B, T, N*R] bool: token t may see media token m iff m belongs to media item phi(t) (phi >= 0).
+def xattn_mask(media_index: jax.Array, owner: jax.Array, all_previous: bool = False) -> jax.Array:
+  """[B, T, N*R] bool: token t may see media token m iff m belongs to media item phi(t) (phi >= 0),
+  or with `all_previous` to any item up to phi(t).
 
   media_index: int [B, T]; owner: int [N*R] from `media_owner`."""
-  return (media_index[:, :, None] == owner[None, None, :]) & (media_index[:, :, None] >= 0)
+  phi, item = media_index[:, :, None], owner[None, None, :]
+  return ((item <= phi) if all_previous else (item == phi)) & (phi >= 0)
 
 
 def gated_xattn_block(
@@ -98,6 +112,7 @@ def gated_xattn_block(
   h = layers.layer_norm(y, p["attn_norm_scale"], p["attn_norm_bias"])
   q = layers.matmul(h, p["q"], dtype).reshape(b, t, cfg.num_heads, cfg.head_dim)
   attn = layers.attention(q, k, v, mask, dtype).reshape(b, t, -1)
-  y = y + jnp.tanh(p["attn_gate"]) * layers.matmul(attn, p["o"], dtype)
+  gate = jnp.tanh if cfg.gating == "tanh" else (lambda alpha: 1.0)
+  y = y + gate(p["attn_gate"]) * layers.matmul(attn, p["o"], dtype)
   h = layers.layer_norm(y, p["ffw_norm_scale"], p["ffw_norm_bias"])
-  return y + jnp.tanh(p["ffw_gate"]) * layers.squared_relu_mlp(h, p["ffw_in"], p["ffw_out"], dtype)
+  return y + gate(p["ffw_gate"]) * layers.squared_relu_mlp(h, p["ffw_in"], p["ffw_out"], dtype)

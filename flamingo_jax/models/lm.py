@@ -249,7 +249,7 @@ class DecoderLM(hk.Module):
         media_k = media_v = jnp.zeros(xdim, jnp.float32)
         xmask = jnp.zeros((b, t, 1), bool)
       else:
-        xmask = gated_xattn.xattn_mask(media_index, owner)
+        xmask = gated_xattn.xattn_mask(media_index, owner, self.xcfg.media_attention == "all_previous")
 
     x, new_kv = self._run_layers(
       x, p_layers, p_x if use_xattn else None, cos, sin, self_mask, media_k, media_v, xmask, cache, index

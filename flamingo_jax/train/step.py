@@ -2,8 +2,10 @@
 
     grads = sum_m lambda_m * (sum over micro-batches of d loss_sum_m) / (sum of weights_m)
 
-(paper §2.4: every step sees all datasets; not round-robin). Micro-batches run under `lax.scan`; the
-clipping of the optimiser chain sees the accumulated gradient. A non-finite loss or gradient skips the
+(paper §2.4: every step sees all datasets). `round_robin=True` is the paper's ablation (Table 3): step
+s takes the gradient of dataset s mod M alone (lambda-weighted; `lax.switch` runs only its branch, the
+other batches are passed and unused). Micro-batches run under `lax.scan`; the clipping of the
+optimiser chain sees the accumulated gradient. A non-finite loss or gradient skips the
 whole update: params and optimiser state stay bit-identical and the skip counters move.
 """
 
@@ -39,6 +41,7 @@ def make_train_step(
   optimizer: optax.GradientTransformation,
   datasets: Mapping[str, dict],
   schedule=None,
+  round_robin: bool = False,
 ):
   """Builds `train_step(state, batches) -> (state, metrics)`.
 
@@ -47,6 +50,7 @@ def make_train_step(
     optimizer: over the trainable params.
     datasets: {name: {'weight': lambda_m, 'micro_batches': k}} for every dataset of the mixture.
     schedule: the learning-rate schedule, only for the `train/lr` metric.
+    round_robin: one dataset per step, in turn (ablation), instead of all of them.
 
   Long: the step (accumulation over datasets, clip, non-finite skip, update) read as one.
   """
@@ -78,21 +82,38 @@ def make_train_step(
     w = jnp.maximum(w_sum, 1e-9)
     return jax.tree.map(lambda g: g / w, g_sum), l_sum / w, jax.tree.map(jnp.mean, metrics)
 
-  def train_step(state: state_lib.TrainState, batches: Mapping[str, dict]):
-    rng = jax.random.fold_in(state.rng, state.step)
+  def weighted(state, batches, rng, i):
+    """(lambda_i * gradient, lambda_i * loss, loss, metrics) of dataset names[i]."""
+    spec = datasets[names[i]]
+    g, loss, m = dataset_grads(
+      state.params, state.frozen, batches[names[i]], jax.random.fold_in(rng, i), spec["micro_batches"]
+    )
+    return jax.tree.map(lambda x: spec["weight"] * x, g), spec["weight"] * loss, loss, m
+
+  def accumulated(state, batches, rng):
     grads = jax.tree.map(jnp.zeros_like, state.params)
     total_loss = jnp.zeros((), jnp.float32)
     metrics = {}
     for i, name in enumerate(names):
-      spec = datasets[name]
-      g, loss, m = dataset_grads(
-        state.params, state.frozen, batches[name], jax.random.fold_in(rng, i), spec["micro_batches"]
-      )
-      grads = jax.tree.map(lambda acc, x, w=spec["weight"]: acc + w * x, grads, g)
-      total_loss = total_loss + spec["weight"] * loss
+      g, weighted_loss, loss, m = weighted(state, batches, rng, i)
+      grads = jax.tree.map(jnp.add, grads, g)
+      total_loss = total_loss + weighted_loss
       metrics[f"loss/{name}"] = loss
       for key, value in m.items():
         metrics[f"{name}/{key}"] = value
+    return grads, total_loss, metrics
+
+  def one_in_turn(state, batches, rng):
+    """Dataset step mod M alone; its loss is reported, the others' as NaN (not computed)."""
+    branches = [lambda s, b, r, i=i: weighted(s, b, r, i)[:3] for i in range(len(names))]
+    current = state.step % len(names)
+    grads, total_loss, loss = jax.lax.switch(current, branches, state, batches, rng)
+    metrics = {f"loss/{name}": jnp.where(current == i, loss, jnp.nan) for i, name in enumerate(names)}
+    return grads, total_loss, metrics
+
+  def train_step(state: state_lib.TrainState, batches: Mapping[str, dict]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, total_loss, metrics = (one_in_turn if round_robin else accumulated)(state, batches, rng)
 
     finite = jnp.isfinite(total_loss) & tree_all_finite(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)

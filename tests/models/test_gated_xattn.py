@@ -132,6 +132,32 @@ def test_media_owner_and_xattn_mask():
   np.testing.assert_array_equal(mask[1], [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
 
 
+def test_all_previous_media_switch_opens_every_item_up_to_phi():
+  owner = gated_xattn.media_owner(3, 2)
+  media_index = np.array([[-1, 0, 2]], np.int32)
+  mask = np.asarray(gated_xattn.xattn_mask(media_index, owner, all_previous=True))
+  np.testing.assert_array_equal(mask[0], [[0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+
+
+def test_ungated_switch_adds_both_branches_at_full_weight(inputs):
+  """gating='none' (Table 3's 'w/o tanh gating') is the tanh block with tanh(gate) replaced by 1."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  p, y, k, v = inputs
+  mask = gated_xattn.xattn_mask(
+    masking.media_index_from_tokens(TOKENS, IMAGE_ID), gated_xattn.media_owner(N, R)
+  )
+  ungated = dataclasses.replace(CFG, gating="none")
+  zero = dict(p, attn_gate=np.float32(0.0), ffw_gate=np.float32(0.0))
+  out = gated_xattn.gated_xattn_block(zero, y, k, v, mask, ungated, jnp.float32)
+  assert not np.allclose(out, y)  # not the identity at zero gates
+  huge = dict(p, attn_gate=np.float32(20.0), ffw_gate=np.float32(20.0))  # tanh(20) == 1 in fp32
+  want = gated_xattn.gated_xattn_block(huge, y, k, v, mask, CFG, jnp.float32)
+  np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="xattn.gating"):
+    dataclasses.replace(CFG, gating="sigmoid")
+
+
 def test_params_and_media_kv_shapes():
   params = _random_params(num_blocks=3)
   chex.assert_shape(params["attn_gate"], (3,))

@@ -151,3 +151,19 @@ def test_clipping_acts_on_the_accumulated_gradient(setup):
   clipped, _ = jax.jit(step_lib.make_train_step(objective, clipped_sgd, datasets))(clipped_state, batches)
   step = jax.tree.map(lambda old, new: old - new, state.params, clipped.params)
   _assert_normwise_close(step, jax.tree.map(lambda g: g / 2, grads), rtol=1e-4)
+
+
+def test_round_robin_takes_one_dataset_per_step_in_turn(setup):
+  """The ablation's step s is the accumulate step of dataset s mod M alone (lambda-weighted)."""
+  cfg, objective, _, state = setup
+  batches = {"m3w": helpers.synthetic_batch(cfg, seed=5), "pairs": helpers.synthetic_batch(cfg, seed=6)}
+  datasets = {"m3w": dict(weight=1.0, micro_batches=1), "pairs": dict(weight=0.2, micro_batches=1)}
+  turn = jax.jit(step_lib.make_train_step(objective, _SGD, datasets, round_robin=True))
+  for step, name in ((0, "m3w"), (1, "pairs"), (2, "m3w")):
+    at_step = state._replace(step=np.asarray(step, state.step.dtype))
+    got, metrics = turn(at_step, batches)
+    alone, _ = _run(at_step, objective, {name: batches[name]}, {name: datasets[name]})
+    moved = lambda new: jax.tree.map(lambda a, b: a - b, state.params, new)
+    _assert_normwise_close(moved(got.params), moved(alone.params), rtol=1e-5)
+    other = "pairs" if name == "m3w" else "m3w"
+    assert np.isfinite(metrics[f"loss/{name}"]) and np.isnan(metrics[f"loss/{other}"])
