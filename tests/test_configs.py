@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, contrastive, fewshot_eval, main_job
+from configs import ablations, common, contrastive, fewshot_eval, main_job
 from configs import flamingo as flamingo_config
 from flamingo_jax.parallel.mesh import MESH_AXES
 from flamingo_jax.train import setup as setup_lib
@@ -21,6 +21,7 @@ TRAINING = [
   (contrastive, "size=tiny"),
   (contrastive, "size=smollm2"),
   (contrastive, "size=f6"),
+  *((ablations, f"name={name}") for name in ablations.ABLATIONS),
 ]
 EVALUATION = ["", "quick=True", "runlocal=True", "tasks=easy_vqa_binding", "shots=0.4,seeds=1"]
 

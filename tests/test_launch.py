@@ -190,3 +190,14 @@ def test_shellcheck_clean():
   assert scripts
   result = subprocess.run([SHELLCHECK, *scripts], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ablations_needs_the_main_jobs_stage_1_and_data(tmp_path):
+  result = subprocess.run(
+    ["bash", str(ROOT / "launch" / "ablations.sh"), str(tmp_path / "nowhere"), str(tmp_path / "out")],
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert result.returncode == 1 and "run bash launch/local.sh" in result.stderr
+  assert not (tmp_path / "out").exists()
