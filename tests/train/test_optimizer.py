@@ -92,3 +92,18 @@ def test_the_global_norm_clip_can_be_scoped_to_some_params():
     else:
       np.testing.assert_allclose(optax.global_norm(out[clipped_module]), 0.1, rtol=1e-5)
       np.testing.assert_array_equal(out["lm/gated_xattn"]["q"], grads["lm/gated_xattn"]["q"])
+
+
+def test_agc_acts_on_its_own_params_only():
+  """AGC (stage 1: the NFNet's) clips each matching param's gradient unit-wise to agc_clip x its norm;
+  the others pass unchanged."""
+  params = _params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 100.0), params)
+  cfg = ml_collections.ConfigDict(
+    common.optim(grad_clip_norm=0.0, agc_clip=0.01, agc_on=(r"^perceiver_resampler/",))
+  )
+  clip = optimizer_lib.clipping(cfg, params)
+  out, _ = clip.update(grads, clip.init(params), params)
+  latents = np.asarray(out["perceiver_resampler"]["latents"])
+  assert np.all(np.abs(latents) < 1.0)  # clipped far below 100 (params are ones)
+  np.testing.assert_array_equal(out["lm/gated_xattn"]["q"], grads["lm/gated_xattn"]["q"])
