@@ -4,7 +4,7 @@
         --config.init_from.vision=runs/main/contrastive
 
 `bash launch/local.sh` runs it after stage 1 (configs/contrastive.py:size=smollm2), on a 2-core CPU in
-about 17 minutes. Arguments: steps = total steps (0: 110); only = the datasets of the mixture to keep,
+about 15 minutes. Arguments: steps = total steps (0: 110); only = the datasets of the mixture to keep,
 '.'-separated (e.g. `only=bursty`: the in-context binding documents alone).
 """
 
