@@ -39,9 +39,10 @@ def _path_mask(params, patterns, value_if_match: bool):
   }
 
 
-def clipping(cfg, trainable_params) -> optax.GradientTransformation:
+def clipping(cfg, trainable_params) -> list[optax.GradientTransformation]:
   """The gradient clips of `cfg`, in order: AGC on `agc_on`, then the global-norm clip of the
-  params of `grad_clip_on` (their own norm: optax.masked passes it only those leaves)."""
+  params of `grad_clip_on` (their own norm: optax.masked passes it only those leaves). A list, so
+  that `make_optimizer` chains them flat: the optimiser state keeps the layout saved checkpoints have."""
   parts = []
   if cfg.agc_clip > 0:
     agc = optax.adaptive_grad_clip(cfg.agc_clip)
@@ -49,17 +50,17 @@ def clipping(cfg, trainable_params) -> optax.GradientTransformation:
     parts.append(optax.masked(agc, agc_mask))
   if cfg.grad_clip_norm > 0:
     clip = optax.clip_by_global_norm(cfg.grad_clip_norm)
-    if list(cfg.grad_clip_on) != [".*"]:
+    if list(cfg.grad_clip_on) != [".*"]:  # unscoped: no mask, the state layout of saved checkpoints
       clip = optax.masked(clip, _path_mask(trainable_params, list(cfg.grad_clip_on), value_if_match=True))
     parts.append(clip)
-  return optax.chain(*parts)
+  return parts
 
 
 def make_optimizer(cfg, trainable_params) -> optax.GradientTransformation:
   """The optimiser for `trainable_params` from a config's `optim` section."""
   schedule = learning_rate_schedule(cfg)
   decay_mask = _path_mask(trainable_params, list(cfg.no_decay), value_if_match=False)
-  parts = [clipping(cfg, trainable_params)]
+  parts = clipping(cfg, trainable_params)
   if cfg.kind == "adamw":
     parts.append(
       optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)

@@ -109,12 +109,9 @@ def setup(config, mesh, special_ids=(), *, objective=None, batches=None) -> Step
   state_sh = partitioning.state_shardings(state, config.sharding.rules, mesh)
   batch_sh = partitioning.batch_shardings(batches, mesh)
   schedule = optimizer_lib.learning_rate_schedule(config.optim)
-  if config.train.dataset_schedule not in ("accumulate", "round_robin"):
-    raise ValueError(
-      f"train.dataset_schedule must be 'accumulate' or 'round_robin', got {config.train.dataset_schedule!r}"
-    )
-  round_robin = config.train.dataset_schedule == "round_robin"
-  step_fn = step_lib.make_train_step(objective, optimizer, dataset_specs(config), schedule, round_robin)
+  step_fn = step_lib.make_train_step(
+    objective, optimizer, dataset_specs(config), schedule, config.train.dataset_schedule
+  )
   with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
   return StepSetup(
     objective=objective,

@@ -2,7 +2,7 @@
 
     grads = sum_m lambda_m * (sum over micro-batches of d loss_sum_m) / (sum of weights_m)
 
-(paper §2.4: every step sees all datasets). `round_robin=True` is the paper's ablation (Table 3): step
+(paper §2.4: every step sees all datasets). `dataset_schedule='round_robin'` is the paper's ablation (Table 3): step
 s takes the gradient of dataset s mod M alone (lambda-weighted; `lax.switch` runs only its branch, the
 other batches are passed and unused). Micro-batches run under `lax.scan`; the clipping of the
 optimiser chain sees the accumulated gradient. A non-finite loss or gradient skips the
@@ -41,7 +41,7 @@ def make_train_step(
   optimizer: optax.GradientTransformation,
   datasets: Mapping[str, dict],
   schedule=None,
-  round_robin: bool = False,
+  dataset_schedule: str = "accumulate",
 ):
   """Builds `train_step(state, batches) -> (state, metrics)`.
 
@@ -50,10 +50,15 @@ def make_train_step(
     optimizer: over the trainable params.
     datasets: {name: {'weight': lambda_m, 'micro_batches': k}} for every dataset of the mixture.
     schedule: the learning-rate schedule, only for the `train/lr` metric.
-    round_robin: one dataset per step, in turn (ablation), instead of all of them.
+    dataset_schedule: 'accumulate' (every dataset every step) or 'round_robin' (one per step, in
+      turn: the ablation).
 
   Long: the step (accumulation over datasets, clip, non-finite skip, update) read as one.
   """
+  if dataset_schedule not in ("accumulate", "round_robin"):
+    raise ValueError(
+      f"train.dataset_schedule must be 'accumulate' or 'round_robin', got {dataset_schedule!r}"
+    )
   names = sorted(datasets)
 
   def dataset_grads(params, frozen, batch, rng, k):
@@ -113,7 +118,9 @@ def make_train_step(
 
   def train_step(state: state_lib.TrainState, batches: Mapping[str, dict]):
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, total_loss, metrics = (one_in_turn if round_robin else accumulated)(state, batches, rng)
+    grads, total_loss, metrics = (one_in_turn if dataset_schedule == "round_robin" else accumulated)(
+      state, batches, rng
+    )
 
     finite = jnp.isfinite(total_loss) & tree_all_finite(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)

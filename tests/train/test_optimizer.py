@@ -85,7 +85,7 @@ def test_the_global_norm_clip_can_be_scoped_to_some_params():
   grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
   for scope, clipped_module in (((".*",), None), ((r"^perceiver_resampler/",), "perceiver_resampler")):
     cfg = ml_collections.ConfigDict(common.optim(grad_clip_norm=0.1, grad_clip_on=scope))
-    clip = optimizer_lib.clipping(cfg, params)
+    clip = optax.chain(*optimizer_lib.clipping(cfg, params))
     out, _ = clip.update(grads, clip.init(params), params)
     if clipped_module is None:
       np.testing.assert_allclose(optax.global_norm(out), 0.1, rtol=1e-5)
@@ -102,7 +102,7 @@ def test_agc_acts_on_its_own_params_only():
   cfg = ml_collections.ConfigDict(
     common.optim(grad_clip_norm=0.0, agc_clip=0.01, agc_on=(r"^perceiver_resampler/",))
   )
-  clip = optimizer_lib.clipping(cfg, params)
+  clip = optax.chain(*optimizer_lib.clipping(cfg, params))
   out, _ = clip.update(grads, clip.init(params), params)
   latents = np.asarray(out["perceiver_resampler"]["latents"])
   assert np.all(np.abs(latents) < 1.0)  # clipped far below 100 (params are ones)

@@ -158,7 +158,7 @@ def test_round_robin_takes_one_dataset_per_step_in_turn(setup):
   cfg, objective, _, state = setup
   batches = {"m3w": helpers.synthetic_batch(cfg, seed=5), "pairs": helpers.synthetic_batch(cfg, seed=6)}
   datasets = {"m3w": dict(weight=1.0, micro_batches=1), "pairs": dict(weight=0.2, micro_batches=1)}
-  turn = jax.jit(step_lib.make_train_step(objective, _SGD, datasets, round_robin=True))
+  turn = jax.jit(step_lib.make_train_step(objective, _SGD, datasets, dataset_schedule="round_robin"))
   for step, name in ((0, "m3w"), (1, "pairs"), (2, "m3w")):
     at_step = state._replace(step=np.asarray(step, state.step.dtype))
     got, metrics = turn(at_step, batches)
