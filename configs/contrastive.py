@@ -6,7 +6,9 @@
 Its `vision_encoder/...` params are then restored, frozen, into Flamingo via
 `--config.init_from.vision=<this workdir>` of configs/flamingo.py.
 Arguments: size = tiny | smollm2 (the CPU main job: NFNet 'nano', easy-VQA captions) | f6 (the paper: NFNet-F6,
-ALIGN + LTIP pairs); steps = total steps (0: default).
+ALIGN + LTIP pairs); steps = total steps (0: default); recipe = paper (App. B.1.3: Adam, linear decay to 0,
+AGC on the NFNet, a global-norm clip of 10 on the text encoder, the two softmax terms summed; f6's default)
+| small (AdamW at a constant rate after warm-up, AGC only, the terms averaged; tiny's and smollm2's default).
 """
 
 import ml_collections
@@ -19,14 +21,18 @@ _TEXT = {
   "f6": dict(vocab_size=32002, dim=768, num_layers=12, num_heads=12, max_len=64),  # BERT-base-like
 }
 _VISION = {"tiny": ("test", 32), "smollm2": ("nano", 64), "f6": ("F6", 288)}
+RECIPES = ("paper", "small")
 
 
 def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
   """The stage-1 config for `arg`. Long: a flat list of fields, read top to bottom."""
-  args = common.parse_args(arg, {"size": "smollm2", "steps": 0})
+  args = common.parse_args(arg, {"size": "smollm2", "steps": 0, "recipe": ""})
   size = args["size"]
   if size not in _TEXT:
     raise KeyError(f"size must be one of {sorted(_TEXT)}, got {size!r}")
+  recipe = args["recipe"] or ("paper" if size == "f6" else "small")
+  if recipe not in RECIPES:
+    raise KeyError(f"recipe must be one of {RECIPES}, got {recipe!r}")
   variant, image_size = _VISION[size]
   config = ml_collections.ConfigDict()
   config.objective = "contrastive"
@@ -35,12 +41,12 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
     vision_variant=variant,
     image_size=image_size,
     # The paper's F6 model: a shared embedding of 1376 and the two softmax terms summed (Eq. 3);
-    # the small configs average the terms (the AGC threshold was tuned with that scale).
+    # the small recipe averages the terms (the CPU job's AGC threshold was tuned with that scale).
     embed_dim={"tiny": 16, "smollm2": 256, "f6": 1376}[size],
     text=_TEXT[size],
     dtype="float32",
     label_smoothing=0.1,
-    loss_terms="sum" if size == "f6" else "mean",
+    loss_terms="sum" if recipe == "paper" else "mean",
     lm=dict(vocab_size=_TEXT[size]["vocab_size"] - 2, num_extra_tokens=2),
   )
   config.trainable = [r".*"]  # everything trains in stage 1
@@ -48,52 +54,53 @@ def get_config(arg: str = "size=smollm2") -> ml_collections.ConfigDict:
   config.sharding = dict(rules="contrastive")
   config.distributed = common.distributed()
   config.mesh = dict(shape={"data": -1})
-  # Adam with AGC on the NFNet (paper: NFNet recipe), no weight decay on the temperature. The paper
-  # (f6): plain Adam, the rate decayed linearly to 0, and a global-norm clip of 10 on the text encoder.
+  # (total steps, warm-up steps, log every, checkpoint every) of each size.
+  steps, warmup, log_every, checkpoint_every = {
+    "f6": (args["steps"] or 1_200_000, 5000, 100, 5000),
+    "smollm2": (args["steps"] or 150, 20, 10, 50),
+    "tiny": (args["steps"] or 4, 1, 1, 2),
+  }[size]
+  config.optim = _optim(recipe, steps, warmup, weight_decay=0.0 if size == "tiny" else 1e-5)
+  config.train = common.train(steps, log_every=log_every, checkpoint_every=checkpoint_every)
   if size == "f6":
-    config.optim = common.optim(
+    config.tokenizer = "hf:YOUR_TOKENIZER/tokenizer.json"
+    config.data = _pairs_data(image_size, batch=4096, source="paper")
+  elif size == "smollm2":
+    config.tokenizer = "smollm2"
+    config.data = _pairs_data(image_size, batch=32, source="easy_vqa")
+  else:
+    config.tokenizer = ""
+    config.data = common.synthetic_data(image_size, pairs=(1.0, 8, 8, 1, 1))
+  config.init_from = dict(lm="", vision="", flamingo="")
+  return common.finish(config)
+
+
+def _optim(recipe: str, steps: int, warmup: int, weight_decay: float) -> dict:
+  """Stage 1's optimizer. Both recipes: AGC 1e-2 on the NFNet, no weight decay on the temperature."""
+  if recipe == "paper":
+    # App. B.1.3: plain Adam (L2 in the gradient), the rate decayed linearly to 0, and a global-norm
+    # clip of 10 on the text encoder alone.
+    return common.optim(
       kind="adam",
       lr=1e-3,
-      warmup_steps=5000,
-      total_steps=args["steps"] or 1_200_000,
+      warmup_steps=warmup,
+      total_steps=steps,
       decay="linear",
-      weight_decay=1e-5,
+      weight_decay=weight_decay,
       no_decay=(r"logit_scale",),
       agc_clip=0.01,
       grad_clip_norm=10.0,
       grad_clip_on=(r"^text_encoder/",),
     )
-    config.train = common.train(args["steps"] or 1_200_000, log_every=100, checkpoint_every=5000)
-    config.tokenizer = "hf:YOUR_TOKENIZER/tokenizer.json"
-    config.data = _pairs_data(image_size, batch=4096, source="paper")
-  elif size == "smollm2":
-    config.optim = common.optim(
-      lr=1e-3,
-      warmup_steps=20,
-      total_steps=args["steps"] or 150,
-      weight_decay=1e-5,
-      no_decay=(r"logit_scale",),
-      agc_clip=0.01,
-      grad_clip_norm=0.0,
-    )
-    config.train = common.train(args["steps"] or 150, log_every=10, checkpoint_every=50)
-    config.tokenizer = "smollm2"
-    config.data = _pairs_data(image_size, batch=32, source="easy_vqa")
-  else:
-    config.optim = common.optim(
-      lr=1e-3,
-      warmup_steps=1,
-      total_steps=args["steps"] or 4,
-      weight_decay=0.0,
-      no_decay=(r"logit_scale",),
-      agc_clip=0.01,
-      grad_clip_norm=0.0,
-    )
-    config.train = common.train(args["steps"] or 4, log_every=1, checkpoint_every=2)
-    config.tokenizer = ""
-    config.data = common.synthetic_data(image_size, pairs=(1.0, 8, 8, 1, 1))
-  config.init_from = dict(lm="", vision="", flamingo="")
-  return common.finish(config)
+  return common.optim(
+    lr=1e-3,
+    warmup_steps=warmup,
+    total_steps=steps,
+    weight_decay=weight_decay,
+    no_decay=(r"logit_scale",),
+    agc_clip=0.01,
+    grad_clip_norm=0.0,
+  )
 
 
 def _pairs_data(image_size: int, batch: int, source: str) -> dict:

@@ -21,6 +21,7 @@ TRAINING = [
   (contrastive, "size=tiny"),
   (contrastive, "size=smollm2"),
   (contrastive, "size=f6"),
+  (contrastive, "size=tiny,recipe=paper"),
   *((ablations, f"name={name}") for name in ablations.ABLATIONS),
 ]
 EVALUATION = ["", "quick=True", "runlocal=True", "tasks=easy_vqa_binding", "shots=0.4,seeds=1"]

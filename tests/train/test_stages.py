@@ -1,5 +1,6 @@
 """Both training stages through the real entry point, `python -m flamingo_jax.train`, on tiny configs:
-stage 1 (contrastive NFNet + text tower) writes a run whose vision encoder then starts stage 2."""
+stage 1 (contrastive NFNet + text tower, the paper's optimizer recipe) writes a run whose vision encoder
+then starts stage 2."""
 
 import json
 import os
@@ -35,11 +36,20 @@ def _state(workdir):
 
 def test_stage_1_then_stage_2_from_its_vision_encoder(tmp_path):
   stage1, stage2 = str(tmp_path / "contrastive"), str(tmp_path / "flamingo")
-  out = _train("configs/contrastive.py:size=tiny", stage1)
+  out = _train("configs/contrastive.py:size=tiny,recipe=paper", stage1)
   assert "step 4/4" in out
   with open(os.path.join(stage1, "metrics.jsonl"), encoding="utf-8") as f:
-    losses = [json.loads(line)["train/loss"] for line in f]
+    records = [json.loads(line) for line in f]
+  losses = [r["train/loss"] for r in records]
   assert len(losses) == 4 and np.all(np.isfinite(losses))
+  # App. B.1.3 through the loop: a 1-step warm-up from 0 to 1e-3, then a linear fall by equal steps,
+  # reaching 0 where the run ends (Adam, AGC on the NFNet and the text tower's own clip are pinned in
+  # test_optimizer).
+  rates = np.array([r["train/lr"] for r in records])
+  assert rates[0] == 0.0 and np.all(np.diff(rates[1:]) < 0)
+  np.testing.assert_allclose(rates[1], 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(np.diff(rates[1:]), np.diff(rates[1:])[0], rtol=1e-5)
+  np.testing.assert_allclose(rates[-1] - (rates[-2] - rates[-1]), 0.0, atol=1e-9)
   vision = {k: v for k, v in _state(stage1)["params"].items() if k.startswith("vision_encoder/")}
   assert vision
 
