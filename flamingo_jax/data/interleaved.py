@@ -8,6 +8,11 @@ that is followed by an image and at the end, then `<EOS>`:
   "A cat. <image> It sleeps." -> [BOS, A, cat, ., EOC, <image>, It, sleeps, ., EOC, EOS]
 (the text before the first marker is stripped; a chunk after a marker keeps its leading space, which
 is how a BPE tokenizer sees running text). Then:
+  0. window (training only, App. A.3): a document longer than T+1 ids gives a random window
+     `[BOS] + seq[1+s : s+T+1]`, s uniform over the starts whose window keeps an image with an id
+     after it (so a document whose first image lies past id T+1 is still used); the window's images are
+     the document's images from its first marker on. The BOS stays first: the frozen LM was trained with
+     it there. Evaluation, and any document that fits, take s = 0 (and draw nothing from the rng);
   1. token budget: the sequence is cut to its first T+1 ids (note 'truncated_tokens');
   2. image budget: with more than N markers left, the sequence is cut right before the (N+1)-th
      marker, so no token is left that would follow (and attend to) a dropped image
@@ -20,7 +25,9 @@ kept image (its reason). Images past the budget are never decoded. The paper's p
 the next image, per sequence) is drawn with probability `p_next` in training.
 """
 
-from collections.abc import Mapping
+import bisect
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -80,6 +87,25 @@ def segment_sequence(
   return seq, flags, len(seq) > max_len
 
 
+def window_starts(seq: Sequence[int], *, image_id: int, max_len: int, max_images: int) -> list[int]:
+  """The starts s whose window `[BOS] + seq[1+s : s+max_len]` keeps an image followed by an id (see
+  `truncate`: of the window's first `max_images` markers, one has its next id inside the window and
+  that id is not a marker). [0] when the whole sequence fits in max_len ids."""
+  width = max_len - 1  # ids after the BOS
+  last = len(seq) - 1 - width
+  if last <= 0:
+    return [0]
+  # Content coordinates: c = t - 1 for sequence index t >= 1.
+  markers = [t - 1 for t in range(1, len(seq)) if seq[t] == image_id]
+  starts = []
+  for s in range(last + 1):
+    first = bisect.bisect_left(markers, s)
+    kept = markers[first : first + max_images]
+    if any(m + 1 < s + width and seq[m + 2] != image_id for m in kept):
+      starts.append(s)
+  return starts
+
+
 def truncate(seq: list[int], *, image_id: int, max_len: int, max_images: int) -> tuple[list[int], list[str]]:
   """Applies the token budget, the image budget and removes trailing markers; returns notes."""
   notes = []
@@ -123,22 +149,34 @@ def process_document(
     raise Dropped("no_image", where)
   if not text.replace(IMAGE_MARKER, "").strip():
     raise Dropped("empty_text", where)
+  budget = max_tokens + 1
+  # Training windows range over the whole document; evaluation needs only its first ids.
+  tokenized = sys.maxsize if rng is not None else budget
   if "segments" in example:  # loss on the segments flagged so (e.g. bursty documents)
     segments = [(sequence.as_text(t), bool(f)) for t, f in zip(example["segments"], example["segment_loss"])]
     if "".join(t for t, _ in segments) != text:
       raise Dropped("bad_example", f"{where}: the segments do not spell the document text")
-    full, flags, _ = segment_sequence(segments, tokenizer, max_len=max_tokens + 1, markup_loss=False)
+    full, flags, _ = segment_sequence(segments, tokenizer, max_len=tokenized, markup_loss=False)
   else:
-    full, flags, _ = segment_sequence([(text, True)], tokenizer, max_len=max_tokens + 1, markup_loss=True)
-  seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=max_tokens + 1, max_images=max_images)
+    full, flags, _ = segment_sequence([(text, True)], tokenizer, max_len=tokenized, markup_loss=True)
+  first_image = 0
+  if rng is not None:
+    starts = window_starts(full, image_id=tokenizer.image_id, max_len=budget, max_images=max_images)
+    if not starts:
+      raise Dropped("no_image_in_budget", f"{where}: no window of {budget} ids keeps an image")
+    start = starts[0] if len(starts) == 1 else int(starts[rng.integers(len(starts))])
+    if start:
+      first_image = full[1 : 1 + start].count(tokenizer.image_id)
+      full, flags = full[:1] + full[1 + start :], flags[:1] + flags[1 + start :]
+  seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=budget, max_images=max_images)
   kept = seq.count(tokenizer.image_id)
   if kept == 0 or len(seq) < 2:
-    raise Dropped("no_image_in_budget", f"{where}: no image in the first {max_tokens + 1} ids")
+    raise Dropped("no_image_in_budget", f"{where}: no image in the first {budget} ids")
   size = image_options.size
   out = np.zeros([max_images, 1, size, size, 3], np.float32)
-  for n in range(kept):
+  for n in range(first_image, first_image + kept):
     augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
-    out[n, 0] = preprocess.load_image(
+    out[n - first_image, 0] = preprocess.load_image(
       images[n], missing=missing[n], path=paths[n], options=image_options, augment=augment
     )
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from flamingo_jax.data import interleaved, pairs, preprocess, sequence, video
 from flamingo_jax.data.sequence import Dropped
@@ -180,6 +181,69 @@ def test_p_next_in_training_only(media_dir, tokenizer):
   ]
   assert set(first) == {-1, 0} and 8 < sum(f == 0 for f in first) < 32
   assert _process_doc(doc, tokenizer, p_next=1.0)[0]["media_index"][0] == -1  # eval: previous
+
+
+def test_window_starts_are_exactly_the_windows_that_keep_an_image(tokenizer):
+  t, rng = tokenizer, np.random.default_rng(0)
+  for _ in range(200):  # random id sequences, checked against `truncate` on every window
+    body = rng.choice([t.image_id, 40, 41, t.eoc_id], size=int(rng.integers(1, 30)), p=[0.3, 0.3, 0.3, 0.1])
+    seq = [t.bos_id, *body.tolist(), t.eos_id]
+    max_len, max_images = int(rng.integers(3, 12)), int(rng.integers(1, 4))
+    expected = []
+    for s in range(max(0, len(seq) - max_len) + 1):
+      window, _ = interleaved.truncate(
+        seq[:1] + seq[1 + s :], image_id=t.image_id, max_len=max_len, max_images=max_images
+      )
+      if window.count(t.image_id) and len(window) >= 2:
+        expected.append(s)
+    if len(seq) <= max_len:  # the whole document is the one window (process_document checks it)
+      expected = [0]
+    found = interleaved.window_starts(seq, image_id=t.image_id, max_len=max_len, max_images=max_images)
+    assert found == expected, (seq, max_len, max_images)
+
+
+def test_training_window_is_uniform_over_the_valid_starts_and_carries_its_images(media_dir, tokenizer):
+  # Distinct characters: a window's text tells where it starts; distinct images: which image is first.
+  chunks = ["abcdefgh", "ijklmnop", "qrstuvwx", "yzABCDEF"]
+  names = ["f0.png", "f1.png", "f2.png", "f3.png"]
+  doc = _doc(media_dir, "".join(f"<image>{c}" for c in chunks), names)
+  full, _, _ = interleaved.segment_sequence(
+    [(doc["text"].decode(), True)], tokenizer, max_len=10**6, markup_loss=True
+  )
+  T = 12
+  starts = interleaved.window_starts(full, image_id=tokenizer.image_id, max_len=T + 1, max_images=2)
+  assert len(starts) > 20
+  pixels = [
+    _process_doc(_doc(media_dir, f"<image>{c}", [n]), tokenizer)[0]["images"][0]
+    for c, n in zip(chunks, names)
+  ]
+  counts = dict.fromkeys(starts, 0)
+  draws = 40 * len(starts)
+  rng = np.random.default_rng(0)
+  still = preprocess.ImageOptions(size=8, flip=False, brightness=0.0, contrast=0.0, saturation=0.0)
+  for _ in range(draws):
+    out, _ = interleaved.process_document(
+      doc, rng, tokenizer=tokenizer, image_options=still, max_tokens=T, max_images=2
+    )
+    ids = out["tokens"][out["token_mask"]].tolist()
+    assert ids[0] == tokenizer.bos_id
+    start = next(s for s in starts if full[1 + s : 1 + s + len(ids) - 1] == ids[1:])
+    counts[start] += 1
+    first = full[1 : 1 + start].count(tokenizer.image_id)  # images before the window
+    np.testing.assert_array_equal(out["images"][0], pixels[first])
+  assert scipy.stats.chisquare(list(counts.values())).pvalue > 1e-3
+  # Evaluation keeps the first window, and draws nothing.
+  out, _ = _process_doc(doc, tokenizer, T=T, N=2)
+  assert out["tokens"][out["token_mask"]].tolist() == full[:T]
+
+
+def test_a_document_whose_image_lies_past_the_budget_trains_on_a_later_window(media_dir, tokenizer):
+  doc = _doc(media_dir, "long text " * 10 + "<image> end", ["good.png"])
+  out, notes = _process_doc(doc, tokenizer, T=16, rng=np.random.default_rng(0))
+  assert out["media_mask"].tolist() == [True, False] and tokenizer.image_id in out["tokens"].tolist()
+  assert notes == sequence.note_bits("truncated_tokens") or notes == 0
+  with pytest.raises(Dropped, match="no_image_in_budget"):  # evaluation reads the first ids only
+    _process_doc(doc, tokenizer, T=16)
 
 
 # -- video ---------------------------------------------------------------------------------------
