@@ -14,6 +14,7 @@ AGC on the NFNet, a global-norm clip of 10 on the text encoder, the two softmax 
 import ml_collections
 
 from configs import common
+from configs import flamingo as flamingo_config
 
 _TEXT = {
   "tiny": dict(vocab_size=66, dim=32, num_layers=2, num_heads=2, max_len=32),
@@ -132,6 +133,7 @@ def _pairs_data(image_size: int, batch: int, source: str) -> dict:
       max_tokens=64,
       image_size=image_size,
       builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}},
+      **flamingo_config.PAPER_IMAGE_FILTERS["pairs"],
     )
     for name, b in (("align", batch), ("ltip", batch // 4))
   }

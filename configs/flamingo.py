@@ -45,6 +45,15 @@ PAPER_MESH = {
 }
 
 
+# App. A.3: images under 64 px or with an aspect ratio above 3 are dropped (video frames are not
+# filtered: the paper says it of images).
+PAPER_IMAGE_FILTERS = {
+  "interleaved": dict(min_image_side=64, max_aspect_ratio=3.0),
+  "pairs": dict(min_image_side=64, max_aspect_ratio=3.0),
+  "video": dict(min_image_side=0, max_aspect_ratio=0.0),
+}
+
+
 def _paper_data(image_size: int) -> dict:
   """User data through the generic JSONL builders (point `sources` at your files, e.g. on gs://)."""
   kinds = {
@@ -69,6 +78,7 @@ def _paper_data(image_size: int) -> dict:
       image_size=image_size,
       p_next=0.5 if kind == "interleaved" else 0.0,
       builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}},
+      **PAPER_IMAGE_FILTERS[kind],
     )
   return dict(
     source="mixture",

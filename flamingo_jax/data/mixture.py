@@ -27,6 +27,7 @@ Config schema (`ml_collections.ConfigDict`, see `dataset_config` and `easy_vqa_m
     max_images, num_frames    N media per sequence (interleaved), F frames per media (video)
     image_size                S (square output; aspect kept, padded with pad_value)
     pad_value, flip, brightness, contrast, saturation      images (`preprocess.ImageOptions`)
+    min_image_side, max_aspect_ratio   the paper's image filters (64 px, 3; 0 = off), counted as drops
     text_template             pairs/video text from the record's fields, e.g. '{text}'
     loss_from                 pairs: the loss starts at this template field, e.g. 'answer' ('' = all)
     p_next                    per-sequence probability of attending to the next image (training)
@@ -61,6 +62,8 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
       "brightness": 0.1,
       "contrast": 0.1,
       "saturation": 0.1,
+      "min_image_side": 0,
+      "max_aspect_ratio": 0.0,
       "text_template": "{text}",
       "p_next": 0.0,
       "loss_from": "",
@@ -159,6 +162,8 @@ def dataset_spec(
     brightness=config.brightness,
     contrast=config.contrast,
     saturation=config.saturation,
+    min_side=config.min_image_side,
+    max_aspect=config.max_aspect_ratio,
   )
   return pipeline.DatasetSpec(
     name=name,

@@ -6,7 +6,9 @@ Shapes: S the output side (`ImageOptions.size`), h, w the resized image (max(h, 
 longer side is S, centred, and padded with `pad_value` (the dataset mean, default 0.5 grey). Modes:
 grayscale/palette/CMYK/YCbCr -> RGB; alpha (RGBA, LA, palette transparency) is composited on white;
 16/32-bit grayscale is scaled to 8 bits; the EXIF orientation is applied. Undecodable bytes raise
-`Dropped` ('corrupt_image'), as do missing ('missing_image') and zero-byte ('empty_image') files.
+`Dropped` ('corrupt_image'), as do missing ('missing_image') and zero-byte ('empty_image') files, and,
+where the options ask for the paper's filters, small ('small_image') and elongated ('extreme_aspect')
+images.
 
 Training augmentation (`rng` given): a random horizontal flip (p=0.5) and colour jitter: brightness
 +U(-b, b), contrast x U(1-c, 1+c) around the image mean, saturation x U(1-s, 1+s) around the
@@ -29,7 +31,8 @@ _EXIF_FORMATS = ("JPEG", "MPO", "TIFF", "WEBP", "HEIF")
 
 @dataclasses.dataclass(frozen=True)
 class ImageOptions:
-  """size: output side S; pad_value: RGB in [0,1]; the rest: training augmentation (0 = off)."""
+  """size: output side S; pad_value: RGB in [0,1]; flip .. saturation: training augmentation (0 = off);
+  min_side, max_aspect: the paper's image filters (App. A.3: 64 px, 3; 0 = off), on the stored size."""
 
   size: int = 320
   pad_value: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -37,6 +40,8 @@ class ImageOptions:
   brightness: float = 0.1
   contrast: float = 0.1
   saturation: float = 0.1
+  min_side: int = 0
+  max_aspect: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,19 +103,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def decode(data: bytes, *, missing: bool, path: str, size: int) -> Image.Image:
-  """Encoded bytes -> an RGB PIL image (JPEGs decoded at the smallest scale >= size)."""
+def check_shape(size: tuple[int, int], *, path: str, min_side: int, max_aspect: float) -> None:
+  """Raises Dropped for a stored (w, h) that the paper's filters remove: too small or too elongated."""
+  w, h = size
+  if min_side and min(w, h) < min_side:
+    raise Dropped("small_image", f"{path}: {w}x{h} px, under {min_side} px")
+  if max_aspect and max(w, h) > max_aspect * min(w, h):
+    raise Dropped("extreme_aspect", f"{path}: {w}x{h} px, aspect ratio above {max_aspect}")
+
+
+def decode(
+  data: bytes, *, missing: bool, path: str, size: int, min_side: int = 0, max_aspect: float = 0.0
+) -> Image.Image:
+  """Encoded bytes -> an RGB PIL image (JPEGs decoded at the smallest scale >= size). The filters
+  (`check_shape`) see the stored size, before any reduced-scale decoding."""
   if missing:
     raise Dropped("missing_image", path)
   if not data:
     raise Dropped("empty_image", path)
   try:
     image = Image.open(io.BytesIO(data))
+    check_shape(image.size, path=path, min_side=min_side, max_aspect=max_aspect)
     image.draft("RGB", (size, size))
     if image.format in _EXIF_FORMATS:  # PNG/GIF carry no orientation in practice; skip the parse
       image = ImageOps.exif_transpose(image)
     image.load()
     image = to_rgb(image)
+  except Dropped:
+    raise
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
     raise Dropped("corrupt_image", f"{path}: {type(e).__name__}: {e}") from None
   if min(image.size) < 1:
@@ -144,7 +164,9 @@ def load_image(
   data: bytes, *, missing: bool, path: str, options: ImageOptions, augment: Augment | None = None
 ) -> np.ndarray:
   """Encoded bytes -> float32 [S,S,3] in [0,1] (raises Dropped on bad input)."""
-  x = resize(decode(data, missing=missing, path=path, size=options.size), options.size)
+  o = options
+  image = decode(data, missing=missing, path=path, size=o.size, min_side=o.min_side, max_aspect=o.max_aspect)
+  x = resize(image, o.size)
   x = x.astype(np.float32) / 255.0
   if augment is not None:
     x = augment(x)

@@ -30,6 +30,8 @@ DROP_REASONS = (
   "text_too_long",  # a caption that does not fit in max_tokens
   "empty_text",  # a caption/document without text
   "bad_example",  # anything else unexpected (the error is logged)
+  "small_image",  # an image's shorter side under `ImageOptions.min_side` (App. A.3: 64 px)
+  "extreme_aspect",  # an image's aspect ratio above `ImageOptions.max_aspect` (App. A.3: 3)
 )
 # What was cut from a kept example (bit i of the notes).
 NOTES = ("truncated_tokens", "truncated_images")

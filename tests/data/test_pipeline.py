@@ -11,7 +11,7 @@ from tests.data.data_helpers import write_jsonl
 BUILDER = {"pairs": "image_text_jsonl", "interleaved": "interleaved_jsonl", "video": "video_text_jsonl"}
 
 
-def _pipeline(kind, records, media_dir, data_dir, tokenizer, name, *, training=False, **spec):
+def _pipeline(kind, records, media_dir, data_dir, tokenizer, name, *, training=False, image=None, **spec):
   path = write_jsonl(media_dir / f"{name}.jsonl", records)
   b = builders.prepare(builders.make_builder(BUILDER[kind], data_dir, name=name, sources=path))
   source = b.as_data_source("train")
@@ -20,7 +20,7 @@ def _pipeline(kind, records, media_dir, data_dir, tokenizer, name, *, training=F
     kind=kind,
     batch_size=spec.pop("batch_size", len(source)),
     max_tokens=spec.pop("max_tokens", 40),
-    image=preprocess.ImageOptions(size=8),
+    image=image or preprocess.ImageOptions(size=8),
     **spec,
   )
   return pipeline.DatasetPipeline(spec, source, tokenizer, seed=0, training=training)
@@ -83,6 +83,26 @@ def test_pairs_bad_input_counted(media_dir, data_dir, tokenizer):
     "image_count_mismatch": 1,
   }
   assert m["examples"] == 15 and m["dropped"] == 7 and m["drop_ratio"] == pytest.approx(7 / 15)
+
+
+def test_the_papers_image_filters_are_counted_drops(media_dir, data_dir, tokenizer):
+  records = [
+    {"image": "f0.png", "text": "kept"},  # 20x12
+    {"image": "good.png", "text": "kept"},  # 20x12
+    {"image": "wide.jpg", "text": "4:1"},  # 40x10
+  ]
+  filters = preprocess.ImageOptions(size=8, min_side=10, max_aspect=3.0)
+  p = _pipeline(
+    "pairs", records, media_dir, data_dir, tokenizer, "filtered", image=filters, max_drop_ratio=1.0
+  )
+  assert _check_batch(next(p), 3, 1, 1, 40) == 2
+  assert _dropped(p.metrics()) == {"extreme_aspect": 1}
+  strict = preprocess.ImageOptions(size=8, min_side=16)
+  p = _pipeline(
+    "pairs", records, media_dir, data_dir, tokenizer, "filtered", image=strict, max_drop_ratio=1.0
+  )
+  assert _check_batch(next(p), 3, 1, 1, 40) == 0
+  assert _dropped(p.metrics()) == {"small_image": 3}
 
 
 def test_interleaved_bad_input_counted(media_dir, data_dir, tokenizer):

@@ -62,6 +62,24 @@ def test_bad_files_raise_dropped_with_reason_and_path(media_dir, name, missing, 
   assert e.value.reason == reason and name in e.value.detail
 
 
+@pytest.mark.parametrize(
+  "size, reason",
+  [((70, 64), None), ((64, 63), "small_image"), ((192, 64), None), ((193, 64), "extreme_aspect")],
+)
+def test_the_papers_image_filters_drop_small_and_elongated_images(size, reason):
+  image = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(image, "RGB").save(buf, format="JPEG")
+  filters = preprocess.ImageOptions(size=16, min_side=64, max_aspect=3.0)
+  if reason is None:
+    assert _load(buf.getvalue(), options=filters).shape == (16, 16, 3)
+  else:
+    with pytest.raises(Dropped) as e:
+      _load(buf.getvalue(), options=filters)
+    assert e.value.reason == reason and "x.png" in e.value.detail
+  assert _load(buf.getvalue()).shape == (16, 16, 3)  # off by default
+
+
 def test_augmentation_only_with_rng_and_deterministic(media_dir):
   data = (media_dir / "good.png").read_bytes()
   plain = _load(data)
