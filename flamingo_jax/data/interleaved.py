@@ -121,6 +121,30 @@ def truncate(seq: list[int], *, image_id: int, max_len: int, max_images: int) ->
   return seq, notes
 
 
+def _document_ids(example, text, tokenizer, max_len, where):
+  """(ids, loss flags) of a document; with `segments`, the loss falls on the flagged ones (bursty)."""
+  if "segments" not in example:
+    full, flags, _ = segment_sequence([(text, True)], tokenizer, max_len=max_len, markup_loss=True)
+    return full, flags
+  segments = [(sequence.as_text(t), bool(f)) for t, f in zip(example["segments"], example["segment_loss"])]
+  if "".join(t for t, _ in segments) != text:
+    raise Dropped("bad_example", f"{where}: the segments do not spell the document text")
+  full, flags, _ = segment_sequence(segments, tokenizer, max_len=max_len, markup_loss=False)
+  return full, flags
+
+
+def _random_window(full, flags, rng, image_id, budget, max_images, where):
+  """(ids, flags, index of the window's first image) of a uniform draw among `window_starts`; the rng
+  is drawn only when there is a choice, so documents that fit see the same stream as before."""
+  starts = window_starts(full, image_id=image_id, max_len=budget, max_images=max_images)
+  if not starts:
+    raise Dropped("no_image_in_budget", f"{where}: no window of {budget} ids keeps an image")
+  start = starts[0] if len(starts) == 1 else int(starts[rng.integers(len(starts))])
+  if not start:
+    return full, flags, 0
+  return full[:1] + full[1 + start :], flags[:1] + flags[1 + start :], full[1 : 1 + start].count(image_id)
+
+
 def process_document(
   example: Mapping[str, Any],
   rng: np.random.Generator | None,
@@ -151,23 +175,10 @@ def process_document(
     raise Dropped("empty_text", where)
   budget = max_tokens + 1
   # Training windows range over the whole document; evaluation needs only its first ids.
-  tokenized = sys.maxsize if rng is not None else budget
-  if "segments" in example:  # loss on the segments flagged so (e.g. bursty documents)
-    segments = [(sequence.as_text(t), bool(f)) for t, f in zip(example["segments"], example["segment_loss"])]
-    if "".join(t for t, _ in segments) != text:
-      raise Dropped("bad_example", f"{where}: the segments do not spell the document text")
-    full, flags, _ = segment_sequence(segments, tokenizer, max_len=tokenized, markup_loss=False)
-  else:
-    full, flags, _ = segment_sequence([(text, True)], tokenizer, max_len=tokenized, markup_loss=True)
+  full, flags = _document_ids(example, text, tokenizer, sys.maxsize if rng is not None else budget, where)
   first_image = 0
   if rng is not None:
-    starts = window_starts(full, image_id=tokenizer.image_id, max_len=budget, max_images=max_images)
-    if not starts:
-      raise Dropped("no_image_in_budget", f"{where}: no window of {budget} ids keeps an image")
-    start = starts[0] if len(starts) == 1 else int(starts[rng.integers(len(starts))])
-    if start:
-      first_image = full[1 : 1 + start].count(tokenizer.image_id)
-      full, flags = full[:1] + full[1 + start :], flags[:1] + flags[1 + start :]
+    full, flags, first_image = _random_window(full, flags, rng, tokenizer.image_id, budget, max_images, where)
   seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=budget, max_images=max_images)
   kept = seq.count(tokenizer.image_id)
   if kept == 0 or len(seq) < 2:

@@ -294,7 +294,9 @@ def make_mixture(
   return Mixture(pipelines, weights, seed=seed)
 
 
-def prepare_datasets(config: ml_collections.ConfigDict, data_dir: str) -> None:
-  """Builds every dataset of `config` into data_dir (offline), e.g. once before a multi-host run."""
+def prepare_datasets(config: ml_collections.ConfigDict, data_dir: str, beam_options: str = "") -> None:
+  """Builds every dataset of `config` into data_dir (offline), e.g. once before a multi-host run;
+  the Beam-prepared builders run on the runner of `beam_options` (`builders.prepare`)."""
   for ds in config.datasets.values():
-    builders.prepare(builders.make_builder(ds.builder, data_dir, **ds.builder_kwargs.to_dict()))
+    builder = builders.make_builder(ds.builder, data_dir, **ds.builder_kwargs.to_dict())
+    builders.prepare(builder, beam_options=beam_options)

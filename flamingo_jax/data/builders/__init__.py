@@ -5,6 +5,7 @@ TFDS's global registry (`skip_registration`), so construct them here or directly
 Datasets are written in the `array_record` format, which the pipelines read by random access.
 """
 
+import shlex
 from typing import Any
 
 import tensorflow_datasets as tfds
@@ -12,6 +13,7 @@ import tensorflow_datasets as tfds
 from flamingo_jax.data.builders.common import InputError, JsonlConfig, jsonl_config
 from flamingo_jax.data.builders.easy_vqa import EasyVqa, EasyVqaConfig, easy_vqa_config
 from flamingo_jax.data.builders.jsonl import ImageTextJsonl, InterleavedJsonl, VideoTextJsonl
+from flamingo_jax.data.builders.webdataset import ImageTextWebdataset, WebdatasetConfig, webdataset_config
 
 FILE_FORMAT = "array_record"
 
@@ -21,6 +23,7 @@ BUILDERS = {
   "image_text_jsonl": (ImageTextJsonl, jsonl_config),
   "interleaved_jsonl": (InterleavedJsonl, jsonl_config),
   "video_text_jsonl": (VideoTextJsonl, jsonl_config),
+  "image_text_webdataset": (ImageTextWebdataset, webdataset_config),  # Beam (the `data` extra)
 }
 
 
@@ -42,9 +45,22 @@ def make_builder(builder: str, data_dir: str, /, **config_kwargs: Any) -> tfds.c
   return cls(config=config, data_dir=data_dir, file_format=FILE_FORMAT)
 
 
-def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  """Builds the dataset into its data_dir unless already there (offline); returns the builder."""
-  builder.download_and_prepare(file_format=FILE_FORMAT)
+def prepare(builder: tfds.core.DatasetBuilder, beam_options: str = "") -> tfds.core.DatasetBuilder:
+  """Builds the dataset into its data_dir unless already there (offline); returns the builder.
+
+  beam_options: Beam pipeline flags for the builders that prepare on Beam, e.g.
+  '--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp' ('' = DirectRunner, in
+  this process). Builders that do not use Beam ignore it.
+  """
+  config = None
+  if getattr(builder, "USES_BEAM", False):
+    import apache_beam as beam  # pylint: disable=g-import-not-at-top  (the `data` extra)
+
+    # Explicit flags: Beam would otherwise parse this process's command line as pipeline options.
+    options = beam.options.pipeline_options.PipelineOptions(flags=shlex.split(beam_options))
+    runner = None if beam_options else beam.runners.DirectRunner()
+    config = tfds.download.DownloadConfig(beam_options=options, beam_runner=runner)
+  builder.download_and_prepare(file_format=FILE_FORMAT, download_config=config)
   return builder
 
 
@@ -55,11 +71,14 @@ __all__ = [
   "FILE_FORMAT",
   "ImageTextJsonl",
   "InputError",
+  "ImageTextWebdataset",
   "InterleavedJsonl",
   "JsonlConfig",
   "VideoTextJsonl",
+  "WebdatasetConfig",
   "easy_vqa_config",
   "jsonl_config",
   "make_builder",
   "prepare",
+  "webdataset_config",
 ]
