@@ -91,7 +91,7 @@ def test_a_shard_past_the_bad_fraction_or_not_a_tar_stops_the_build_naming_it(tm
   (tmp_path / "00008.tar").write_bytes(b"not a tar file at all")
   with pytest.raises(Exception, match=r"00008\.tar: not a readable tar file"):
     _build(tmp_path / "tfds", "not_tar", str(tmp_path / "00008.tar"))
-  with pytest.raises(FileNotFoundError, match=r"no shard matches .*missing-\*\.tar"):
+  with pytest.raises(FileNotFoundError, match=r"no source file matches .*missing-\*\.tar"):
     _build(tmp_path / "tfds", "none", str(tmp_path / "missing-*.tar"))
 
 

@@ -10,10 +10,12 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from flamingo_jax.data.builders.beam import BeamSourcesConfig, beam_config
 from flamingo_jax.data.builders.common import InputError, JsonlConfig, jsonl_config
 from flamingo_jax.data.builders.easy_vqa import EasyVqa, EasyVqaConfig, easy_vqa_config
 from flamingo_jax.data.builders.jsonl import ImageTextJsonl, InterleavedJsonl, VideoTextJsonl
-from flamingo_jax.data.builders.webdataset import ImageTextWebdataset, WebdatasetConfig, webdataset_config
+from flamingo_jax.data.builders.parquet import InterleavedParquet
+from flamingo_jax.data.builders.webdataset import ImageTextWebdataset
 
 FILE_FORMAT = "array_record"
 
@@ -23,7 +25,9 @@ BUILDERS = {
   "image_text_jsonl": (ImageTextJsonl, jsonl_config),
   "interleaved_jsonl": (InterleavedJsonl, jsonl_config),
   "video_text_jsonl": (VideoTextJsonl, jsonl_config),
-  "image_text_webdataset": (ImageTextWebdataset, webdataset_config),  # Beam (the `data` extra)
+  # Prepared on Apache Beam (the `data` extra; docs/DATA.md).
+  "image_text_webdataset": (ImageTextWebdataset, beam_config),
+  "interleaved_parquet": (InterleavedParquet, beam_config),
 }
 
 
@@ -66,6 +70,7 @@ def prepare(builder: tfds.core.DatasetBuilder, beam_options: str = "") -> tfds.c
 
 __all__ = [
   "BUILDERS",
+  "BeamSourcesConfig",
   "EasyVqa",
   "EasyVqaConfig",
   "FILE_FORMAT",
@@ -73,12 +78,12 @@ __all__ = [
   "InputError",
   "ImageTextWebdataset",
   "InterleavedJsonl",
+  "InterleavedParquet",
   "JsonlConfig",
   "VideoTextJsonl",
-  "WebdatasetConfig",
+  "beam_config",
   "easy_vqa_config",
   "jsonl_config",
   "make_builder",
   "prepare",
-  "webdataset_config",
 ]
