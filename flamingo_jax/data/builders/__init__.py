@@ -15,6 +15,7 @@ from flamingo_jax.data.builders.common import InputError, JsonlConfig, jsonl_con
 from flamingo_jax.data.builders.easy_vqa import EasyVqa, EasyVqaConfig, easy_vqa_config
 from flamingo_jax.data.builders.jsonl import ImageTextJsonl, InterleavedJsonl, VideoTextJsonl
 from flamingo_jax.data.builders.parquet import InterleavedParquet
+from flamingo_jax.data.builders.video_mp4 import VideoTextMp4
 from flamingo_jax.data.builders.webdataset import ImageTextWebdataset
 
 FILE_FORMAT = "array_record"
@@ -28,6 +29,7 @@ BUILDERS = {
   # Prepared on Apache Beam (the `data` extra; docs/DATA.md).
   "image_text_webdataset": (ImageTextWebdataset, beam_config),
   "interleaved_parquet": (InterleavedParquet, beam_config),
+  "video_text_mp4": (VideoTextMp4, beam_config),
 }
 
 
@@ -81,6 +83,7 @@ __all__ = [
   "InterleavedParquet",
   "JsonlConfig",
   "VideoTextJsonl",
+  "VideoTextMp4",
   "beam_config",
   "easy_vqa_config",
   "jsonl_config",
