@@ -14,6 +14,7 @@ from flamingo_jax.data.builders.beam import BeamSourcesConfig, beam_config
 from flamingo_jax.data.builders.common import InputError, JsonlConfig, jsonl_config
 from flamingo_jax.data.builders.easy_vqa import EasyVqa, EasyVqaConfig, easy_vqa_config
 from flamingo_jax.data.builders.jsonl import ImageTextJsonl, InterleavedJsonl, VideoTextJsonl
+from flamingo_jax.data.builders.mmc4 import InterleavedMmc4
 from flamingo_jax.data.builders.parquet import InterleavedParquet
 from flamingo_jax.data.builders.video_mp4 import VideoTextMp4
 from flamingo_jax.data.builders.webdataset import ImageTextWebdataset
@@ -29,6 +30,7 @@ BUILDERS = {
   # Prepared on Apache Beam (the `data` extra; docs/DATA.md).
   "image_text_webdataset": (ImageTextWebdataset, beam_config),
   "interleaved_parquet": (InterleavedParquet, beam_config),
+  "interleaved_mmc4": (InterleavedMmc4, beam_config),
   "video_text_mp4": (VideoTextMp4, beam_config),
 }
 
@@ -80,6 +82,7 @@ __all__ = [
   "InputError",
   "ImageTextWebdataset",
   "InterleavedJsonl",
+  "InterleavedMmc4",
   "InterleavedParquet",
   "JsonlConfig",
   "VideoTextJsonl",
