@@ -127,12 +127,12 @@ def _pairs_data(image_size: int, batch: int, source: str) -> dict:
   datasets = {
     name: mixture.dataset_config(
       kind="pairs",
-      builder="image_text_jsonl",
+      builder="image_text_webdataset",
       weight=1.0,
       batch_size=b,
       max_tokens=64,
       image_size=image_size,
-      builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}},
+      builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/*.tar"}},
       **flamingo_config.PAPER_IMAGE_FILTERS["pairs"],
     )
     for name, b in (("align", batch), ("ltip", batch // 4))

@@ -54,19 +54,26 @@ PAPER_IMAGE_FILTERS = {
 }
 
 
+# The layouts the open substitutes ship in (docs/DATA.md), each built on Apache Beam: M3W -> OBELICS-style
+# parquet, ALIGN / LTIP -> img2dataset webdataset shards (LAION, COYO, ...), VTP -> mp4 + caption
+# table. (kind, builder, file pattern); point `sources.train` at your files, or switch a dataset to the
+# JSONL builders (`builder=interleaved_jsonl`, ...).
+PAPER_SOURCES = {
+  "m3w": ("interleaved", "interleaved_parquet", "*.parquet"),
+  "align": ("pairs", "image_text_webdataset", "*.tar"),
+  "ltip": ("pairs", "image_text_webdataset", "*.tar"),
+  "vtp": ("video", "video_text_mp4", "*.csv"),
+}
+
+
 def _paper_data(image_size: int) -> dict:
-  """User data through the generic JSONL builders (point `sources` at your files, e.g. on gs://)."""
-  kinds = {
-    "m3w": ("interleaved", "interleaved_jsonl"),
-    "align": ("pairs", "image_text_jsonl"),
-    "ltip": ("pairs", "image_text_jsonl"),
-    "vtp": ("video", "video_text_jsonl"),
-  }
+  """The paper's mixture over users' web-scale files (`PAPER_SOURCES`), prepared beforehand
+  (`python -m flamingo_jax.data.prepare`)."""
   from flamingo_jax.data import mixture  # pylint: disable=g-import-not-at-top
 
   datasets = {}
   for name, (weight, batch, tokens, images, frames) in PAPER_DATASETS.items():
-    kind, builder = kinds[name]
+    kind, builder, pattern = PAPER_SOURCES[name]
     datasets[name] = mixture.dataset_config(
       kind=kind,
       builder=builder,
@@ -77,7 +84,7 @@ def _paper_data(image_size: int) -> dict:
       num_frames=frames,
       image_size=image_size,
       p_next=0.5 if kind == "interleaved" else 0.0,
-      builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/train.jsonl"}},
+      builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/{pattern}"}},
       **PAPER_IMAGE_FILTERS[kind],
     )
   return dict(

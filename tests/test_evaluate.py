@@ -10,8 +10,6 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
 
 from configs import fewshot_eval
 from configs import flamingo as flamingo_config
@@ -20,27 +18,12 @@ from flamingo_jax import evaluate as evaluate_lib
 from flamingo_jax.models import flamingo
 from flamingo_jax.train import state as state_lib
 from flamingo_jax.train import trainable
+from tests.data import data_helpers
 from tests.data.data_helpers import image_bytes
 from tests.models import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP = 2
-
-
-def _byte_tokenizer(directory) -> str:
-  """A byte-level BPE without merges: V = 257 (256 bytes + <|endoftext|>)."""
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  vocab = {c: i for i, c in enumerate(alphabet)}
-  vocab["<|endoftext|>"] = len(alphabet)
-  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(["<|endoftext|>"])
-  os.makedirs(directory, exist_ok=True)
-  tok.save(os.path.join(directory, "tokenizer.json"))
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}, f)
-  return os.path.join(directory, "tokenizer.json")
 
 
 def _jsonl(path, rows):
@@ -66,7 +49,7 @@ def data(tmp_path_factory):
 def _make_run(workdir, with_checkpoint: bool):
   """config.json of a tiny run (2 LM layers) and, optionally, a TrainState checkpoint."""
   config = flamingo_config.get_config("size=tiny")
-  tokenizer_json = _byte_tokenizer(os.path.join(workdir, "tokenizer"))
+  tokenizer_json = data_helpers.byte_tokenizer_json(os.path.join(workdir, "tokenizer"))
   with config.unlocked():
     config.model.lm.vocab_size = 257
     config.model.lm.num_layers, config.model.xattn.every = 2, 2

@@ -2,10 +2,13 @@
 
 import io
 import json
+import os
 import re
 
 import numpy as np
+import tokenizers
 from PIL import Image
+from tokenizers import decoders, models, pre_tokenizers
 
 
 class CharTokenizer:
@@ -69,3 +72,20 @@ def write_jsonl(path, records) -> str:
     for r in records:
       f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
   return str(path)
+
+
+def byte_tokenizer_json(directory) -> str:
+  """Writes a byte-level BPE without merges (V = 257: 256 bytes + <|endoftext|>) as an HF
+  tokenizer.json in `directory`; returns its path (a model with lm.vocab_size = 257 reads its ids)."""
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {c: i for i, c in enumerate(alphabet)}
+  vocab["<|endoftext|>"] = len(alphabet)
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(["<|endoftext|>"])
+  os.makedirs(directory, exist_ok=True)
+  tok.save(os.path.join(directory, "tokenizer.json"))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}, f)
+  return os.path.join(directory, "tokenizer.json")

@@ -132,11 +132,8 @@ def test_the_prepare_entry_point_builds_a_configs_webdataset_sources(tmp_path):
   shard = _write_shard(tmp_path / "00000.tar", _good("a", 5))
   data_dir = tmp_path / "tfds"
   flags = [f"--config.data.data_dir={data_dir}"]
-  for name in ("align", "ltip"):  # the paper's stage-1 pairs, pointed at webdataset shards
-    flags += [
-      f"--config.data.datasets.{name}.builder=image_text_webdataset",
-      f"--config.data.datasets.{name}.builder_kwargs.sources.train={shard}",
-    ]
+  for name in ("align", "ltip"):  # the paper's stage-1 pairs (webdataset shards), pointed at the fixture
+    flags.append(f"--config.data.datasets.{name}.builder_kwargs.sources.train={shard}")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   cmd = [sys.executable, "-m", "flamingo_jax.data.prepare", "--config=configs/contrastive.py:size=f6", *flags]
   proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, check=False)
