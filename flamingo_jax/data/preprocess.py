@@ -2,7 +2,7 @@
 
 Shapes: S the output side (`ImageOptions.size`), h, w the resized image (max(h, w) == S).
 
-`load_image` returns float32 [S,S,3] in [0,1]: the image resized (bicubic, antialiased) so that its
+`load_image` returns float32 [S,S,3] in [0,1]: the image resized (bilinear, antialiased) so that its
 longer side is S, centred, and padded with `pad_value` (the dataset mean, default 0.5 grey). Modes:
 grayscale/palette/CMYK/YCbCr -> RGB; alpha (RGBA, LA, palette transparency) is composited on white;
 16/32-bit grayscale is scaled to 8 bits; the EXIF orientation is applied. Undecodable bytes raise
@@ -65,21 +65,25 @@ class Augment:
       saturation=float(1.0 + u[2] * options.saturation),
     )
 
-  def __call__(self, x: np.ndarray) -> np.ndarray:
-    """float32 [h,w,3] -> float32 [h,w,3] in [0,1].
+  def __call__(self, x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """[h,w,3] pixels times `scale` (float32 in [0,1], or uint8 with scale 1/255) -> float32 [h,w,3]
+    in [0,1].
 
     brightness x + d, contrast c (x - m) + m with m the mean luma (after brightness), saturation
-    s (x - l) + l with l the pixel's luma: all affine, so applied as one x @ A + b, then clipped.
+    s (x - l) + l with l the pixel's luma: all affine, so applied as one x @ A + b (the scale folded
+    into A, one pass over the pixels), then clipped.
     """
     if self.flip:
       x = x[:, ::-1]
     if (self.brightness, self.contrast, self.saturation) == (0.0, 1.0, 1.0):
-      return x
+      return (
+        x if scale == 1.0 and x.dtype == np.float32 else np.multiply(x, np.float32(scale), dtype=np.float32)
+      )
     d, c, s = self.brightness, self.contrast, self.saturation
     pixels = x.reshape(-1, 3)  # one [h*w, 3] matmul, not h small ones
-    mean = float((pixels @ _LUMA).mean()) + d  # luma weights sum to 1
+    mean = float((pixels @ (_LUMA * np.float32(scale))).mean()) + d  # luma weights sum to 1
     luma = np.repeat(_LUMA[:, None], 3, axis=1)  # x @ luma = the luma in every channel
-    a = (s * np.eye(3, dtype=np.float32) + (1 - s) * luma) * c
+    a = (s * np.eye(3, dtype=np.float32) + (1 - s) * luma) * np.float32(c * scale)
     b = np.float32(c * d + (1 - c) * mean)  # a constant grey: saturation keeps it
     out = pixels @ a
     out += b
@@ -115,7 +119,8 @@ def check_shape(size: tuple[int, int], *, path: str, min_side: int, max_aspect: 
 def decode(
   data: bytes, *, missing: bool, path: str, size: int, min_side: int = 0, max_aspect: float = 0.0
 ) -> Image.Image:
-  """Encoded bytes -> an RGB PIL image (JPEGs decoded at the smallest scale >= size). The filters
+  """Encoded bytes -> an RGB PIL image (JPEGs decoded at the smallest scale that covers the resized
+  image: longer side >= size). The filters
   (`check_shape`) see the stored size, before any reduced-scale decoding."""
   if missing:
     raise Dropped("missing_image", path)
@@ -124,7 +129,9 @@ def decode(
   try:
     image = Image.open(io.BytesIO(data))
     check_shape(image.size, path=path, min_side=min_side, max_aspect=max_aspect)
-    image.draft("RGB", (size, size))
+    # JPEG: decode at the smallest scale that still covers the resized image (longer side = size).
+    w, h = image.size
+    image.draft("RGB", (max(1, round(w * size / max(w, h))), max(1, round(h * size / max(w, h)))))
     if image.format in _EXIF_FORMATS:  # PNG/GIF carry no orientation in practice; skip the parse
       image = ImageOps.exif_transpose(image)
     image.load()
@@ -144,7 +151,7 @@ def resize(image: Image.Image, size: int) -> np.ndarray:
   scale = size / max(w, h)
   new = (max(1, round(w * scale)), max(1, round(h * scale)))
   if new != (w, h):
-    image = image.resize(new, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    image = image.resize(new, Image.Resampling.BILINEAR, reducing_gap=2.0)
   return np.asarray(image, dtype=np.uint8)
 
 
@@ -154,8 +161,15 @@ def pad(x: np.ndarray, size: int, pad_value: Sequence[float]) -> np.ndarray:
   if (h, w) == (size, size):
     return x.astype(np.float32, copy=False)
   out = np.empty([size, size, 3], np.float32)
-  out[...] = np.asarray(pad_value, np.float32)
   top, left = (size - h) // 2, (size - w) // 2
+  fill = np.asarray(pad_value, np.float32)
+  # Only the border takes the pad value: the image covers the rest.
+  out[:top], out[top + h :], out[top : top + h, :left], out[top : top + h, left + w :] = (
+    fill,
+    fill,
+    fill,
+    fill,
+  )
   out[top : top + h, left : left + w] = x
   return out
 
@@ -166,8 +180,6 @@ def load_image(
   """Encoded bytes -> float32 [S,S,3] in [0,1] (raises Dropped on bad input)."""
   o = options
   image = decode(data, missing=missing, path=path, size=o.size, min_side=o.min_side, max_aspect=o.max_aspect)
-  x = resize(image, o.size)
-  x = x.astype(np.float32) / 255.0
-  if augment is not None:
-    x = augment(x)
+  x = resize(image, o.size)  # uint8
+  x = (augment or Augment())(x, scale=1.0 / 255.0)
   return pad(x, options.size, options.pad_value)
