@@ -133,7 +133,7 @@ def _pairs_data(image_size: int, batch: int, source: str) -> dict:
       max_tokens=64,
       image_size=image_size,
       builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/*.tar"}},
-      **flamingo_config.PAPER_IMAGE_FILTERS["pairs"],
+      **flamingo_config.PAPER_IMAGE_OPTIONS["pairs"],
     )
     for name, b in (("align", batch), ("ltip", batch // 4))
   }

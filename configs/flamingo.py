@@ -46,11 +46,11 @@ PAPER_MESH = {
 
 
 # App. A.3: images under 64 px or with an aspect ratio above 3 are dropped (video frames are not
-# filtered: the paper says it of images).
-PAPER_IMAGE_FILTERS = {
-  "interleaved": dict(min_image_side=64, max_aspect_ratio=3.0),
-  "pairs": dict(min_image_side=64, max_aspect_ratio=3.0),
-  "video": dict(min_image_side=0, max_aspect_ratio=0.0),
+# filtered: the paper says it of images), and images are padded with their dataset's mean colour.
+PAPER_IMAGE_OPTIONS = {
+  "interleaved": dict(min_image_side=64, max_aspect_ratio=3.0, pad_with_mean=True),
+  "pairs": dict(min_image_side=64, max_aspect_ratio=3.0, pad_with_mean=True),
+  "video": dict(min_image_side=0, max_aspect_ratio=0.0, pad_with_mean=True),
 }
 
 
@@ -85,7 +85,7 @@ def _paper_data(image_size: int) -> dict:
       image_size=image_size,
       p_next=0.5 if kind == "interleaved" else 0.0,
       builder_kwargs={"name": name, "sources": {"train": f"gs://YOUR_BUCKET/{name}/{pattern}"}},
-      **PAPER_IMAGE_FILTERS[kind],
+      **PAPER_IMAGE_OPTIONS[kind],
     )
   return dict(
     source="mixture",

@@ -27,6 +27,8 @@ Config schema (`ml_collections.ConfigDict`, see `dataset_config` and `easy_vqa_m
     max_images, num_frames    N media per sequence (interleaved), F frames per media (video)
     image_size                S (square output; aspect kept, padded with pad_value)
     pad_value, flip, brightness, contrast, saturation      images (`preprocess.ImageOptions`)
+    pad_with_mean             pad with the dataset's mean colour (App. A.3) instead of pad_value: the
+                              mean of `MEAN_COLOUR_SAMPLES` images at evenly spaced records
     min_image_side, max_aspect_ratio   the paper's image filters (64 px, 3; 0 = off), counted as drops
     text_template             pairs/video text from the record's fields, e.g. '{text}'
     loss_from                 pairs: the loss starts at this template field, e.g. 'answer' ('' = all)
@@ -34,10 +36,12 @@ Config schema (`ml_collections.ConfigDict`, see `dataset_config` and `easy_vqa_m
     max_drop_ratio, drop_check_after                       bad-input bound (`pipeline.DataError`)
 """
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
 from flamingo_jax.data import builders, pipeline, preprocess
@@ -58,6 +62,7 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
       "num_frames": 1,
       "image_size": 320,
       "pad_value": (0.5, 0.5, 0.5),
+      "pad_with_mean": False,
       "flip": True,
       "brightness": 0.1,
       "contrast": 0.1,
@@ -281,6 +286,9 @@ def make_mixture(
       builders.prepare(builder)
     source = builder.as_data_source(ds.split)
     spec = dataset_spec(name, ds, num_parallel_calls=config.num_parallel_calls, prefetch=config.prefetch)
+    if ds.pad_with_mean:  # the same records on every host, so the same colour
+      pad = preprocess.mean_colour(sample_images(source, ds.kind))
+      spec = dataclasses.replace(spec, image=dataclasses.replace(spec.image, pad_value=pad))
     pipelines[name] = pipeline.DatasetPipeline(
       spec,
       source,
@@ -292,6 +300,27 @@ def make_mixture(
     )
     weights[name] = ds.weight
   return Mixture(pipelines, weights, seed=seed)
+
+
+# Images whose mean colour pads a dataset's images (`pad_with_mean`): enough for a stable mean, cheap to
+# decode at start-up.
+MEAN_COLOUR_SAMPLES = 256
+# The field of each kind's stored records that holds its encoded images (one, or a list).
+IMAGE_FIELD = {"pairs": "image", "interleaved": "images", "video": "frames"}
+
+
+def sample_images(source, kind: str, samples: int = MEAN_COLOUR_SAMPLES) -> list[bytes]:
+  """The encoded images of up to `samples` records at evenly spaced indices of `source` (one image per
+  record: the first of a document, the middle frame of a clip)."""
+  count = len(source)
+  out = []
+  for index in sorted({int(i) for i in np.linspace(0, count - 1, min(samples, count))} if count else ()):
+    value = source[index][IMAGE_FIELD[kind]]
+    if kind == "pairs":
+      out.append(bytes(value))
+    elif len(value):
+      out.append(bytes(value[0] if kind == "interleaved" else value[len(value) // 2]))
+  return out
 
 
 def prepare_datasets(config: ml_collections.ConfigDict, data_dir: str, beam_options: str = "") -> None:

@@ -3,7 +3,8 @@
 Shapes: S the output side (`ImageOptions.size`), h, w the resized image (max(h, w) == S).
 
 `load_image` returns float32 [S,S,3] in [0,1]: the image resized (bilinear, antialiased) so that its
-longer side is S, centred, and padded with `pad_value` (the dataset mean, default 0.5 grey). Modes:
+longer side is S, centred, and padded with `pad_value` (default 0.5 grey; `mean_colour` gives a
+dataset's mean, as the paper pads). Modes:
 grayscale/palette/CMYK/YCbCr -> RGB; alpha (RGBA, LA, palette transparency) is composited on white;
 16/32-bit grayscale is scaled to 8 bits; the EXIF orientation is applied. Undecodable bytes raise
 `Dropped` ('corrupt_image'), as do missing ('missing_image') and zero-byte ('empty_image') files, and,
@@ -18,7 +19,7 @@ stays `pad_value`. The frames of one clip share one draw of the augmentation.
 
 import dataclasses
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -183,3 +184,18 @@ def load_image(
   x = resize(image, o.size)  # uint8
   x = (augment or Augment())(x, scale=1.0 / 255.0)
   return pad(x, options.size, options.pad_value)
+
+
+def mean_colour(encoded: Iterable[bytes], *, side: int = 32) -> tuple[float, float, float]:
+  """The mean RGB in [0,1] of the images that decode among `encoded` (each resized to `side` first,
+  so every image weighs the same); mid-grey when none does. For padding with the dataset's mean
+  colour (App. A.3)."""
+  sums, count = np.zeros(3), 0
+  for data in encoded:
+    try:
+      image = decode(data, missing=False, path="mean_colour", size=side)
+    except Dropped:
+      continue
+    sums += resize(image, side).reshape(-1, 3).mean(0) / 255.0
+    count += 1
+  return tuple(float(v) for v in sums / count) if count else (0.5, 0.5, 0.5)

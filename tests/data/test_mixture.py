@@ -157,3 +157,30 @@ def test_users_jsonl_data_through_the_config(media_dir, data_dir, tokenizer):
   with mixture.make_mixture(config, tokenizer, data_dir, process_index=0, process_count=1) as m:
     batch = next(m)["laion"]
   assert batch["images"].shape == (2, 1, 1, 8, 8, 3) and batch["token_mask"].any(1).all()
+
+
+def test_pad_with_mean_pads_with_the_datasets_mean_colour(media_dir, data_dir, tokenizer):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  for name, colour in (("red.png", (255, 0, 0)), ("blue.png", (0, 0, 255))):
+    Image.new("RGB", (16, 8), colour).save(media_dir / name)  # 16x8: padded rows above and below
+  path = write_jsonl(
+    media_dir / "two_colours.jsonl", [{"image": "red.png", "text": "r"}, {"image": "blue.png", "text": "b"}]
+  )
+  config = ml_collections.ConfigDict(
+    {"prepare": True, "num_parallel_calls": 1, "prefetch": 1, "datasets": {}}
+  )
+  config.datasets.pairs = mixture.dataset_config(
+    builder="image_text_jsonl",
+    builder_kwargs={"name": "two_colours", "sources": {"train": path}},
+    batch_size=2,
+    max_tokens=8,
+    image_size=8,
+    pad_with_mean=True,
+  )
+  with mixture.make_mixture(
+    config, tokenizer, data_dir, process_index=0, process_count=1, training=False
+  ) as m:
+    images = next(m)["pairs"]["images"][:, 0, 0]
+  np.testing.assert_allclose(images[:, 0, 0], [[0.5, 0.0, 0.5]] * 2, atol=1e-6)  # the corner: padding
+  np.testing.assert_allclose(images[0, 4, 4], [1.0, 0.0, 0.0], atol=1e-6)  # the image itself

@@ -113,3 +113,14 @@ def test_colour_jitter_matches_its_definition(d, c, s):
   y = (y - g) * s + g  # saturation around the pixel's luma
   got = preprocess.Augment(brightness=d, contrast=c, saturation=s)(x)
   np.testing.assert_allclose(got, np.clip(y, 0, 1), atol=1e-5)
+
+
+def test_mean_colour_weighs_every_image_alike_and_skips_bad_ones():
+  def png(colour, size):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+  mean = preprocess.mean_colour([png((255, 0, 0), (64, 64)), png((0, 255, 0), (8, 8)), b"not an image", b""])
+  np.testing.assert_allclose(mean, (0.5, 0.5, 0.0), atol=1e-6)
+  assert preprocess.mean_colour([]) == (0.5, 0.5, 0.5)
