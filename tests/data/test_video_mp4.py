@@ -76,6 +76,11 @@ def test_webvid_columns_and_an_empty_caption(tmp_path):
   (tmp_path / "bad.csv").write_text("file,caption\nx.mp4,y\n")
   with pytest.raises(Exception, match=r"bad\.csv: columns \['caption', 'file'\]"):
     _build(tmp_path / "tfds", "badcols", str(tmp_path / "bad.csv"))
+  (tmp_path / "gone.csv").write_text("video,text\na.mp4,x\nb.mp4,y\n000/17.mp4,z\n")
+  with pytest.raises(
+    Exception, match=r"gone\.csv: 2 bad of 3 records.*the first: gone\.csv/a\.mp4 \(missing_video\)"
+  ):
+    _build(tmp_path / "tfds", "gone", str(tmp_path / "gone.csv"))
 
 
 def test_the_video_pipeline_reads_it(tmp_path, tokenizer):
