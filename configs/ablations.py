@@ -15,6 +15,8 @@ its reported direction (the paper's overall score, baseline 70.7):
   xattn_every_8        ... every 8th
   p_next_half          interleaved documents: text attends to the next image with p = 0.5
   lm_unfrozen          the LM's layers train too                          (paper, fine-tuned: lower)
+  resampler_mlp        a plain MLP over the visual features, not the Perceiver (paper: 66.6, lower)
+  resampler_transformer  a plain transformer over them                    (paper: 66.7, lower)
 """
 
 import ml_collections
@@ -30,6 +32,8 @@ ABLATIONS = (
   "xattn_every_8",
   "p_next_half",
   "lm_unfrozen",
+  "resampler_mlp",
+  "resampler_transformer",
 )
 
 
@@ -50,6 +54,8 @@ def get_config(arg: str = "name=baseline") -> ml_collections.ConfigDict:
     config.model.xattn.every = int(name.rsplit("_", 1)[1])
   elif name == "p_next_half":
     config.data.datasets.m3w.p_next = 0.5
+  elif name.startswith("resampler_"):
+    config.model.resampler.kind = name.split("_", 1)[1]
   elif name == "lm_unfrozen":
     lm = r"^lm/(embed|layers|final_norm|unembed)/"
     config.trainable = list(config.trainable) + [lm]

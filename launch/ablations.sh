@@ -9,7 +9,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MAIN="${1:-runs/main}"
 OUT="${2:-runs/ablations}"
 PY="${PYTHON:-.venv/bin/python}"
-NAMES="${NAMES:-baseline tanh_off round_robin all_previous_images xattn_every_2 xattn_every_8 p_next_half lm_unfrozen}"
+NAMES="${NAMES:-baseline tanh_off round_robin all_previous_images xattn_every_2 xattn_every_8 p_next_half lm_unfrozen resampler_mlp resampler_transformer}"
 SEEDS="${SEEDS:-0 1 2}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 if [ ! -d "${MAIN}/contrastive" ] || [ ! -d "${MAIN}/tfds" ]; then

@@ -26,6 +26,8 @@ PAPER = {
   "xattn_every_8": None,
   "p_next_half": None,
   "lm_unfrozen": None,
+  "resampler_mlp": 66.6,
+  "resampler_transformer": 66.7,
 }
 COLUMNS = {  # column -> path in results.json
   "VQA 0-shot": ("tasks", "easy_vqa", "random", "0", "mean"),

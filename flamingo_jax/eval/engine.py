@@ -58,18 +58,20 @@ def _prefilled(params, tokens, token_mask, logits, cache):
   return logits, cache
 
 
-def _last_media_only(cache: kv_cache.KVCache, num_latents: int) -> kv_cache.KVCache:
+def _last_media_only(cache: kv_cache.KVCache, tokens_per_media: int) -> kv_cache.KVCache:
   """Keeps the media K/V of each row's last medium (all decoding attends to), as medium 0."""
   x, b, nr, h, d = cache.xattn_k.shape  # [X, B, N*R, H, dh]
   row = jnp.maximum(cache.last_media, 0)[None, :, None, None, None, None]
 
-  def pick(kv):  # -> [X, B, R, H, dh]
-    return jnp.take_along_axis(kv.reshape(x, b, nr // num_latents, num_latents, h, d), row, axis=2)[:, :, 0]
+  def pick(kv):  # -> [X, B, R, H, dh] (R = tokens_per_media)
+    return jnp.take_along_axis(kv.reshape(x, b, nr // tokens_per_media, tokens_per_media, h, d), row, axis=2)[
+      :, :, 0
+    ]
 
   return cache._replace(
     xattn_k=pick(cache.xattn_k),
     xattn_v=pick(cache.xattn_v),
-    xattn_owner=jnp.zeros([num_latents], jnp.int32),
+    xattn_owner=jnp.zeros([tokens_per_media], jnp.int32),
     last_media=jnp.where(cache.last_media >= 0, 0, -1),
   )
 
@@ -107,7 +109,6 @@ class EvalModel:
     # (loader, media ref) -> [R, Dr] visual tokens of the params in `_cache_params` (LRU).
     self._cache, self._cache_params = collections.OrderedDict(), None
     self.visual_cache_size = int(visual_cache_size)
-    self._latents = model.configs.resampler.num_latents
     self._cache_axes = kv_cache.CACHE_BATCH_AXES
 
   def _fn(self, key, build: Callable[[], Callable], jit: bool = True):
@@ -168,12 +169,13 @@ class EvalModel:
 
   # ---------------------------------------------------------------------------- decoding
   def _prefill(self, max_new_tokens: int, lm_only: bool):
-    m, image_id, latents = self.model, self.image_id, self._latents
+    m, image_id = self.model, self.image_id
 
     def prefill(params, tokens, token_mask, visual=None):
       """Prompt [B,T] (left-padded) -> (logits of its last token [B,1,V], cache)."""
       b, t = tokens.shape
-      cache = m.init_cache(b, t + max_new_tokens, 0 if visual is None else visual.shape[1], m.configs.dtype)
+      media, per_media = (0, None) if visual is None else visual.shape[1:3]
+      cache = m.init_cache(b, t + max_new_tokens, media, m.configs.dtype, tokens_per_media=per_media)
       phi = None if visual is None else masking.media_index_from_tokens(tokens, image_id)[:, :-1]
       # All but the last token: their logits are never computed (the outputs are unused).
       _, cache = m.prefill(
@@ -186,7 +188,7 @@ class EvalModel:
         lm_only=lm_only,
       )
       if visual is not None and cache.xattn_k is not None:
-        cache = _last_media_only(cache, latents)
+        cache = _last_media_only(cache, per_media)
       logits, cache = m.prefill(params, tokens[:, -1:], cache, token_mask=token_mask[:, -1:], lm_only=lm_only)
       return self._ban(logits), cache
 

@@ -148,7 +148,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       image_size=s["image_size"],
       lm=dict(s["lm"], num_extra_tokens=2),
       xattn=dict(s["xattn"], gating="tanh", media_attention="last"),  # ablation switches
-      resampler=dict(s["resampler"]),
+      resampler=dict(s["resampler"], kind="perceiver"),  # ablation switch: mlp | transformer
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
       scan_unroll=1,  # layer groups per scan iteration (>= number of groups: fully unrolled)
@@ -246,9 +246,13 @@ class FlamingoModel(NamedTuple):
   vision_features: Callable
   forward_features: Callable
 
-  def init_cache(self, batch: int, max_len: int, num_media: int, dtype=jnp.float32) -> kv_cache.KVCache:
+  def init_cache(
+    self, batch: int, max_len: int, num_media: int, dtype=jnp.float32, tokens_per_media: int | None = None
+  ) -> kv_cache.KVCache:
+    """An empty cache; `tokens_per_media` = the visual tokens' axis 2 (default R: the Perceiver's)."""
     c = self.configs
-    return kv_cache.init_cache(c.lm, c.xattn, batch, max_len, num_media, c.resampler.num_latents, dtype)
+    tokens = c.resampler.num_latents if tokens_per_media is None else tokens_per_media
+    return kv_cache.init_cache(c.lm, c.xattn, batch, max_len, num_media, tokens, dtype)
 
   def prefill(self, params, tokens, cache, *, visual=None, media_index=None, token_mask=None, lm_only=False):
     """Appends tokens [B,T] (and their media K/V) to `cache` -> (logits [B,T,V+E], cache)."""

@@ -9,6 +9,11 @@ R latents, K = F*Lv + R keys.
 
 Only temporal position embeddings are learned (no spatial ones); when more frames than trained are given,
 they are linearly interpolated over time. Images are 1-frame videos.
+
+`kind` (Table 3's resampler ablation; params under the same `perceiver_resampler/` path) replaces the
+latents by the visual features themselves, so a medium gives F*Lv tokens instead of R:
+  'mlp'          x += FFW(LN(x)), `depth` times, per token (a plain MLP over the visual features);
+  'transformer'  x += SelfAttn(LN(x)); x += FFW(LN(x)), `depth` times (a plain transformer over them).
 """
 
 import dataclasses
@@ -29,6 +34,14 @@ class ResamplerConfig:
   head_dim: int = 64
   ffw_mult: int = 4
   max_frames: int = 8  # temporal embeddings learned (frames used in training)
+  kind: str = "perceiver"  # 'perceiver' (the paper) | 'mlp' | 'transformer' (ablations)
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"resampler.kind must be one of {KINDS}, got {self.kind!r}")
+
+
+KINDS = ("perceiver", "mlp", "transformer")
 
 
 def interpolate_time(table: jax.Array, num_frames: int) -> jax.Array:
@@ -48,7 +61,8 @@ def interpolate_time(table: jax.Array, num_frames: int) -> jax.Array:
 
 
 class PerceiverResampler(hk.Module):
-  """[B, N, F, Lv, Dv] visual features -> [B, N, R, Dr] media tokens."""
+  """[B, N, F, Lv, Dv] visual features -> [B, N, R, Dr] media tokens ([B, N, F*Lv, Dr] for the
+  'mlp' and 'transformer' kinds)."""
 
   def __init__(self, cfg: ResamplerConfig, dtype=jnp.float32, name: str = "perceiver_resampler"):
     super().__init__(name=name)
@@ -66,6 +80,13 @@ class PerceiverResampler(hk.Module):
     )
     x = x + interpolate_time(temporal, f)[None, None, :, None, :]
     x = x.reshape(b * n, f * lv, c.dim)
+    if c.kind != "perceiver":  # ablations: the features themselves, F*Lv tokens per medium
+      layer_cls = _MlpLayer if c.kind == "mlp" else _SelfAttentionLayer
+      x = hk.layer_stack(c.depth, unroll=c.depth, name="layers")(
+        lambda t: layer_cls(c, dtype, name="layer")(t)
+      )(x)
+      out = hk.LayerNorm(-1, True, True, name="final_norm")(x)
+      return out.reshape(b, n, f * lv, c.dim)
     latents = hk.get_parameter("latents", [c.num_latents, c.dim], init=hk.initializers.TruncatedNormal(0.02))
     latents = jnp.broadcast_to(latents, (b * n, c.num_latents, c.dim)).astype(jnp.float32)
 
@@ -103,11 +124,48 @@ class _ResamplerLayer(hk.Module):
     mask = jnp.ones((bp, r, kv_in.shape[1]), bool)
     attn = layers.attention(split(q), split(k), split(v), mask, dtype).reshape(bp, r, inner)
     latents = latents + layers.matmul(attn, get("o", [inner, c.dim], init=init(inner)), dtype)
-    h = hk.LayerNorm(-1, True, True, name="ffw_norm")(latents)
-    hidden = c.ffw_mult * c.dim
-    return latents + layers.squared_relu_mlp(
-      h,
-      get("ffw_in", [c.dim, hidden], init=init(c.dim)),
-      get("ffw_out", [hidden, c.dim], init=init(hidden)),
-      dtype,
-    )
+    return _ffw(c, latents, dtype)
+
+
+def _ffw(c: ResamplerConfig, x: jax.Array, dtype) -> jax.Array:
+  """x + squared-ReLU FFW(LN(x)), the resampler's feed-forward sub-layer. x: [B', K, Dr]."""
+  init, hidden = layers.truncated_normal_init, c.ffw_mult * c.dim
+  h = hk.LayerNorm(-1, True, True, name="ffw_norm")(x)
+  w_in = hk.get_parameter("ffw_in", [c.dim, hidden], init=init(c.dim))
+  return x + layers.squared_relu_mlp(
+    h, w_in, hk.get_parameter("ffw_out", [hidden, c.dim], init=init(hidden)), dtype
+  )
+
+
+class _MlpLayer(hk.Module):
+  """Ablation 'mlp': one residual FFW per visual token, [B', K, Dr] -> [B', K, Dr]."""
+
+  def __init__(self, cfg: ResamplerConfig, dtype, name: str):
+    super().__init__(name=name)
+    self.cfg, self.dtype = cfg, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _ffw(self.cfg, x, self.dtype)
+
+
+class _SelfAttentionLayer(hk.Module):
+  """Ablation 'transformer': visual tokens attend to each other, then a FFW; [B', K, Dr] -> same."""
+
+  def __init__(self, cfg: ResamplerConfig, dtype, name: str):
+    super().__init__(name=name)
+    self.cfg, self.dtype = cfg, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c, dtype, init = self.cfg, self.dtype, layers.truncated_normal_init
+    inner = c.num_heads * c.head_dim
+    h = hk.LayerNorm(-1, True, True, name="media_norm")(x)
+    bp, k, _ = x.shape
+
+    def proj(name):
+      w = hk.get_parameter(name, [c.dim, inner], init=init(c.dim))
+      return layers.matmul(h, w, dtype).reshape(bp, k, c.num_heads, c.head_dim)
+
+    mask = jnp.ones((bp, k, k), bool)
+    attn = layers.attention(proj("q"), proj("k"), proj("v"), mask, dtype).reshape(bp, k, inner)
+    x = x + layers.matmul(attn, hk.get_parameter("o", [inner, c.dim], init=init(inner)), dtype)
+    return _ffw(c, x, dtype)

@@ -75,6 +75,22 @@ def test_bucket_and_left_pad():
 def test_generate_matches_uncached_greedy(eval_model, model_and_params, tok):
   """KV-cache decoding (left padding, last-medium cache, batched media) == full forwards."""
   model, _, params = model_and_params
+  _check_generate_matches_uncached(eval_model, model, params, tok)
+
+
+def test_generate_matches_uncached_greedy_with_the_mlp_resampler(tok):
+  """The resampler ablation gives F*Lv visual tokens per medium, not R: the cache follows them."""
+  model, params = helpers.tiny_eval_model(tok.vocab_size, S, resampler_kind="mlp")
+  params = helpers.open_gates(params, jax.random.PRNGKey(1))
+  assert (
+    model.encode_media(params, None, jnp.zeros((1, 1, 1, S, S, 3))).shape[2]
+    != model.configs.resampler.num_latents
+  )
+  eval_model = engine.EvalModel(model, tok, batch_size=4, num_beams=1, image_batch_size=8, max_traces=1)
+  _check_generate_matches_uncached(eval_model, model, params, tok)
+
+
+def _check_generate_matches_uncached(eval_model, model, params, tok):
   rng = np.random.default_rng(0)
   prompts, media = [], []
   for b in range(4):

@@ -51,13 +51,14 @@ def place_images(tokens, image_id, positions):
   return tokens
 
 
-def tiny_eval_model(vocab_size: int, image_size: int):
+def tiny_eval_model(vocab_size: int, image_size: int, resampler_kind: str = "perceiver"):
   """(model, params at init) of a 2-layer tiny Flamingo over `vocab_size` (+2 extra) ids, as the
   evaluation tests use it."""
   cfg = flamingo.model_config("tiny")
   with cfg.unlocked():
     cfg.lm.vocab_size = vocab_size - 2
     cfg.lm.num_layers, cfg.xattn.every = 2, 2
+    cfg.resampler.kind = resampler_kind
   model = flamingo.make_model(cfg)
   params = jax.jit(model.init)(
     jax.random.PRNGKey(0), jnp.zeros((1, 1, 1, image_size, image_size, 3)), jnp.zeros((1, 4), jnp.int32)

@@ -108,3 +108,18 @@ def test_frame_order_matters_through_temporal_embeddings(setup):
   base = apply(params, features)
   swapped = apply(params, features[:, :, ::-1])
   assert np.abs(np.asarray(swapped - base)).max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_the_ablation_kinds_keep_every_visual_token(kind):
+  cfg = resampler_lib.ResamplerConfig(**{**CFG.__dict__, "kind": kind})
+  shape = (B, N, 2, LV, DV)
+  params = _random_params(shape, cfg)
+  out = jax.jit(_model(cfg).apply)(params, np.random.default_rng(1).normal(size=shape).astype(np.float32))
+  chex.assert_shape(out, (B, N, 2 * LV, CFG.dim))  # F*Lv tokens, not R latents
+  chex.assert_tree_all_finite(out)
+  assert all(path.startswith("perceiver_resampler") for path in params)  # the same freezing/lr rules
+  assert "latents" not in params["perceiver_resampler"]
+  assert ("q" in params["perceiver_resampler/layers/layer"]) == (kind == "transformer")
+  with pytest.raises(ValueError, match="resampler.kind"):
+    resampler_lib.ResamplerConfig(kind="cnn")
