@@ -59,6 +59,7 @@ def _clips(folder, n):
   return str(table)
 
 
+@pytest.mark.slow  # ~35 s (compiling the tiny model over four datasets): the default suite stays < 20 min
 def test_the_paper_mixture_builds_on_beam_and_trains(tmp_path):
   sources = {
     "m3w": _parquet(tmp_path / "m3w.parquet", 8),
