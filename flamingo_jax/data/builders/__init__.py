@@ -10,7 +10,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from flamingo_jax.data.builders.beam import BeamSourcesConfig, beam_config
+from flamingo_jax.data.builders.beam import BeamBuilder, BeamSourcesConfig, beam_config
 from flamingo_jax.data.builders.common import InputError, JsonlConfig, jsonl_config
 from flamingo_jax.data.builders.easy_vqa import EasyVqa, EasyVqaConfig, easy_vqa_config
 from flamingo_jax.data.builders.jsonl import ImageTextJsonl, InterleavedJsonl, VideoTextJsonl
@@ -61,7 +61,7 @@ def prepare(builder: tfds.core.DatasetBuilder, beam_options: str = "") -> tfds.c
   this process). Builders that do not use Beam ignore it.
   """
   config = None
-  if getattr(builder, "USES_BEAM", False):
+  if isinstance(builder, BeamBuilder):
     import apache_beam as beam  # pylint: disable=g-import-not-at-top  (the `data` extra)
 
     # Explicit flags: Beam would otherwise parse this process's command line as pipeline options.
@@ -74,6 +74,7 @@ def prepare(builder: tfds.core.DatasetBuilder, beam_options: str = "") -> tfds.c
 
 __all__ = [
   "BUILDERS",
+  "BeamBuilder",
   "BeamSourcesConfig",
   "EasyVqa",
   "EasyVqaConfig",

@@ -88,7 +88,6 @@ class BeamBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base of the Beam-prepared builders (module docstring); subclasses set the class attributes."""
 
   VERSION = tfds.core.Version(common.VERSION)
-  USES_BEAM = True  # `builders.prepare` gives it a Beam runner
   DESCRIPTION = ""
   CAUSES: tuple[str, ...] = ()
   reader: Reader  # a module-level function (Beam pickles it by reference)
