@@ -8,11 +8,13 @@ that is followed by an image and at the end, then `<EOS>`:
   "A cat. <image> It sleeps." -> [BOS, A, cat, ., EOC, <image>, It, sleeps, ., EOC, EOS]
 (the text before the first marker is stripped; a chunk after a marker keeps its leading space, which
 is how a BPE tokenizer sees running text). Then:
-  0. window (training only, App. A.3): a document longer than T+1 ids gives a random window
+  0. window (training with `window='random'`, App. A.3): a document longer than T+1 ids gives a random window
      `[BOS] + seq[1+s : s+T+1]`, s uniform over the starts whose window keeps an image with an id
      after it (so a document whose first image lies past id T+1 is still used); the window's images are
      the document's images from its first marker on. The BOS stays first: the frozen LM was trained with
-     it there. Evaluation, and any document that fits, take s = 0 (and draw nothing from the rng);
+     it there. Evaluation, `window='first'`, and any document that fits take s = 0 (and draw nothing
+     from the rng). 'first' is for documents built so that each text follows its own image (easy-VQA):
+     a window starting mid-document would train on answers whose image it cut off;
   1. token budget: the sequence is cut to its first T+1 ids (note 'truncated_tokens');
   2. image budget: with more than N markers left, the sequence is cut right before the (N+1)-th
      marker, so no token is left that would follow (and attend to) a dropped image
@@ -36,6 +38,7 @@ from flamingo_jax.data import preprocess, sequence
 from flamingo_jax.data.sequence import Dropped
 
 IMAGE_MARKER = "<image>"
+WINDOWS = ("random", "first")
 
 
 def document_sequence(text: str, tokenizer, *, max_len: int) -> tuple[list[int], bool]:
@@ -154,6 +157,7 @@ def process_document(
   max_tokens: int,
   max_images: int,
   p_next: float = 0.0,
+  window: str = "random",
   **unused,
 ) -> tuple[dict[str, np.ndarray], int]:
   """One document -> ({images [N,1,S,S,3], media_mask [N], text arrays [T]}, notes bits).
@@ -174,10 +178,11 @@ def process_document(
   if not text.replace(IMAGE_MARKER, "").strip():
     raise Dropped("empty_text", where)
   budget = max_tokens + 1
-  # Training windows range over the whole document; evaluation needs only its first ids.
-  full, flags = _document_ids(example, text, tokenizer, sys.maxsize if rng is not None else budget, where)
+  # Random training windows range over the whole document; otherwise only the first ids are needed.
+  random_window = rng is not None and window == "random"
+  full, flags = _document_ids(example, text, tokenizer, sys.maxsize if random_window else budget, where)
   first_image = 0
-  if rng is not None:
+  if random_window:
     full, flags, first_image = _random_window(full, flags, rng, tokenizer.image_id, budget, max_images, where)
   seq, notes = truncate(full, image_id=tokenizer.image_id, max_len=budget, max_images=max_images)
   kept = seq.count(tokenizer.image_id)

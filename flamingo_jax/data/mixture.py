@@ -33,6 +33,8 @@ Config schema (`ml_collections.ConfigDict`, see `dataset_config` and `easy_vqa_m
     text_template             pairs/video text from the record's fields, e.g. '{text}'
     loss_from                 pairs: the loss starts at this template field, e.g. 'answer' ('' = all)
     p_next                    per-sequence probability of attending to the next image (training)
+    window                    interleaved, training: 'random' window of a long document (App. A.3) or
+                              its 'first' ids
     max_drop_ratio, drop_check_after                       bad-input bound (`pipeline.DataError`)
 """
 
@@ -71,6 +73,7 @@ def dataset_config(**overrides: Any) -> ml_collections.ConfigDict:
       "max_aspect_ratio": 0.0,
       "text_template": "{text}",
       "p_next": 0.0,
+      "window": "random",
       "loss_from": "",
       "max_drop_ratio": 0.05,
       "drop_check_after": 200,
@@ -111,6 +114,9 @@ def easy_vqa_mixture_config(
       max_images=5,
       image_size=image_size,
       p_next=0.5,
+      # Every answer follows its own image: a window starting mid-document would train on answers
+      # whose image it cut off (docs/EXPERIMENTS.md).
+      window="first",
     ),
     "pairs": dataset_config(
       kind="pairs",
@@ -149,6 +155,7 @@ def easy_vqa_mixture_config(
       max_images=12,
       image_size=image_size,
       p_next=0.0,
+      window="first",  # the names' loss needs the document's earlier occurrences
     ),
   }
   return ml_collections.ConfigDict(
@@ -180,6 +187,7 @@ def dataset_spec(
     image=image,
     text_template=config.text_template,
     p_next=config.p_next,
+    window=config.window,
     loss_from=config.loss_from,
     max_drop_ratio=config.max_drop_ratio,
     drop_check_after=config.drop_check_after,

@@ -80,6 +80,7 @@ class DatasetSpec:
   image: preprocess.ImageOptions = preprocess.ImageOptions()
   text_template: str = "{text}"
   p_next: float = 0.0  # per-sequence probability of attending to the next image (training)
+  window: str = "random"  # interleaved, training: 'random' (App. A.3) or 'first' ids of a document
   loss_from: str = ""  # pairs: the loss starts at this template field ('' = all the text)
   max_drop_ratio: float = 0.05
   drop_check_after: int = 200  # examples seen before the drop ratio is checked
@@ -98,6 +99,8 @@ class DatasetSpec:
         f"dataset {self.name!r}: loss_from {self.loss_from!r} is not a field of "
         f"text_template {self.text_template!r}"
       )
+    if self.window not in interleaved.WINDOWS:
+      raise ValueError(f"dataset {self.name!r}: window {self.window!r} not in {interleaved.WINDOWS}")
     if self.kind != "video" and self.num_frames != 1:
       raise ValueError(f"dataset {self.name!r}: {self.kind} images have num_frames=1")
     for key in ("batch_size", "max_tokens", "max_images", "num_frames"):
@@ -167,6 +170,7 @@ class DatasetPipeline:
       text_template=spec.text_template,
       p_next=spec.p_next,
       loss_from=spec.loss_from,
+      window=spec.window,
     )
     self._empty = sequence.empty_example(
       max_tokens=spec.max_tokens,

@@ -244,6 +244,16 @@ def test_a_document_whose_image_lies_past_the_budget_trains_on_a_later_window(me
   assert notes == sequence.note_bits("truncated_tokens") or notes == 0
   with pytest.raises(Dropped, match="no_image_in_budget"):  # evaluation reads the first ids only
     _process_doc(doc, tokenizer, T=16)
+  with pytest.raises(Dropped, match="no_image_in_budget"):  # and so does training with window='first'
+    interleaved.process_document(
+      doc,
+      np.random.default_rng(0),
+      tokenizer=tokenizer,
+      image_options=OPTS,
+      max_tokens=16,
+      max_images=2,
+      window="first",
+    )
 
 
 # -- video ---------------------------------------------------------------------------------------
