@@ -45,9 +45,10 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray | None:
   """float32 [1, N, 1, size, size, 3] in [0, 1] (None for no paths). Raises naming a bad file."""
   if not paths:
     return None
-  from flamingo_jax.data import (
-    preprocess,  # pylint: disable=g-import-not-at-top  (PIL)
-    sequence,  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.data import (  # pylint: disable=g-import-not-at-top  (PIL, TensorFlow)
+    preprocess,
+    render,
+    sequence,
   )
 
   options = preprocess.ImageOptions(size=size)
@@ -56,7 +57,7 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray | None:
     with open(path, "rb") as f:
       data = f.read()
     try:
-      out.append(preprocess.load_image(data, missing=False, path=path, options=options))
+      out.append(render.load_image(data, missing=False, path=path, options=options))
     except sequence.Dropped as e:
       raise ValueError(f"--image {path}: cannot read it as an image ({e})") from None
   return np.stack(out)[None, :, None]

@@ -160,7 +160,8 @@ def process_document(
   window: str = "random",
   **unused,
 ) -> tuple[dict[str, np.ndarray], int]:
-  """One document -> ({images [N,1,S,S,3], media_mask [N], text arrays [T]}, notes bits).
+  """One document -> ({planned images [N,1] (`preprocess.plan_arrays`), media_mask [N], text arrays
+  [T]}, notes bits).
 
   rng None = eval (no augmentation, no p_next). Raises Dropped for a bad example.
   """
@@ -188,11 +189,10 @@ def process_document(
   kept = seq.count(tokenizer.image_id)
   if kept == 0 or len(seq) < 2:
     raise Dropped("no_image_in_budget", f"{where}: no image in the first {budget} ids")
-  size = image_options.size
-  out = np.zeros([max_images, 1, size, size, 3], np.float32)
+  plans = [[preprocess.Plan()] for _ in range(max_images)]  # unused slots render as zeros
   for n in range(first_image, first_image + kept):
     augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
-    out[n - first_image, 0] = preprocess.load_image(
+    plans[n - first_image][0] = preprocess.plan_image(
       images[n], missing=missing[n], path=paths[n], options=image_options, augment=augment
     )
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next
@@ -205,4 +205,4 @@ def process_document(
     loss_flags=flags[: len(seq)],
   )
   media_mask = np.arange(max_images) < kept
-  return {"images": out, "media_mask": media_mask, **arrays}, sequence.note_bits(*notes)
+  return {**preprocess.plan_arrays(plans), "media_mask": media_mask, **arrays}, sequence.note_bits(*notes)

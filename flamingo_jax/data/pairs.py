@@ -14,6 +14,7 @@ It needs the ids of the text before the field to be a prefix of the whole text's
 tokenizer merges across the boundary, the example keeps the full loss.
 """
 
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,14 +26,15 @@ from flamingo_jax.data.sequence import Dropped
 
 def fill_template(example: Mapping[str, Any], template: str, where: str) -> str:
   """`template` filled with the example's text fields (bytes decoded as UTF-8), stripped."""
-  fields = {k: sequence.as_text(v) for k, v in example.items() if isinstance(v, (bytes, str))}
-  try:
-    text = template.format(**fields)
-  except KeyError as e:
+  names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+  missing = sorted(n for n in names if not isinstance(example.get(n), (bytes, str)))
+  if missing:
+    fields = sorted(k for k, v in example.items() if isinstance(v, (bytes, str)))
     raise KeyError(
-      f"{where}: text_template {template!r} needs field {e}; the example has {sorted(fields)}"
-    ) from None
-  return text.strip()
+      f"{where}: text_template {template!r} needs field {missing[0]!r}; the example has {fields}"
+    )
+  # Only the template's fields are decoded: the others include the encoded image.
+  return template.format(**{n: sequence.as_text(example[n]) for n in names}).strip()
 
 
 def prompt_length(
@@ -81,7 +83,8 @@ def process_pair(
   loss_from: str = "",
   **unused,
 ) -> tuple[dict[str, np.ndarray], int]:
-  """One pair -> ({images [1,1,S,S,3], media_mask [1], text arrays [T]}, notes); rng None = eval.
+  """One pair -> ({planned images [1,1] (`preprocess.plan_arrays`), media_mask [1], text arrays [T]},
+  notes); rng None = eval.
 
   Raises Dropped for a bad example.
   """
@@ -91,7 +94,7 @@ def process_pair(
   leading_space = rng is not None and rng.random() < 0.5
   seq = caption_sequence(text, tokenizer, leading_space=leading_space, max_tokens=max_tokens, where=path)
   augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
-  image = preprocess.load_image(
+  plan = preprocess.plan_image(
     example["image"],
     missing=bool(example["image_missing"]),
     path=path,
@@ -115,4 +118,4 @@ def process_pair(
       where=path,
     )
     arrays["loss_mask"][: 1 + length] = 0.0
-  return {"images": image[None, None], "media_mask": np.ones([1], bool), **arrays}, 0
+  return {**preprocess.plan_arrays([[plan]]), "media_mask": np.ones([1], bool), **arrays}, 0

@@ -15,8 +15,11 @@ exactly the batch a single host with batch G reads. Position g is record
 restarted at step s yields exactly the batches an uninterrupted one yields from step s (the iterator
 state is the step; `mixture.py`).
 
-Bad examples. The per-example work runs in Python (`tf.numpy_function`, parallel map, PIL releases
-the GIL while decoding); an example that raises `Dropped` becomes an empty row (no media, all masks
+Two stages per example: Python (`tf.numpy_function`, parallel map) reads the record, builds its
+text and plans its images from their headers (`preprocess.plan_image`); TF ops then decode, resize,
+augment and pad the images (`render.render`), so the per-pixel work runs outside the GIL.
+
+Bad examples. An example that raises `Dropped` in the Python stage becomes an empty row (no media, all masks
 False: it adds nothing to a token-weighted loss), so batches keep their static shape and the
 positions of all later examples stay put. Drops are counted per reason from the batches actually
 yielded (`metrics()`), the first of each reason is logged with its file, and a drop ratio above
@@ -35,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 import tensorflow as tf
 
-from flamingo_jax.data import interleaved, pairs, preprocess, sequence, video
+from flamingo_jax.data import interleaved, pairs, preprocess, render, sequence, video
 
 KINDS = {
   "pairs": pairs.process_pair,
@@ -115,9 +118,24 @@ class DatasetSpec:
 
 def example_shapes(spec: DatasetSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{key: (shape, dtype)} of one example (a batch row)."""
-  s, t = spec.image.size, spec.max_tokens
+  s = spec.image.size
+  return {"images": ((spec.max_images, spec.num_frames, s, s, 3), tf.float32), **_text_shapes(spec)}
+
+
+def _planned_shapes(spec: DatasetSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (shape, dtype)} of what the Python part returns: planned images instead of pixels."""
+  n, f = spec.max_images, spec.num_frames
+  planned = {
+    "image_data": ((n, f), tf.string),
+    "image_plan": ((n, f, 3), tf.int32),
+    "image_augment": ((n, f, 4), tf.float32),
+  }
+  return {**planned, **_text_shapes(spec)}
+
+
+def _text_shapes(spec: DatasetSpec) -> dict[str, tuple[tuple[int, ...], Any]]:
+  t = spec.max_tokens
   return {
-    "images": ((spec.max_images, spec.num_frames, s, s, 3), tf.float32),
     "media_mask": ((spec.max_images,), tf.bool),
     "tokens": ((t,), tf.int32),
     "targets": ((t,), tf.int32),
@@ -176,10 +194,10 @@ class DatasetPipeline:
       max_tokens=spec.max_tokens,
       max_images=spec.max_images,
       num_frames=spec.num_frames,
-      image_size=spec.image.size,
       pad_id=tokenizer.pad_id,
     )
     self._counts = collections.Counter()
+    self._undecodable: set[int] = set()  # records with an image TF cannot decode (`_mark_undecodable`)
     self._logged: set[str] = set()
     self._step = int(step)
     # A live tf.data iterator whose threads run Python (numpy_function) hangs the interpreter's
@@ -203,19 +221,25 @@ class DatasetPipeline:
 
   # -- per example (Python, inside tf.numpy_function) ------------------------------------------
 
+  def _example(self, position: int, index: int) -> tuple[dict[str, np.ndarray], int]:
+    """(example with planned images, notes) of record `index` at global position `position`."""
+    rng = np.random.default_rng([self._seed, self.spec.key, position]) if self._training else None
+    if index in self._undecodable:
+      raise sequence.Dropped("corrupt_image", f"record {index}: TensorFlow cannot decode an image of it")
+    return self._process(self._source[index], rng)
+
   def _load(self, position: np.int64, index: np.int64) -> tuple:
     g, index = int(position), int(index)
-    rng = np.random.default_rng([self._seed, self.spec.key, g]) if self._training else None
     reason, notes, detail = 0, 0, ""
     try:
-      example, notes = self._process(self._source[index], rng)
+      example, notes = self._example(g, index)
     except sequence.Dropped as e:
       example, reason, detail = self._empty, sequence.reason_code(e.reason), e.detail
     except Exception as e:  # pylint: disable=broad-except  (bad data must not stop training)
       example, reason = self._empty, sequence.reason_code("bad_example")
       detail = f"record {index}: {type(e).__name__}: {e}"
     return (
-      *(example[k] for k in example_shapes(self.spec)),
+      *(example[k] for k in _planned_shapes(self.spec)),
       np.int32(reason),
       np.int32(notes),
       np.bytes_(detail.encode("utf-8", "replace")),
@@ -237,18 +261,24 @@ class DatasetPipeline:
 
   def dataset(self, step: int) -> tf.data.Dataset:
     """tf.data of host batches from `step` on (with the info keys '_reason', '_notes', '_detail')."""
-    shapes = example_shapes(self.spec)
+    shapes = _planned_shapes(self.spec)
     tout = [dtype for _, dtype in shapes.values()] + [tf.int32, tf.int32, tf.string]
 
-    def load(k):
+    def plan(k):  # Python: the record, its text and the plan of each image
       g, index = self._positions(k)
       out = tf.numpy_function(self._load, [g, index], tout, stateful=False)
       example = {key: tf.ensure_shape(v, shape) for (key, (shape, _)), v in zip(shapes.items(), out)}
       return {**example, **{key: tf.ensure_shape(v, []) for key, v in zip(_INFO, out[len(shapes) :])}}
 
+    def pixels(example):  # TF ops: decode, resize, augment, pad
+      planned = [example.pop(key) for key in preprocess.PLAN_KEYS]
+      return {"images": render.render(*planned, self.spec.image), **example}
+
     start = step * self._host_batch
     ds = tf.data.Dataset.range(start, np.iinfo(np.int64).max)
-    ds = ds.map(load, num_parallel_calls=self.spec.num_parallel_calls, deterministic=True)
+    parallel = self.spec.num_parallel_calls
+    ds = ds.map(plan, num_parallel_calls=parallel, deterministic=True)
+    ds = ds.map(pixels, num_parallel_calls=parallel, deterministic=True)
     ds = ds.batch(self._host_batch, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True
@@ -263,12 +293,42 @@ class DatasetPipeline:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._holder.iterator is None:
-      self._holder.iterator = self.dataset(self._step).as_numpy_iterator()
-    batch = next(self._holder.iterator)
+    while True:
+      if self._holder.iterator is None:
+        self._holder.iterator = self.dataset(self._step).as_numpy_iterator()
+      try:
+        batch = next(self._holder.iterator)
+        break
+      except tf.errors.InvalidArgumentError as e:  # an image whose header PIL read but TF cannot decode
+        self._holder.close()
+        self._mark_undecodable(self._step, e)  # then this batch again, without those records
     self._account(*(batch.pop(k) for k in _INFO))
     self._step += 1
     return batch
+
+  def _mark_undecodable(self, step: int, error: Exception) -> None:
+    """Finds the records of `step`'s batch whose images TF's decoders reject (rendering each image
+    of the batch on its own) and marks them: from then on they are dropped as 'corrupt_image', the
+    same in every run, since the finding depends only on the data."""
+    found = set()
+    for k in range(step * self._host_batch, (step + 1) * self._host_batch):
+      g, index = (int(v) for v in self._positions(tf.constant(k, tf.int64)))
+      try:
+        example, _ = self._example(g, index)
+      except Exception:  # pylint: disable=broad-except  (dropped in the Python stage anyway)
+        continue
+      for data, plan, params in zip(
+        *(example[key].reshape(-1, *example[key].shape[2:]) for key in preprocess.PLAN_KEYS)
+      ):
+        try:
+          render.render(tf.constant([data]), plan[None], params[None], self.spec.image)
+        except tf.errors.InvalidArgumentError:
+          found.add(index)
+    if not found:
+      raise DataError(
+        f"dataset {self.spec.name!r}, step {step}: the input pipeline failed: {error}"
+      ) from error
+    self._undecodable.update(found)
 
   def _account(self, reasons: np.ndarray, notes: np.ndarray, details: np.ndarray) -> None:
     self._counts["examples"] += len(reasons)

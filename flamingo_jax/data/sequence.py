@@ -99,12 +99,13 @@ def text_arrays(
   }
 
 
-def empty_example(
-  *, max_tokens: int, max_images: int, num_frames: int, image_size: int, pad_id: int
-) -> dict[str, np.ndarray]:
-  """The stand-in for a dropped example: no media, no real tokens, no loss."""
+def empty_example(*, max_tokens: int, max_images: int, num_frames: int, pad_id: int) -> dict[str, np.ndarray]:
+  """The stand-in for a dropped example: no media (empty image plans, `preprocess.plan_arrays`), no
+  real tokens, no loss."""
   return {
-    "images": np.zeros([max_images, num_frames, image_size, image_size, 3], np.float32),
+    "image_data": np.full([max_images, num_frames], b"", object),
+    "image_plan": np.zeros([max_images, num_frames, 3], np.int32),
+    "image_augment": np.zeros([max_images, num_frames, 4], np.float32),
     "media_mask": np.zeros([max_images], bool),
     "tokens": np.full([max_tokens], pad_id, np.int32),
     "targets": np.full([max_tokens], pad_id, np.int32),

@@ -43,7 +43,8 @@ def process_clip(
   p_next: float = 0.0,
   **unused,
 ) -> tuple[dict[str, np.ndarray], int]:
-  """One clip -> ({images [1,F,S,S,3], media_mask [1], text arrays [T]}, notes); rng None = eval.
+  """One clip -> ({planned images [1,F] (`preprocess.plan_arrays`), media_mask [1], text arrays [T]},
+  notes); rng None = eval.
 
   Raises Dropped for a bad example.
   """
@@ -61,15 +62,15 @@ def process_clip(
   )
   indices = frame_indices(len(frames), num_frames, rng)
   augment = preprocess.Augment.draw(rng, image_options) if rng is not None else None
-  loaded = {
-    int(i): preprocess.load_image(
+  planned = {
+    int(i): preprocess.plan_image(
       frames[i], missing=missing[i], path=paths[i], options=image_options, augment=augment
     )
     for i in sorted(set(indices.tolist()))
   }
-  images = np.stack([loaded[int(i)] for i in indices])
   attend_next = rng is not None and p_next > 0 and rng.random() < p_next
   arrays = sequence.text_arrays(
     seq, max_tokens=max_tokens, pad_id=tokenizer.pad_id, image_id=tokenizer.image_id, attend_next=attend_next
   )
-  return {"images": images[None], "media_mask": np.ones([1], bool), **arrays}, 0
+  plans = [[planned[int(i)] for i in indices]]
+  return {**preprocess.plan_arrays(plans), "media_mask": np.ones([1], bool), **arrays}, 0

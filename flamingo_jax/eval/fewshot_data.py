@@ -6,7 +6,7 @@ and colour/shape classification, `video` with any number of frames) and users' J
   captions: {"image": "a.jpg", "captions": ["...", ...]}
 (image paths relative to the JSONL file's folder unless absolute or URLs). Media are referenced by
 strings ('train/123' for easy-VQA, the resolved path for JSONL) and decoded on demand
-(`preprocess.load_image`, eval mode: no augmentation) as float32 [F,S,S,3] in [0,1].
+(`render.load_image`, eval mode: no augmentation) as float32 [F,S,S,3] in [0,1].
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from flamingo_jax.data import preprocess
+from flamingo_jax.data import preprocess, render
 from flamingo_jax.data.sequence import as_text
 from flamingo_jax.eval import prompting
 
@@ -68,7 +68,7 @@ def _loader(options: preprocess.ImageOptions, read: Callable[[str], list[tuple[b
 
   def load(ref: str) -> np.ndarray:
     return np.stack(
-      [preprocess.load_image(data, missing=not data, path=path, options=options) for data, path in read(ref)]
+      [render.load_image(data, missing=not data, path=path, options=options) for data, path in read(ref)]
     )
 
   return load

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from flamingo_jax.data import interleaved, pairs, preprocess, sequence, video
+from flamingo_jax.data import interleaved, pairs, preprocess, render, sequence, video
 from flamingo_jax.data.sequence import Dropped
 
 OPTS = preprocess.ImageOptions(size=8)
@@ -44,7 +44,8 @@ def test_pair_sequence_and_leading_space(media_dir, tokenizer):
   want = [t.bos_id, t.image_id, *t.encode("a red circle"), t.eoc_id]
   assert out["tokens"][: len(want)].tolist() == want and notes == 0
   assert out["targets"][len(want) - 1] == t.eos_id
-  assert out["images"].shape == (1, 1, 8, 8, 3) and out["media_mask"].tolist() == [True]
+  assert render.render_example(out, OPTS)["images"].shape == (1, 1, 8, 8, 3)
+  assert out["media_mask"].tolist() == [True]
   spaces = [
     pairs.process_pair(ex, np.random.default_rng(i), tokenizer=t, image_options=OPTS, max_tokens=20)[0][
       "tokens"
@@ -213,10 +214,7 @@ def test_training_window_is_uniform_over_the_valid_starts_and_carries_its_images
   T = 12
   starts = interleaved.window_starts(full, image_id=tokenizer.image_id, max_len=T + 1, max_images=2)
   assert len(starts) > 20
-  pixels = [
-    _process_doc(_doc(media_dir, f"<image>{c}", [n]), tokenizer)[0]["images"][0]
-    for c, n in zip(chunks, names)
-  ]
+  encoded = [_img(media_dir, n) for n in names]  # the plans carry these PNGs as they are
   counts = dict.fromkeys(starts, 0)
   draws = 40 * len(starts)
   rng = np.random.default_rng(0)
@@ -230,7 +228,7 @@ def test_training_window_is_uniform_over_the_valid_starts_and_carries_its_images
     start = next(s for s in starts if full[1 + s : 1 + s + len(ids) - 1] == ids[1:])
     counts[start] += 1
     first = full[1 : 1 + start].count(tokenizer.image_id)  # images before the window
-    np.testing.assert_array_equal(out["images"][0], pixels[first])
+    assert out["image_data"][0, 0] == encoded[first]
   assert scipy.stats.chisquare(list(counts.values())).pvalue > 1e-3
   # Evaluation keeps the first window, and draws nothing.
   out, _ = _process_doc(doc, tokenizer, T=T, N=2)
@@ -280,14 +278,15 @@ def test_clip_frames_and_drops(media_dir, tokenizer):
   kw = dict(tokenizer=tokenizer, image_options=OPTS, max_tokens=20, num_frames=4)
   names = ["f0.png", "f1.png", "f2.png", "f3.png"]
   out, _ = video.process_clip(_clip(media_dir, names), None, **kw)
-  assert out["images"].shape == (1, 4, 8, 8, 3)
+  images = render.render_example(out, OPTS)["images"]
+  assert images.shape == (1, 4, 8, 8, 3)
   for t, name in enumerate(names):
     np.testing.assert_array_equal(
-      out["images"][0, t],
-      preprocess.load_image(_img(media_dir, name), missing=False, path=name, options=OPTS),
+      images[0, t], render.load_image(_img(media_dir, name), missing=False, path=name, options=OPTS)
     )
   out, _ = video.process_clip(_clip(media_dir, names[:2]), None, **kw)  # 2 frames -> 4
-  np.testing.assert_array_equal(out["images"][0, 0], out["images"][0, 1])
+  images = render.render_example(out, OPTS)["images"]
+  np.testing.assert_array_equal(images[0, 0], images[0, 1])
   with pytest.raises(Dropped, match="no_image"):
     video.process_clip(_clip(media_dir, []), None, **kw)
   with pytest.raises(Dropped, match="corrupt_image"):

@@ -5,8 +5,11 @@ import logging
 import numpy as np
 import pytest
 
-from flamingo_jax.data import builders, pipeline, preprocess
-from tests.data.data_helpers import write_jsonl
+from flamingo_jax.data import builders, pipeline, preprocess, render
+from flamingo_jax.data.sequence import Dropped
+from tests.data.data_helpers import image_bytes, write_jsonl
+
+OPTIONS = preprocess.ImageOptions(size=8)
 
 BUILDER = {"pairs": "image_text_jsonl", "interleaved": "interleaved_jsonl", "video": "video_text_jsonl"}
 
@@ -205,3 +208,28 @@ def test_spec_rejects_a_loss_from_that_is_not_a_template_field():
     )
   with pytest.raises(ValueError, match="loss_from is for pairs, not video"):
     pipeline.DatasetSpec(name="vtp", kind="video", batch_size=2, max_tokens=8, loss_from="text")
+
+
+def _tf_rejects(data: bytes) -> bytes:
+  """A JPEG whose header PIL reads but whose scan header libjpeg rejects (component id 77)."""
+  sos = data.index(b"\xff\xda")
+  return data[: sos + 5] + bytes([77]) + data[sos + 6 :]
+
+
+def test_an_image_only_tensorflow_rejects_is_a_counted_drop_the_same_in_every_run(
+  media_dir, data_dir, tokenizer, caplog
+):
+  bad = media_dir / "tf_rejects.jpg"
+  bad.write_bytes(_tf_rejects(image_bytes("RGB", fmt="JPEG")))
+  with pytest.raises(Dropped, match="corrupt_image.*tf_rejects.jpg"):  # evaluation and generation
+    render.load_image(bad.read_bytes(), missing=False, path="tf_rejects.jpg", options=OPTIONS)
+  records = [{"image": "tf_rejects.jpg" if i == 2 else "good.png", "text": f"n{i}"} for i in range(6)]
+  runs = []
+  for _ in range(2):
+    p = _pipeline("pairs", records, media_dir, data_dir, tokenizer, "tf_rejects", batch_size=3, training=True)
+    batches = [next(p) for _ in range(4)]
+    assert sum(_check_batch(b, 3, 1, 1, 40) for b in batches) == 10  # 12 rows, record 2 twice
+    assert _dropped(p.metrics()) == {"corrupt_image": 2}
+    runs.append(batches)
+  for a, b in zip(*runs):
+    np.testing.assert_array_equal(a["images"], b["images"])

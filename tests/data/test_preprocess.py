@@ -4,16 +4,17 @@ import io
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from flamingo_jax.data import preprocess
+from flamingo_jax.data import preprocess, render
 from flamingo_jax.data.sequence import Dropped
 
 OPTIONS = preprocess.ImageOptions(size=16, pad_value=(0.25, 0.5, 0.75))
 
 
 def _load(data, augment=None, options=OPTIONS):
-  return preprocess.load_image(data, missing=False, path="x.png", options=options, augment=augment)
+  return render.load_image(data, missing=False, path="x.png", options=options, augment=augment)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_bad_files_raise_dropped_with_reason_and_path(media_dir, name, missing, 
   path = media_dir / name
   data = b"" if missing else path.read_bytes()
   with pytest.raises(Dropped) as e:
-    preprocess.load_image(data, missing=missing, path=name, options=OPTIONS)
+    render.load_image(data, missing=missing, path=name, options=OPTIONS)
   assert e.value.reason == reason and name in e.value.detail
 
 
@@ -97,9 +98,14 @@ def test_augmentation_only_with_rng_and_deterministic(media_dir):
   np.testing.assert_allclose(a[0], np.broadcast_to([0.25, 0.5, 0.75], (16, 3)))
 
 
+def _augment(x, augment):
+  """float32 [h,w,3] in [0,1] through `render.augment` (which takes [0,255])."""
+  return render.augment(tf.constant(x * 255.0), tf.constant(augment.as_array())).numpy()
+
+
 def test_flip_mirrors_content():
   x = np.random.default_rng(0).random((3, 5, 3)).astype(np.float32)
-  np.testing.assert_array_equal(preprocess.Augment(flip=True)(x), x[:, ::-1])
+  np.testing.assert_allclose(_augment(x, preprocess.Augment(flip=True)), x[:, ::-1], atol=1e-6)
 
 
 @pytest.mark.parametrize("d, c, s", [(0.05, 1.1, 0.9), (-0.1, 0.9, 1.1), (0.0, 1.0, 0.5)])
@@ -111,7 +117,7 @@ def test_colour_jitter_matches_its_definition(d, c, s):
   y = (y - m) * c + m  # contrast around the mean luma
   g = (y @ luma)[..., None]
   y = (y - g) * s + g  # saturation around the pixel's luma
-  got = preprocess.Augment(brightness=d, contrast=c, saturation=s)(x)
+  got = _augment(x, preprocess.Augment(brightness=d, contrast=c, saturation=s))
   np.testing.assert_allclose(got, np.clip(y, 0, 1), atol=1e-5)
 
 
@@ -124,3 +130,46 @@ def test_mean_colour_weighs_every_image_alike_and_skips_bad_ones():
   mean = preprocess.mean_colour([png((255, 0, 0), (64, 64)), png((0, 255, 0), (8, 8)), b"not an image", b""])
   np.testing.assert_allclose(mean, (0.5, 0.5, 0.0), atol=1e-6)
   assert preprocess.mean_colour([]) == (0.5, 0.5, 0.5)
+
+
+def _jpeg(w, h, **save):
+  pixels = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels, "RGB").save(buf, format="JPEG", **save)
+  return buf.getvalue()
+
+
+def test_plain_jpeg_and_png_keep_their_bytes_and_jpegs_decode_at_a_covering_dct_scale(media_dir):
+  options = preprocess.ImageOptions(size=100)
+  data = _jpeg(900, 450)
+  plan = preprocess.plan_image(data, missing=False, path="a.jpg", options=options)
+  # 900x450 -> 100x50; 1/8 scale gives 113x57, which still covers it.
+  assert (plan.data, plan.scale, plan.height, plan.width) == (data, 8, 50, 100)
+  full = np.asarray(Image.open(io.BytesIO(data)).resize((100, 50), Image.Resampling.BILINEAR)) / 255.0
+  got = render.load_image(data, missing=False, path="a.jpg", options=options)[25:75]
+  assert np.abs(got - full).mean() < 0.05  # the DCT-scaled decode is a good downscale
+  png = (media_dir / "good.png").read_bytes()
+  assert preprocess.plan_image(png, missing=False, path="g.png", options=options).data == png
+
+
+@pytest.mark.parametrize("name", ["rgba.png", "la.png", "cmyk.jpg", "gray16.png"])
+def test_modes_tf_would_misread_are_handed_on_as_pil_decoded_pngs(media_dir, name):
+  data = (media_dir / name).read_bytes()
+  plan = preprocess.plan_image(data, missing=False, path=name, options=OPTIONS)
+  assert plan.data != data and plan.data.startswith(b"\x89PNG") and (plan.height, plan.width) == (10, 16)
+
+
+def test_exif_orientation_is_applied():
+  exif = Image.Exif()
+  exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+  data = _jpeg(40, 20, exif=exif)
+  x = _load(data, options=preprocess.ImageOptions(size=16, pad_value=(0.0, 0.0, 0.0)))
+  # 40x20 stored, 20x40 displayed: content in the middle 8 columns, rows all image.
+  assert np.abs(x[:, :4]).max() == 0.0 and np.abs(x[:, 4:12]).max() > 0.0
+
+
+def test_a_truncated_jpeg_is_dropped_not_handed_to_tensorflow():
+  data = _jpeg(64, 64)
+  with pytest.raises(Dropped) as e:
+    _load(data[: len(data) // 2])
+  assert e.value.reason == "corrupt_image"
