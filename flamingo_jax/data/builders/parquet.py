@@ -32,7 +32,7 @@ def document(texts: list, images: list, base: epath.Path, where: str) -> tuple[s
   """(cause, None) of a bad row, or (None, features) of a good one; `where` names the row in logs."""
   if texts is None or images is None or len(texts) != len(images):
     return "misaligned_row", None
-  pieces, data, paths, missing = [], [], [], []
+  pieces, media = [], []  # media: (bytes, path, missing) per image
   for k, (text, image) in enumerate(zip(texts, images)):
     if (text is None) == (image is None):
       return "misaligned_row", None
@@ -42,14 +42,15 @@ def document(texts: list, images: list, base: epath.Path, where: str) -> tuple[s
       continue
     pieces.append(IMAGE_MARKER)
     if isinstance(image, bytes):
-      data.append(image), paths.append(f"{where}:image {k}"), missing.append(False)
+      media.append((image, f"{where}:image {k}", False))
     else:
-      b, m = common.read_media(common.resolve(str(image), base))
-      data.append(b), paths.append(str(image)), missing.append(m)
-  if not data:
+      data, missing = common.read_media(common.resolve(str(image), base))
+      media.append((data, str(image), missing))
+  if not media:
     return "no_image", None
   if not any(p != IMAGE_MARKER for p in pieces):
     return "empty_text", None
+  data, paths, missing = (list(column) for column in zip(*media))
   return None, {"text": " ".join(pieces), "images": data, "image_paths": paths, "image_missing": missing}
 
 
