@@ -76,7 +76,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from flamingo_jax.models import flamingo, gated_xattn, nfnet
+from flamingo_jax.models import clip_vit, flamingo, gated_xattn, nfnet
 from flamingo_jax.parallel import mesh as mesh_lib
 from flamingo_jax.parallel import sharding as sharding_lib
 from flamingo_jax.train import setup as setup_lib
@@ -141,18 +141,14 @@ def _div(n: int, t: int) -> float:
   return n / t if n % t == 0 else n
 
 
-def nfnet_largest_map(variant: str, image_size: int) -> int:
-  """Elements per image of the NFNet's largest activation (stem and block outputs, bottlenecks)."""
-  cfg = nfnet.NFNET_VARIANTS[variant]
-  side = math.ceil(image_size / 2)
-  largest = side * side * max(cfg["stem_width"])
-  side = math.ceil(side / 2)
-  largest = max(largest, side * side * cfg["width"][0] // 2)
-  for spec in nfnet.block_schedule(variant):
-    out_side = math.ceil(side / spec["stride"])
-    largest = max(largest, side * side * spec["in_ch"], out_side * out_side * spec["out_ch"])
-    side = out_side
-  return largest
+def vision_grid(variant: str, image_size: int) -> tuple[int, int, int]:
+  """(Lv visual tokens per image, Dv their width, elements of the encoder's largest activation)."""
+  lib = clip_vit if variant in clip_vit.VARIANTS else nfnet
+  return (
+    lib.grid_size(variant, image_size),
+    lib.output_dim(variant),
+    lib.largest_activation(variant, image_size),
+  )
 
 
 def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int) -> dict:
@@ -164,15 +160,10 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
   t = tensor
   lm, xa, rs = model_cfg.lm, model_cfg.xattn, model_cfg.resampler
   T, n_media, frames = int(dataset["max_tokens"]), int(dataset["max_images"]), int(dataset["num_frames"])
-  image = int(dataset["image_size"])
-  side = image
-  for _ in range(5):  # 5 stride-2 'SAME' stages
-    side = math.ceil(side / 2)
-  grid = side * side  # Lv
-  dv = nfnet.output_dim(model_cfg.vision_variant)
+  grid, dv, largest = vision_grid(model_cfg.vision_variant, int(dataset["image_size"]))
   items, tokens = b * n_media, b * T
 
-  vision = 3 * nfnet_largest_map(model_cfg.vision_variant, image) * b * n_media * frames * c
+  vision = 3 * largest * b * n_media * frames * c
 
   inner_r, hid_r, R, Dr = rs.num_heads * rs.head_dim, rs.ffw_mult * rs.dim, rs.num_latents, rs.dim
   K = frames * grid + R

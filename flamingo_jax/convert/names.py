@@ -43,9 +43,12 @@ class Entry:
     source: source tensor name; `{i}` is the layer index for per-layer tensors.
     module: project module path ('lm/embed', 'lm/layers', ...).
     name: parameter name inside `module`.
-    transform: 'copy' | 'transpose' | 'unpermute_q' | 'unpermute_k' (see `to_project`).
+    transform: 'copy' | 'transpose' | 'unpermute_q' | 'unpermute_k' | 'conv' | 'split_0' ..
+      'split_2' (see `to_project`).
     shape: project shape as letters of `dims(config)` (no leading layer axis).
     untied_only: the tensor exists only when the output embedding is untied.
+    source_shape: the source's shape as letters, where it is not the project's (transposed for
+      projections) one: a fused tensor that several entries split.
   """
 
   source: str
@@ -54,6 +57,7 @@ class Entry:
   transform: str
   shape: tuple[str, ...]
   untied_only: bool = False
+  source_shape: tuple[str, ...] | None = None
 
   @property
   def per_layer(self) -> bool:
@@ -120,14 +124,19 @@ def entries(table, config: dict):
       yield entry.source, entry, None
 
 
-def project_shape(entry: Entry, config: dict) -> tuple[int, ...]:
-  d = dims(config)
+def project_shape(entry: Entry, config: dict, letters: dict | None = None) -> tuple[int, ...]:
+  d = letters or dims(config)
   return tuple(d[letter] for letter in entry.shape)
 
 
-def source_shape(entry: Entry, config: dict) -> tuple[int, ...]:
-  """The shape of the source tensor: projections are stored [out, in]."""
-  shape = project_shape(entry, config)
+def source_shape(entry: Entry, config: dict, letters: dict | None = None) -> tuple[int, ...]:
+  """The shape of the source tensor: projections are stored [out, in], convolutions [O, I, H, W]."""
+  if entry.source_shape is not None:
+    d = letters or dims(config)
+    return tuple(d[letter] for letter in entry.source_shape)
+  shape = project_shape(entry, config, letters)
+  if entry.transform == "conv":
+    return (shape[3], shape[2], shape[0], shape[1])
   return shape if entry.transform == "copy" else shape[::-1]
 
 
@@ -167,6 +176,11 @@ def to_project(entry: Entry, w: np.ndarray, config: dict) -> np.ndarray:
     return unpermute_rope(w, config["num_heads"]).T
   if entry.transform == "unpermute_k":
     return unpermute_rope(w, config["num_kv_heads"]).T
+  if entry.transform == "conv":  # torch's [O, I, H, W] -> lax's HWIO
+    return w.transpose(2, 3, 1, 0)
+  if entry.transform.startswith("split_"):  # part j of 3 fused along the output axis ([3D, ...])
+    part = np.split(w, 3, axis=0)[int(entry.transform[len("split_") :])]
+    return part.T if part.ndim == 2 else part  # a weight is [out, in]; a bias is copied
   raise ValueError(f"unknown transform {entry.transform!r} for {entry.source}")
 
 
@@ -183,7 +197,7 @@ def to_source(entry: Entry, w: np.ndarray, config: dict) -> np.ndarray:
   raise ValueError(f"unknown transform {entry.transform!r} for {entry.source}")
 
 
-def convert(table, source_names, read, config: dict, dtype, source: str) -> dict:
+def convert(table, source_names, read, config: dict, dtype, source: str, letters: dict | None = None) -> dict:
   """Maps source tensors to the project's Haiku-style LM params.
 
   Args:
@@ -191,9 +205,11 @@ def convert(table, source_names, read, config: dict, dtype, source: str) -> dict
     source_names: all tensor names in the source.
     read: `read(name) -> np.ndarray`, the source array; called once per needed name, after the
       names were checked (so a large file is not read before a naming error).
-    config: LM config dict (`vocab_size`, `dim`, ...).
+    config: LM config dict (`vocab_size`, `dim`, ...); other towers give `num_layers` and
+      `tie_embeddings` (False) and their shape letters in `letters`.
     dtype: numpy dtype of the returned arrays.
     source: file or directory name used in error messages.
+    letters: the shape letters (default `dims(config)`, the LM's).
 
   Returns:
     `{'lm/embed': {'embeddings': [V,D]}, 'lm/layers': {name: [L,...]}, 'lm/final_norm':
@@ -217,9 +233,12 @@ def convert(table, source_names, read, config: dict, dtype, source: str) -> dict
       f"{source}: unmapped tensor(s) {extra[:8]}{' ...' if len(extra) > 8 else ''} ({len(extra)} in all)"
     )
   params = {}
+  last = (None, None)  # the entries splitting one fused tensor follow each other: read it once
   for name, entry, layer in wanted:
-    w = np.asarray(read(name))
-    expected = source_shape(entry, config)
+    if last[0] != name:
+      last = (name, np.asarray(read(name)))
+    w = last[1]
+    expected = source_shape(entry, config, letters)
     if tuple(w.shape) != expected:
       raise ValueError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {expected}")
     w = to_project(entry, w, config).astype(dtype)

@@ -1,4 +1,4 @@
-"""Flamingo assembly: NFNet -> Perceiver Resampler -> decoder LM with gated cross-attention.
+"""Flamingo assembly: NFNet or CLIP ViT -> Perceiver Resampler -> decoder LM with gated cross-attention.
 
 Shapes: B batch, N media items per sequence, F frames, H, W pixels, T tokens, R latents, Dr resampler width,
 Dv vision width, V+E vocabulary (original + extra tokens).
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flamingo_jax.models import gated_xattn, kv_cache, layers, nfnet
+from flamingo_jax.models import clip_vit, gated_xattn, kv_cache, layers, nfnet
 from flamingo_jax.models import lm as lm_lib
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
@@ -187,12 +187,21 @@ def parse_configs(cfg) -> Configs:
   )
 
 
+def vision_encoder(variant: str, dtype) -> hk.Module:
+  """The `vision_encoder` module of a variant: a CLIP ViT (`clip_vit.VARIANTS`, the public
+  Flamingo-family checkpoints) or an NFNet (the paper's). Both map images [B, H, W, 3] in [0, 1] to
+  {'grid': [B, h, w, Dv], 'pooled': [B, Dp]}."""
+  if variant in clip_vit.VARIANTS:
+    return clip_vit.ClipViT(variant, dtype=dtype, name="vision_encoder")
+  return nfnet.NFNet(variant, dtype=dtype, name="vision_encoder")
+
+
 class _Flamingo:
   """Holds the three Haiku modules; only used inside a transform."""
 
   def __init__(self, c: Configs, constrain: layers.ActivationConstraint):
     self.c = c
-    self.vision = nfnet.NFNet(c.vision_variant, dtype=c.dtype, name="vision_encoder")
+    self.vision = vision_encoder(c.vision_variant, c.dtype)
     self.resampler = resampler_lib.PerceiverResampler(c.resampler, dtype=c.dtype, name="perceiver_resampler")
     self.lm = lm_lib.DecoderLM(
       c.lm,

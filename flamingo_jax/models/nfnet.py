@@ -15,6 +15,7 @@ Parameters (all fp32 at creation), under `vision_encoder/`:
   final_conv/{w,gain,bias}.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -284,6 +285,29 @@ def block_schedule(variant: str, alpha: float = 0.2, stochdepth_rate: float = 0.
         expected_std = 1.0
       expected_std = (expected_std**2 + alpha**2) ** 0.5
   return blocks
+
+
+def largest_activation(variant: str, image_size: int) -> int:
+  """Elements per image of the NFNet's largest activation (stem and block outputs, bottlenecks)."""
+  cfg = NFNET_VARIANTS[variant]
+  side = math.ceil(image_size / 2)
+  largest = side * side * max(cfg["stem_width"])
+  side = math.ceil(side / 2)
+  largest = max(largest, side * side * cfg["width"][0] // 2)
+  for spec in block_schedule(variant):
+    out_side = math.ceil(side / spec["stride"])
+    largest = max(largest, side * side * spec["in_ch"], out_side * out_side * spec["out_ch"])
+    side = out_side
+  return largest
+
+
+def grid_size(variant: str, image_size: int) -> int:
+  """Lv, the positions of the output grid: five stride-2 'SAME' stages."""
+  del variant  # every variant downsamples 32x
+  side = image_size
+  for _ in range(5):
+    side = math.ceil(side / 2)
+  return side * side
 
 
 class NFNet(hk.Module):

@@ -7,11 +7,7 @@ F = mlp_mult * D MLP width, L layers.
 
 Parameters (fp32), under `text_encoder/`:
   token_embed/embeddings [V, D], pos_embed/embeddings [max_len, D],
-  layers/block/ (stacked on a leading L axis by hk.layer_stack):
-    attn_norm_scale, attn_norm_bias [L, D], q, k, v [L, D, D], q_bias, k_bias,
-    v_bias [L, D], o [L, D, D], o_bias [L, D], mlp_norm_scale, mlp_norm_bias
-    [L, D], mlp_in [L, D, F], mlp_in_bias [L, F], mlp_out [L, F, D],
-    mlp_out_bias [L, D],
+  layers/block/ (`encoder.py`, stacked on a leading L axis),
   final_norm/{scale, bias} [D].
 """
 
@@ -21,44 +17,10 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from flamingo_jax.models import layers
+from flamingo_jax.models import encoder, layers
 
 _EMBED_INIT = hk.initializers.TruncatedNormal(stddev=0.02)
 _LN_EPS = 1e-6
-
-
-def _encoder_layer(x: jax.Array, mask: jax.Array, *, num_heads: int, mlp_mult: int, dtype: Any) -> jax.Array:
-  """One pre-LN block on x [B, T, D] fp32 with attention mask [B, T, T].
-
-  A plain function (not a module method), its parameters named in the scope
-  `block`, so that hk.layer_stack stacks them under `<encoder>/layers/block`.
-  """
-  with hk.name_scope("block"):
-    return _encoder_layer_body(x, mask, num_heads=num_heads, mlp_mult=mlp_mult, dtype=dtype)
-
-
-def _encoder_layer_body(
-  x: jax.Array, mask: jax.Array, *, num_heads: int, mlp_mult: int, dtype: Any
-) -> jax.Array:
-  b, t, d = x.shape
-  h, f = num_heads, mlp_mult * d
-  param = lambda n, shape, init: hk.get_parameter(n, shape, jnp.float32, init=init)
-  zeros, ones = jnp.zeros, jnp.ones
-
-  def dense(y, w_name, din, dout):
-    w = param(w_name, (din, dout), layers.truncated_normal_init(din))
-    return layers.matmul(y, w, dtype) + param(f"{w_name}_bias", (dout,), zeros)
-
-  y = layers.layer_norm(
-    x, param("attn_norm_scale", (d,), ones), param("attn_norm_bias", (d,), zeros), _LN_EPS
-  )
-  q, k, v = (dense(y, n, d, d).reshape(b, t, h, d // h) for n in "qkv")
-  attn = layers.attention(q, k, v, mask, dtype).reshape(b, t, d)
-  x = x + dense(attn, "o", d, d)
-
-  y = layers.layer_norm(x, param("mlp_norm_scale", (d,), ones), param("mlp_norm_bias", (d,), zeros), _LN_EPS)
-  y = jax.nn.gelu(dense(y, "mlp_in", d, f), approximate=False)
-  return x + dense(y, "mlp_out", f, d)
 
 
 class TextEncoder(hk.Module):
@@ -134,9 +96,16 @@ class TextEncoder(hk.Module):
     # Bidirectional: every query sees every valid key.
     b, t = tokens.shape
     mask = jnp.broadcast_to(token_mask[:, None, :], (b, t, t))
-    x = hk.layer_stack(self.num_layers, name="layers")(
-      lambda y: _encoder_layer(y, mask, num_heads=self.num_heads, mlp_mult=self.mlp_mult, dtype=self.dtype)
-    )(x)
+    x = encoder.encoder_layers(
+      x,
+      mask,
+      num_layers=self.num_layers,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_mult * self.dim,
+      eps=_LN_EPS,
+      activation="gelu",
+      dtype=self.dtype,
+    )
 
     with hk.name_scope("final_norm"):
       scale = hk.get_parameter("scale", (self.dim,), jnp.float32, init=jnp.ones)

@@ -97,3 +97,19 @@ def test_xattn_block_counts_of_the_paper_sizes(size, layers, every, blocks):
   cfg = flamingo.model_config(size)
   assert (cfg.lm.num_layers, cfg.xattn.every) == (layers, every)
   assert gated_xattn.num_xattn_blocks(cfg.lm.num_layers, cfg.xattn.every) == blocks
+
+
+def test_a_clip_vit_fills_the_vision_encoder_role():
+  model = helpers.tiny_model(vision_variant="ViT-test")  # 32 px, patch 8: a 4 x 4 grid of width 32
+  images, tokens = helpers.images_and_tokens(model)
+  params = model.init(jax.random.PRNGKey(0), images, tokens)
+  assert params["vision_encoder/patch_embed"]["w"].shape == (8, 8, 3, 32)
+  visual = model.encode_media(params, None, images)
+  assert visual.shape == images.shape[:2] + (model.configs.resampler.num_latents, model.configs.resampler.dim)
+  assert model.vision_features(params, None, images[:, 0, 0]).shape == (images.shape[0], 24)
+  image_id = model.configs.lm.vocab_size
+  tokens = helpers.place_images(tokens, image_id, IMAGE_POSITIONS)
+  media_index = masking.media_index_from_tokens(tokens, image_id)
+  logits = model.forward(params, None, images, tokens, media_index)  # at init: the frozen LM
+  lm_logits, _ = model.lm_forward(params, None, tokens, lm_only=True)
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(lm_logits))
