@@ -43,8 +43,8 @@ class Entry:
     source: source tensor name; `{i}` is the layer index for per-layer tensors.
     module: project module path ('lm/embed', 'lm/layers', ...).
     name: parameter name inside `module`.
-    transform: 'copy' | 'transpose' | 'unpermute_q' | 'unpermute_k' | 'conv' | 'split_0' ..
-      'split_2' (see `to_project`).
+    transform: 'copy' | 'transpose' | 'unpermute_q' | 'unpermute_k' | 'conv' | 'scalar' |
+      'split_0' .. 'split_2' | 'half_0', 'half_1' (see `to_project`).
     shape: project shape as letters of `dims(config)` (no leading layer axis).
     untied_only: the tensor exists only when the output embedding is untied.
     source_shape: the source's shape as letters, where it is not the project's (transposed for
@@ -137,6 +137,8 @@ def source_shape(entry: Entry, config: dict, letters: dict | None = None) -> tup
   shape = project_shape(entry, config, letters)
   if entry.transform == "conv":
     return (shape[3], shape[2], shape[0], shape[1])
+  if entry.transform == "scalar":
+    return (1,)
   return shape if entry.transform == "copy" else shape[::-1]
 
 
@@ -178,8 +180,11 @@ def to_project(entry: Entry, w: np.ndarray, config: dict) -> np.ndarray:
     return unpermute_rope(w, config["num_kv_heads"]).T
   if entry.transform == "conv":  # torch's [O, I, H, W] -> lax's HWIO
     return w.transpose(2, 3, 1, 0)
-  if entry.transform.startswith("split_"):  # part j of 3 fused along the output axis ([3D, ...])
-    part = np.split(w, 3, axis=0)[int(entry.transform[len("split_") :])]
+  if entry.transform == "scalar":  # a torch Parameter of shape [1] -> a scalar
+    return w.reshape(())
+  if entry.transform.startswith(("split_", "half_")):  # part j of 3 (2) fused along the output axis
+    parts = 3 if entry.transform.startswith("split_") else 2
+    part = np.split(w, parts, axis=0)[int(entry.transform[-1])]
     return part.T if part.ndim == 2 else part  # a weight is [out, in]; a bias is copied
   raise ValueError(f"unknown transform {entry.transform!r} for {entry.source}")
 

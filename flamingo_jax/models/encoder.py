@@ -18,14 +18,6 @@ import jax.numpy as jnp
 from flamingo_jax.models import layers
 
 
-def quick_gelu(x: jax.Array) -> jax.Array:
-  """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x)."""
-  return x * jax.nn.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "quick_gelu": quick_gelu}
-
-
 def _block(
   x: jax.Array, mask: jax.Array, *, num_heads: int, mlp_dim: int, eps: float, activation: str, dtype: Any
 ):
@@ -45,7 +37,7 @@ def _block(
     attn = layers.attention(q, k, v, mask, dtype).reshape(b, t, d)
     x = x + dense(attn, "o", d, d)
     y = layers.layer_norm(x, param("mlp_norm_scale", (d,), ones), param("mlp_norm_bias", (d,), zeros), eps)
-    y = ACTIVATIONS[activation](dense(y, "mlp_in", d, mlp_dim))
+    y = layers.ACTIVATIONS[activation](dense(y, "mlp_in", d, mlp_dim))
     return x + dense(y, "mlp_out", mlp_dim, d)
 
 
@@ -61,8 +53,8 @@ def encoder_layers(
   dtype: Any,
 ) -> jax.Array:
   """L pre-LN blocks over x [B, T, D] fp32, mask bool [B, T, T] (True = may attend) -> [B, T, D]."""
-  if activation not in ACTIVATIONS:
-    raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
+  if activation not in layers.ACTIVATIONS:
+    raise ValueError(f"activation {activation!r} not in {sorted(layers.ACTIVATIONS)}")
   if x.shape[-1] % num_heads:
     raise ValueError(f"width {x.shape[-1]} is not divisible by num_heads={num_heads}")
   return hk.layer_stack(num_layers, name="layers")(

@@ -147,8 +147,10 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       vision_variant=s["vision_variant"],
       image_size=s["image_size"],
       lm=dict(s["lm"], num_extra_tokens=2),
-      xattn=dict(s["xattn"], gating="tanh", media_attention="last"),  # ablation switches
-      resampler=dict(s["resampler"], kind="perceiver"),  # ablation switch: mlp | transformer
+      # Ablation switches (gating, media_attention, kind) and the public checkpoints' flavours
+      # (ffw_activation 'gelu': OpenFlamingo).
+      xattn=dict(s["xattn"], gating="tanh", media_attention="last", ffw_activation="squared_relu"),
+      resampler=dict(s["resampler"], kind="perceiver", ffw_activation="squared_relu"),
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
       scan_unroll=1,  # layer groups per scan iteration (>= number of groups: fully unrolled)

@@ -1,7 +1,7 @@
 """GATED XATTN-DENSE blocks (paper §2.2, Fig. 4), stacked on a leading block axis.
 
     y = y + tanh(attn_gate) * XAttn(LN(y), media)     # a token sees only its phi media item
-    y = y + tanh(ffw_gate)  * FFW(LN(y))              # squared-ReLU MLP, 4x wide
+    y = y + tanh(ffw_gate)  * FFW(LN(y))              # squared-ReLU MLP, 4x wide (`ffw_activation`)
 
 Both gates start at 0, so at initialisation the block is the identity and Flamingo is exactly its LM.
 Two switches exist for the paper's ablations (Table 3), never as defaults: `gating='none'` adds both
@@ -30,6 +30,7 @@ class XAttnConfig:
   media_dim: int = 576  # Dr, the resampler's output width
   gating: str = "tanh"  # 'tanh' (the paper) | 'none' (ablation: ungated)
   media_attention: str = "last"  # 'last': the phi media item (the paper) | 'all_previous' (ablation)
+  ffw_activation: str = "squared_relu"  # the paper's; 'gelu' in OpenFlamingo's blocks
 
   def __post_init__(self):
     if self.gating not in ("tanh", "none"):
@@ -38,6 +39,8 @@ class XAttnConfig:
       raise ValueError(
         f"xattn.media_attention must be 'last' or 'all_previous', got {self.media_attention!r}"
       )
+    if self.ffw_activation not in layers.ACTIVATIONS:
+      raise ValueError(f"xattn.ffw_activation {self.ffw_activation!r} not in {sorted(layers.ACTIVATIONS)}")
 
 
 class GatedXAttnParams(hk.Module):
@@ -115,4 +118,5 @@ def gated_xattn_block(
   gate = jnp.tanh if cfg.gating == "tanh" else (lambda alpha: 1.0)
   y = y + gate(p["attn_gate"]) * layers.matmul(attn, p["o"], dtype)
   h = layers.layer_norm(y, p["ffw_norm_scale"], p["ffw_norm_bias"])
-  return y + gate(p["ffw_gate"]) * layers.squared_relu_mlp(h, p["ffw_in"], p["ffw_out"], dtype)
+  ffw = layers.mlp(h, p["ffw_in"], p["ffw_out"], cfg.ffw_activation, dtype)
+  return y + gate(p["ffw_gate"]) * ffw

@@ -98,14 +98,21 @@ def swiglu_mlp(x: Array, gate: Array, up: Array, down: Array, dtype) -> Array:
   return matmul(h, down, dtype)
 
 
-def gelu_mlp(x: Array, up: Array, down: Array, dtype) -> Array:
-  """GELU MLP (the paper's Chinchilla-family LM). x: [..., D]; up: [D, F]; down: [F, D]."""
-  return matmul(jax.nn.gelu(matmul(x, up, dtype)), down, dtype)
+# The MLP activations by name: the paper's resampler and xattn FFW ('squared_relu'), its
+# Chinchilla-family LM ('gelu_tanh'), torch's nn.GELU() ('gelu': OpenFlamingo, OpenCLIP's LAION
+# towers, the BERT-style text tower) and OpenAI CLIP's 'quick_gelu'.
+ACTIVATIONS = {
+  "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
 
 
-def squared_relu_mlp(x: Array, w_in: Array, w_out: Array, dtype) -> Array:
-  """Squared-ReLU MLP (resampler and GATED XATTN-DENSE). x: [..., D]; w_in: [D, F]; w_out: [F, D]."""
-  return matmul(jnp.square(jax.nn.relu(matmul(x, w_in, dtype))), w_out, dtype)
+def mlp(x: Array, w_in: Array, w_out: Array, activation: str, dtype) -> Array:
+  """Two-layer MLP without biases. x: [..., D]; w_in: [D, F]; w_out: [F, D]; `activation` names one
+  of ACTIVATIONS."""
+  return matmul(ACTIVATIONS[activation](matmul(x, w_in, dtype)), w_out, dtype)
 
 
 def causal_mask(token_mask: Array) -> Array:

@@ -93,7 +93,7 @@ def _decoder_layer(p: dict, x, cos, sin, mask, cfg: LMConfig, dtype, cache_kv=No
   if cfg.mlp == "swiglu":
     x = x + layers.swiglu_mlp(h, p["gate"], p["up"], p["down"], dtype)
   else:
-    x = x + layers.gelu_mlp(h, p["up"], p["down"], dtype)
+    x = x + layers.mlp(h, p["up"], p["down"], "gelu_tanh", dtype)
   return x, new_kv
 
 

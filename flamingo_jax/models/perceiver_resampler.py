@@ -35,10 +35,15 @@ class ResamplerConfig:
   ffw_mult: int = 4
   max_frames: int = 8  # temporal embeddings learned (frames used in training)
   kind: str = "perceiver"  # 'perceiver' (the paper) | 'mlp' | 'transformer' (ablations)
+  ffw_activation: str = "squared_relu"  # the paper's; 'gelu' in OpenFlamingo's resampler
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise ValueError(f"resampler.kind must be one of {KINDS}, got {self.kind!r}")
+    if self.ffw_activation not in layers.ACTIVATIONS:
+      raise ValueError(
+        f"resampler.ffw_activation {self.ffw_activation!r} not in {sorted(layers.ACTIVATIONS)}"
+      )
 
 
 KINDS = ("perceiver", "mlp", "transformer")
@@ -128,13 +133,12 @@ class _ResamplerLayer(hk.Module):
 
 
 def _ffw(c: ResamplerConfig, x: jax.Array, dtype) -> jax.Array:
-  """x + squared-ReLU FFW(LN(x)), the resampler's feed-forward sub-layer. x: [B', K, Dr]."""
+  """x + FFW(LN(x)) (squared ReLU in the paper), the resampler's feed-forward sub-layer. x: [B', K, Dr]."""
   init, hidden = layers.truncated_normal_init, c.ffw_mult * c.dim
   h = hk.LayerNorm(-1, True, True, name="ffw_norm")(x)
   w_in = hk.get_parameter("ffw_in", [c.dim, hidden], init=init(c.dim))
-  return x + layers.squared_relu_mlp(
-    h, w_in, hk.get_parameter("ffw_out", [hidden, c.dim], init=init(hidden)), dtype
-  )
+  w_out = hk.get_parameter("ffw_out", [hidden, c.dim], init=init(hidden))
+  return x + layers.mlp(h, w_in, w_out, c.ffw_activation, dtype)
 
 
 class _MlpLayer(hk.Module):

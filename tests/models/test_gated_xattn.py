@@ -97,7 +97,7 @@ def test_tokens_without_media_get_only_the_dense_path(inputs):
   @jax.jit
   def dense_only(p, y):
     h = layers.layer_norm(y, p["ffw_norm_scale"], p["ffw_norm_bias"])
-    return y + jnp.tanh(p["ffw_gate"]) * layers.squared_relu_mlp(h, p["ffw_in"], p["ffw_out"], jnp.float32)
+    return y + jnp.tanh(p["ffw_gate"]) * layers.mlp(h, p["ffw_in"], p["ffw_out"], "squared_relu", jnp.float32)
 
   np.testing.assert_allclose(out[none], np.asarray(dense_only(p, y))[none], rtol=1e-6, atol=1e-6)
   # All tokens without media (phi = -1 everywhere): the whole block is the dense path.

@@ -185,9 +185,9 @@ def test_mlps_shapes_and_squared_relu():
   def mlps(x, w_in, w_out):
     f32 = jnp.float32
     return (
-      layers.squared_relu_mlp(x, w_in, w_out, f32),
+      layers.mlp(x, w_in, w_out, "squared_relu", f32),
       layers.swiglu_mlp(x, w_in, w_in, w_out, f32),
-      layers.gelu_mlp(x, w_in, w_out, f32),
+      layers.mlp(x, w_in, w_out, "gelu_tanh", f32),
     )
 
   sq, swiglu, gelu = mlps(x, w_in, w_out)

@@ -8,34 +8,19 @@ whole CLIP checkpoint names them), OUT_DIR/images.npy (NHWC in [0, 1]) and OUT_D
 OUT_DIR/tokens.npy: open_clip's outputs for those images after its own CLIP normalisation.
 """
 
-import importlib
-import importlib.util
 import os
 import sys
-import types
 
 import numpy as np
 import torch
+from ref_imports import load
 from safetensors.torch import save_file
-
-
-def open_clip_modules():
-  """open_clip's `transformer` and `constants` modules, loaded without the package's __init__: that
-  imports torchvision's image transforms, and PyPI's torchvision build needs CUDA torch. Its
-  `utils` imports one torchvision name, for frozen batch norm, which a ViT never uses."""
-  package = types.ModuleType("open_clip")
-  package.__path__ = importlib.util.find_spec("open_clip").submodule_search_locations
-  sys.modules["open_clip"] = package
-  for name in ("torchvision", "torchvision.ops", "torchvision.ops.misc"):
-    sys.modules.setdefault(name, types.ModuleType(name))
-  sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d = None
-  return importlib.import_module("open_clip.transformer"), importlib.import_module("open_clip.constants")
 
 
 def main():
   out, width, layers, heads, patch, size, embed, quick = sys.argv[1:]
   width, layers, heads, patch, size, embed = map(int, (width, layers, heads, patch, size, embed))
-  transformer, constants = open_clip_modules()
+  transformer, constants = load("open_clip.transformer"), load("open_clip.constants")
   torch.manual_seed(0)
   # As open_clip's `_build_vision_tower` builds a ViT (no attention pooling, class-token pooling).
   visual = transformer.VisionTransformer(
