@@ -27,7 +27,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import main_job  # noqa: E402
-from flamingo_jax.models import flamingo  # noqa: E402
+from flamingo_jax.models import (
+  flamingo,  # noqa: E402
+  gated_xattn,  # noqa: E402
+)
 from flamingo_jax.parallel import logical  # noqa: E402
 from flamingo_jax.parallel import mesh as mesh_lib  # noqa: E402
 from flamingo_jax.train import host_memory, objectives  # noqa: E402
@@ -106,7 +109,7 @@ def step_flops(cfg, b=B, t=T, n=N, lv=LV) -> dict:
   mlp_mats = 3 if lm.mlp == "swiglu" else 2
   per_token = 2 * (lm.dim * q + 2 * lm.dim * kv + q * lm.dim + mlp_mats * lm.dim * lm.ffw_hidden)
   lm_fwd = lm.num_layers * (tokens * per_token + b * 4 * t * t * q) + 2 * tokens * lm.dim * lm.vocab_size
-  blocks = -(-lm.num_layers // xa.every)  # xattn blocks; keys/values from R latents per media item
+  blocks = gated_xattn.num_xattn_blocks(lm.num_layers, xa.every, xa.first)  # keys/values from R latents each
   inner = xa.num_heads * xa.head_dim
   xa_fwd = blocks * (
     tokens * 2 * (2 * lm.dim * inner + 2 * lm.dim * xa.ffw_mult * lm.dim)

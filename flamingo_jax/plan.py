@@ -175,7 +175,7 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
   resampler = items * (rs.depth * per_layer + c * frames * grid * dv + F32 * frames * grid * Dr)
 
   D, L, every = lm.dim, lm.num_layers, xa.every
-  X = gated_xattn.num_xattn_blocks(L, every)
+  X = gated_xattn.num_xattn_blocks(L, every, xa.first)
   groups = L // every + (1 if L % every else 0)
   q, kv = lm.num_heads * lm.head_dim, lm.num_kv_heads * lm.head_dim
   fm = lm.ffw_hidden * (2 if lm.mlp == "swiglu" else 1)
@@ -249,7 +249,9 @@ def make_plan(config, devices: int, hbm_gib: float = 32.0, mesh: Mapping[str, in
   if sizes.get("fsdp", 1) > 1:  # One decoder layer (c bytes) and one xattn block (fp32 + gradient).
     layer = sharded_bytes(layers, rules, {"tensor": t}) / lmc.num_layers
     block = sharded_bytes(_select(train_p, r"^lm/gated_xattn$"), rules, {"tensor": t})
-    group += int(layer + 2 * block / gated_xattn.num_xattn_blocks(lmc.num_layers, every))
+    group += int(
+      layer + 2 * block / gated_xattn.num_xattn_blocks(lmc.num_layers, every, config.model.xattn.first)
+    )
 
   datasets, batch_bytes, warnings = {}, 0, []
   for name in sorted(config.data.datasets):

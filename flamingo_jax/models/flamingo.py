@@ -149,7 +149,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       lm=dict(s["lm"], num_extra_tokens=2),
       # Ablation switches (gating, media_attention, kind) and the public checkpoints' flavours
       # (ffw_activation 'gelu': OpenFlamingo).
-      xattn=dict(s["xattn"], gating="tanh", media_attention="last", ffw_activation="squared_relu"),
+      xattn=dict(s["xattn"], first=0, gating="tanh", media_attention="last", ffw_activation="squared_relu"),
       resampler=dict(s["resampler"], kind="perceiver", ffw_activation="squared_relu"),
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)

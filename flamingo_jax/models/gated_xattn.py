@@ -23,7 +23,8 @@ from flamingo_jax.models import layers
 
 @dataclasses.dataclass(frozen=True)
 class XAttnConfig:
-  every: int = 4  # one block before every `every`-th LM layer, starting at layer 0
+  every: int = 4  # one block before every `every`-th LM layer, starting at layer `first`
+  first: int = 0  # the paper's; OpenFlamingo's blocks sit before layer i when (i + 1) % every == 0
   num_heads: int = 8
   head_dim: int = 64
   ffw_mult: int = 4
@@ -39,6 +40,8 @@ class XAttnConfig:
       raise ValueError(
         f"xattn.media_attention must be 'last' or 'all_previous', got {self.media_attention!r}"
       )
+    if not 0 <= self.first < max(self.every, 1):
+      raise ValueError(f"xattn.first must be in [0, every={self.every}), got {self.first}")
     if self.ffw_activation not in layers.ACTIVATIONS:
       raise ValueError(f"xattn.ffw_activation {self.ffw_activation!r} not in {sorted(layers.ACTIVATIONS)}")
 
@@ -71,9 +74,9 @@ class GatedXAttnParams(hk.Module):
     }
 
 
-def num_xattn_blocks(num_layers: int, every: int) -> int:
-  """X: blocks before layers 0, every, 2*every, ... of an L-layer LM (0 when every is 0)."""
-  return math.ceil(num_layers / every) if every > 0 else 0
+def num_xattn_blocks(num_layers: int, every: int, first: int = 0) -> int:
+  """X: blocks before layers first, first + every, ... of an L-layer LM (0 when every is 0)."""
+  return math.ceil((num_layers - first) / every) if every > 0 else 0
 
 
 def media_kv(p: dict, visual: jax.Array, cfg: XAttnConfig, dtype):

@@ -54,7 +54,7 @@ def init_cache(
     last_media=jnp.full((batch,), -1, jnp.int32),
   )
   if xattn is not None and xattn.every > 0:
-    x = gated_xattn.num_xattn_blocks(lm.num_layers, xattn.every)
+    x = gated_xattn.num_xattn_blocks(lm.num_layers, xattn.every, xattn.first)
     m_shape = (x, batch, num_media * tokens_per_media, xattn.num_heads, xattn.head_dim)
     cache = cache._replace(
       xattn_k=jnp.zeros(m_shape, dtype),

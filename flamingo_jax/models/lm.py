@@ -4,8 +4,9 @@ Shapes: B batch, T tokens, S cache slots, L layers, X xattn blocks, D width, V v
 Hq/Hkv query/key-value heads, dh head dim, N media items, R visual tokens per item, M = N*R.
 
 All L layers' parameters are stacked on a leading axis (`lm/layers`) and run by `lax.scan`, MaxText style,
-so compile time does not grow with depth. Xattn block x sits before layer x*every: the scan runs over
-`L // every` groups of (one block, `every` layers), then a tail group when `every` does not divide L. A
+so compile time does not grow with depth. Xattn block x sits before layer first + x*every (`first` 0 in
+the paper, every - 1 in OpenFlamingo): the `first` layers run as one group without a block, then the
+scan runs over `(L - first) // every` groups of (one block, `every` layers), then a tail group. A
 group reads its layers by a dynamic slice of the [L, ...] stack inside the loop (slicing outside copies
 the whole LM on XLA:CPU). A group's `every` layers are unrolled (a nested scan costs ~25% of the step on
 XLA:CPU); `scan_unroll` > 1 unrolls that many groups per iteration. Cached calls of fewer than
@@ -170,7 +171,7 @@ class DecoderLM(hk.Module):
     self.cfg, self.xcfg, self.dtype, self.remat = cfg, xattn, dtype, remat
     self.scan_unroll = scan_unroll
     self.constrain = constrain
-    self.num_blocks = num_xattn_blocks(cfg.num_layers, xattn.every) if xattn else 0
+    self.num_blocks = num_xattn_blocks(cfg.num_layers, xattn.every, xattn.first) if xattn else 0
 
   # ---------------------------------------------------------------------------------------- forward
   def __call__(
@@ -283,11 +284,12 @@ class DecoderLM(hk.Module):
     """
     c, dtype = self.cfg, self.dtype
     every = self.xcfg.every if (self.xcfg and self.num_blocks) else c.num_layers
-    n_groups, tail = c.num_layers // every, c.num_layers % every
+    first = self.xcfg.first if (self.xcfg and self.num_blocks) else 0  # plain layers before block 0
+    n_groups, tail = (c.num_layers - first) // every, (c.num_layers - first) % every
     use_cache = cache is not None
     if cache is not None and x.shape[0] * x.shape[1] < UNROLL_MIN_TOKENS:  # static: decoding steps
       return self._run_layers_flat(
-        x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every
+        x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every, first
       )
 
     residual = lambda x: self.constrain(x, RESIDUAL_AXES)
@@ -308,7 +310,8 @@ class DecoderLM(hk.Module):
       """A main group: its layers are a dynamic slice of the [L, ...] stack taken inside the
       (rematerialised) group, so a backward re-reads them instead of keeping a copy."""
       p_block, g, kv_group, mk, mv = xs
-      p_group = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, g * every, every), p_layers)
+      start = g * every + first if first else g * every
+      p_group = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, every), p_layers)
       return group_fn(x, (p_block, p_group, kv_group, mk, mv))
 
     def split(tree, n_main, size, axis0_total):
@@ -318,11 +321,17 @@ class DecoderLM(hk.Module):
       return main, rest
 
     kv = (cache.k, cache.v) if use_cache else None
+    kv_head = None
+    if first:  # layers before the first block (OpenFlamingo's placement): one group without a block
+      kv_head = jax.tree.map(lambda a: a[:first], kv) if use_cache else None
+      p_head = jax.tree.map(lambda a: a[:first], p_layers)
+      x, kv_head = self._maybe_remat(group_fn)(x, (None, p_head, kv_head, None, None))
+      kv = jax.tree.map(lambda a: a[first:], kv) if use_cache else None
     # The main groups index the stacked weights inside the loop (a slice [:n_groups*every] taken
     # outside would be a copy of the whole LM's weights on XLA:CPU); the tail is sliced (< every layers).
     group_index = jnp.arange(n_groups, dtype=jnp.int32)
-    p_tail = jax.tree.map(lambda a: a[n_groups * every :], p_layers)
-    kv_main, kv_tail = split(kv, n_groups, every, c.num_layers) if use_cache else (None, None)
+    p_tail = jax.tree.map(lambda a: a[first + n_groups * every :], p_layers)
+    kv_main, kv_tail = split(kv, n_groups, every, c.num_layers - first) if use_cache else (None, None)
     if p_x is not None:
       px_main = jax.tree.map(lambda a: a[:n_groups], p_x)
       px_tail = jax.tree.map(lambda a: a[n_groups], p_x) if tail else None
@@ -343,6 +352,8 @@ class DecoderLM(hk.Module):
       x, kv_tail_out = self._maybe_remat(group_fn)(x, (px_tail, p_tail, kv_tail, mk_tail, mv_tail))
       if use_cache:
         kv_out = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_], axis=0), kv_out, kv_tail_out)
+    if use_cache and first:
+      kv_out = jax.tree.map(lambda a, b_: jnp.concatenate([a, b_], axis=0), kv_head, kv_out)
     return x, kv_out
 
   def _maybe_remat(self, fn):
@@ -352,9 +363,10 @@ class DecoderLM(hk.Module):
     return jax.checkpoint(fn, policy=policy)
 
   def _run_layers_flat(
-    self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every
+    self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every, first
   ):
-    """One `lax.scan` over the L layers; block l // every runs before layer l when l % every == 0.
+    """One `lax.scan` over the L layers; block (l - first) // every runs before layer l when
+    l >= first and (l - first) % every == 0.
 
     The same function as the grouped scan of `_run_layers` (tested), for small calls. Returns (x, (k, v)
     stacked [L, ...] or None)."""
@@ -365,12 +377,13 @@ class DecoderLM(hk.Module):
       if p_x is not None:
 
         def block(x):
-          pick = lambda a: jax.lax.dynamic_index_in_dim(a, layer // every, keepdims=False)
+          pick = lambda a: jax.lax.dynamic_index_in_dim(a, (layer - first) // every, keepdims=False)
           return gated_xattn.gated_xattn_block(
             jax.tree.map(pick, p_x), x, pick(media_k), pick(media_v), xmask, self.xcfg, dtype
           )
 
-        x = jax.lax.cond(layer % every == 0, block, lambda x: x, x)
+        has_block = (layer % every == 0) if not first else (layer >= first) & ((layer - first) % every == 0)
+        x = jax.lax.cond(has_block, block, lambda x: x, x)
       return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
 
     kv = (cache.k, cache.v) if cache is not None else None

@@ -24,12 +24,12 @@ IMAGE_ID = V
 R, DR = 4, 24  # visual tokens per media item, media width
 
 
-def _xattn(every):
-  return gated_xattn.XAttnConfig(every=every, num_heads=2, head_dim=16, ffw_mult=4, media_dim=DR)
+def _xattn(every, first=0):
+  return gated_xattn.XAttnConfig(every=every, first=first, num_heads=2, head_dim=16, ffw_mult=4, media_dim=DR)
 
 
-def _transform(every=2, lm_cfg=LM, remat="none"):
-  xcfg = _xattn(every)
+def _transform(every=2, lm_cfg=LM, remat="none", first=0):
+  xcfg = _xattn(every, first)
 
   def fwd(tokens, visual=None, media_index=None, token_mask=None, cache=None, lm_only=False):
     return lm_lib.DecoderLM(lm_cfg, xcfg, remat=remat, name="lm")(
@@ -250,12 +250,13 @@ def test_remat_gives_the_same_logits_and_gradients(remat_reference, remat):
   assert np.abs(np.asarray(grads["lm/gated_xattn"]["attn_gate"])).max() > 0
 
 
-@pytest.mark.parametrize("every", [2, 5])
-def test_grouped_and_flat_layer_scans_give_the_same_logits_and_cache(monkeypatch, every):
-  """Cached calls (decoding) may run the flat scan, others the grouped one: the same function."""
-  params = _random_params(_transform(every), seed=3)
+@pytest.mark.parametrize("every, first", [(2, 0), (5, 0), (2, 1), (4, 3)])
+def test_grouped_and_flat_layer_scans_give_the_same_logits_and_cache(monkeypatch, every, first):
+  """Cached calls (decoding) may run the flat scan, others the grouped one: the same function, with
+  the paper's placement (first 0) and OpenFlamingo's (first = every - 1: plain layers first)."""
+  params = _random_params(_transform(every, first=first), seed=3)
   visual = _visual(1, 2)
-  xcfg = _xattn(every)
+  xcfg = _xattn(every, first)
   outputs = []
   for min_tokens in (0, 10**9):  # always grouped (unrolled), always flat when cached
     monkeypatch.setattr(lm_lib, "UNROLL_MIN_TOKENS", min_tokens)
@@ -269,3 +270,13 @@ def test_grouped_and_flat_layer_scans_give_the_same_logits_and_cache(monkeypatch
     )
     outputs.append(fwd.apply(params, OTHER, visual, _phi(OTHER), cache))
   chex.assert_trees_all_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("every, first, blocks", [(2, 0, 3), (2, 1, 2), (4, 3, 1), (1, 0, 5)])
+def test_block_count_and_placement(every, first, blocks):
+  """Blocks before layers first, first + every, ...: the first `first` layers see no images."""
+  assert gated_xattn.num_xattn_blocks(LM.num_layers, every, first) == blocks
+  params = _random_params(_transform(every, first=first), seed=4)
+  assert params["lm/gated_xattn"]["attn_gate"].shape == (blocks,)
+  with pytest.raises(ValueError, match="first must be in"):
+    _xattn(every, every)
