@@ -1,4 +1,5 @@
-"""Hugging Face Llama-family checkpoints (Llama, SmolLM, Mistral-like) <-> project LM params.
+"""Hugging Face Llama-family checkpoints (Llama, SmolLM, Mistral-like) <-> project LM params, and MPT
+checkpoints (`MptForCausalLM`: OpenFlamingo v2's language models) -> project LM params.
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or the shards listed
 in `model.safetensors.index.json` (`{"metadata": {...}, "weight_map": {tensor: file}}`). Only
@@ -19,7 +20,7 @@ from flamingo_jax.convert import names
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_MODEL_TYPES = ("llama", "mistral")
+_MODEL_TYPES = ("llama", "mistral", "mpt")
 
 
 def _require(hf: dict, key: str, path: str):
@@ -38,6 +39,8 @@ def config_from_hf(hf: dict, path: str) -> dict:
   model_type = hf.get("model_type")
   if model_type not in _MODEL_TYPES:
     raise ValueError(f"{path}: model_type {model_type!r} is not supported ({_MODEL_TYPES})")
+  if model_type == "mpt":
+    return _mpt_config(hf, path)
   act = hf.get("hidden_act", "silu")
   if act not in ("silu", "swish"):
     raise ValueError(f"{path}: hidden_act {act!r} is not supported (SwiGLU needs silu)")
@@ -74,6 +77,41 @@ def config_from_hf(hf: dict, path: str) -> dict:
     # transformers' LlamaConfig/MistralConfig default: untied.
     "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
     "max_seq_len": max_len,
+  }
+
+
+def _mpt_config(hf: dict, path: str) -> dict:
+  """MPT (`MptForCausalLM`): ALiBi, fused Wqkv, LayerNorm without bias, exact-GELU MLP, tied
+  embeddings. Raises naming a field whose value the project LM does not implement."""
+  attn = hf.get("attn_config") or {}
+  # (field, its value (transformers' default when absent), the one value implemented here)
+  fields = (
+    ("no_bias", hf.get("no_bias", True), True),
+    ("attn_config.alibi", attn.get("alibi", True), True),
+    ("attn_config.qk_ln", attn.get("qk_ln", False), False),
+    ("attn_config.clip_qkv", attn.get("clip_qkv"), None),
+    ("attn_config.softmax_scale", attn.get("softmax_scale"), None),
+  )
+  for key, value, implemented in fields:
+    if value != implemented:
+      raise ValueError(f"{path}: {key}={value!r} is not supported (only {implemented!r})")
+  dim, num_heads = int(_require(hf, "d_model", path)), int(_require(hf, "n_heads", path))
+  return {
+    "vocab_size": int(_require(hf, "vocab_size", path)),
+    "dim": dim,
+    "num_layers": int(_require(hf, "n_layers", path)),
+    "num_heads": num_heads,
+    "num_kv_heads": num_heads,
+    "head_dim": dim // num_heads,
+    "ffw_hidden": int(hf.get("expansion_ratio", 4) * dim),
+    "mlp": "gelu_exact",
+    "norm": "layer_nobias",
+    "norm_eps": float(hf.get("layer_norm_epsilon", 1e-5)),
+    "position": "alibi",
+    "alibi_bias_max": float(attn.get("alibi_bias_max", 8)),
+    "rope_theta": 10000.0,  # unused with ALiBi
+    "tie_embeddings": True,  # MptForCausalLM ties lm_head to wte
+    "max_seq_len": int(_require(hf, "max_seq_len", path)),
   }
 
 
@@ -152,7 +190,9 @@ def load_hf_lm(directory: str, dtype=np.float32) -> tuple[dict, dict]:
   directory = str(directory)
   config_path = os.path.join(directory, CONFIG_FILE)
   with open(config_path) as f:
-    config = config_from_hf(json.load(f), config_path)
+    hf = json.load(f)
+  config = config_from_hf(hf, config_path)
+  table = names.MPT_TABLE if hf["model_type"] == "mpt" else names.HF_TABLE
   files = _weight_files(directory)
   with contextlib.ExitStack() as stack:
     handles = {}
@@ -163,7 +203,7 @@ def load_hf_lm(directory: str, dtype=np.float32) -> tuple[dict, dict]:
         handles[path] = stack.enter_context(safe_open(path, framework="np"))
       return handles[path].get_tensor(name)
 
-    params = names.convert(names.HF_TABLE, files, read, config, dtype, directory)
+    params = names.convert(table, files, read, config, dtype, directory)
   return config, params
 
 

@@ -101,12 +101,31 @@ HF_TABLE = (
 )
 
 
+# Hugging Face MPT (`MptForCausalLM`). Wqkv fuses q, k and v along its output rows ([3D, D]); the
+# LayerNorms have no bias; lm_head is tied to wte (absent from the files).
+_MPT = "transformer.blocks.{i}."
+MPT_TABLE = (
+  Entry("transformer.wte.weight", EMBED, "embeddings", "copy", ("V", "D")),
+  Entry(_MPT + "norm_1.weight", LAYERS, "attn_norm", "copy", ("D",)),
+  *(
+    Entry(_MPT + "attn.Wqkv.weight", LAYERS, n, f"split_{j}", ("D", "Q"), source_shape=("3Q", "D"))
+    for j, n in enumerate("qkv")
+  ),
+  Entry(_MPT + "attn.out_proj.weight", LAYERS, "o", "transpose", ("Q", "D")),
+  Entry(_MPT + "norm_2.weight", LAYERS, "mlp_norm", "copy", ("D",)),
+  Entry(_MPT + "ffn.up_proj.weight", LAYERS, "up", "transpose", ("D", "F")),
+  Entry(_MPT + "ffn.down_proj.weight", LAYERS, "down", "transpose", ("F", "D")),
+  Entry("transformer.norm_f.weight", FINAL_NORM, "scale", "copy", ("D",)),
+)
+
+
 def dims(config: dict) -> dict[str, int]:
   """The letters of `Entry.shape` for an LM config dict."""
   return {
     "V": config["vocab_size"],
     "D": config["dim"],
     "Q": config["num_heads"] * config["head_dim"],
+    "3Q": 3 * config["num_heads"] * config["head_dim"],
     "K": config["num_kv_heads"] * config["head_dim"],
     "F": config["ffw_hidden"],
   }

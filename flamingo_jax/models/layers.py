@@ -8,6 +8,7 @@ Numerics: every matmul takes its inputs in the compute dtype (bf16 or fp32) and 
 residual stream stay in fp32.
 """
 
+import math
 from collections.abc import Callable
 
 import haiku as hk
@@ -67,10 +68,29 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
+def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> Array:
+  """[H] ALiBi slopes as MPT computes them: 2^(-bias_max * h / H') for h = 1..H' (H' the next power of
+  two), then, when H' > H, the odd-indexed slopes followed by the even ones, first H kept."""
+  power = 2 ** math.ceil(math.log2(num_heads))
+  slopes = 1.0 / 2.0 ** (jnp.arange(1, power + 1, dtype=jnp.float32) * (bias_max / power))
+  if power != num_heads:
+    slopes = jnp.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+  return slopes
+
+
+def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array) -> Array:
+  """[B, H, T, S] additive logits slope_h * (key position - query position): -slope per token of
+  distance back (MPT's bias up to a per-query constant, which softmax ignores).
+  query_positions: int [B, T]; key_positions: int [B, S]."""
+  distance = (key_positions[:, None, :] - query_positions[:, :, None]).astype(jnp.float32)
+  return slopes[None, :, None, None] * distance[:, None, :, :]
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, dtype, bias: Array | None = None) -> Array:
   """Multi-head attention with grouped K/V heads and exact zeros for fully masked rows.
 
-  q: [B, T, Hq, dh]; k: [B, S, Hkv, dh]; v: [B, S, Hkv, dv]; mask: [B, T, S] bool (True = may attend).
+  q: [B, T, Hq, dh]; k: [B, S, Hkv, dh]; v: [B, S, Hkv, dv]; mask: [B, T, S] bool (True = may attend);
+  bias: None or fp32 [B, Hq, T, S] added to the logits (ALiBi).
   Hq must be a multiple of Hkv. Softmax in fp32. A query row with no allowed key returns exactly 0 (a
   softmax over an all-masked row would otherwise average all values).
   Returns [B, T, Hq, dv] in fp32.
@@ -81,6 +101,8 @@ def attention(q: Array, k: Array, v: Array, mask: Array, dtype) -> Array:
   q = q.reshape(b, t, hkv, groups, dh).astype(dtype)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32)
   logits = logits * (dh**-0.5)
+  if bias is not None:
+    logits = logits + bias.reshape(b, hkv, groups, t, bias.shape[-1])
   allowed = mask[:, None, None, :, :]
   logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)

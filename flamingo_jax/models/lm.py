@@ -18,8 +18,6 @@ Two LM families: Llama (RMSNorm, RoPE, grouped-query attention, SwiGLU; SmolLM2)
 Chinchilla-style GELU MLP with LayerNorm (3B/9B/80B sizes; RoPE stands in for its relative positions).
 """
 
-import dataclasses
-
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -27,33 +25,15 @@ import jax.numpy as jnp
 from flamingo_jax.models import gated_xattn, layers
 from flamingo_jax.models.gated_xattn import num_xattn_blocks
 from flamingo_jax.models.kv_cache import KVCache
-
-
-@dataclasses.dataclass(frozen=True)
-class LMConfig:
-  vocab_size: int = 49152  # V, the original vocabulary
-  dim: int = 576
-  num_layers: int = 30
-  num_heads: int = 9
-  num_kv_heads: int = 3
-  head_dim: int = 64
-  ffw_hidden: int = 1536
-  mlp: str = "swiglu"  # 'swiglu' | 'gelu'
-  norm: str = "rms"  # 'rms' | 'layer'
-  norm_eps: float = 1e-5
-  rope_theta: float = 100000.0
-  tie_embeddings: bool = True
-  max_seq_len: int = 8192
-  num_extra_tokens: int = 2  # E: <image> = V, <EOC> = V+1
-
-  @classmethod
-  def from_dict(cls, d) -> "LMConfig":
-    d = dict(d)
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise KeyError(f"Unknown LM config keys: {sorted(unknown)}")
-    return cls(**d)
-
+from flamingo_jax.models.lm_layers import (  # noqa: F401  (LMConfig: the LM's config, re-exported)
+  LMConfig,
+  Position,
+  decoder_layer,
+  embeddings,
+  final_norm,
+  layer_params,
+  output_weights,
+)
 
 # The residual stream [B, T, D] is placed by these logical axes at the input and output of every
 # decoder layer and xattn block (the training set-up maps them to mesh axes; without it, on meshes
@@ -62,96 +42,6 @@ RESIDUAL_AXES = ("batch", "length", "embed")
 
 # Cached calls (decoding) below this many tokens (B*T) run one flat scan (module docstring); never training:
 UNROLL_MIN_TOKENS = 256  # a gradient through a scan's dynamic weight slices is several times slower there
-
-
-def _decoder_layer(p: dict, x, cos, sin, mask, cfg: LMConfig, dtype, cache_kv=None, index=None):
-  """One pre-norm decoder layer. x: [B, T, D] fp32; mask: [B, T, S] where S = T, or the cache length.
-
-  With `cache_kv = (k, v)` [B, S, Hkv, dh], this step's K/V are written at slot `index` and attention runs
-  over the whole cache. Returns (x, (k, v) or None).
-  """
-  b, t, _ = x.shape
-  if cfg.norm == "rms":
-    h = layers.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-  else:
-    h = layers.layer_norm(x, p["attn_norm"], p["attn_norm_bias"], cfg.norm_eps)
-  q = layers.matmul(h, p["q"], dtype).reshape(b, t, cfg.num_heads, cfg.head_dim)
-  k = layers.matmul(h, p["k"], dtype).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-  v = layers.matmul(h, p["v"], dtype).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-  q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-  new_kv = None
-  if cache_kv is not None:
-    ck, cv = cache_kv
-    k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
-    new_kv = (k, v)
-  attn = layers.attention(q, k, v, mask, dtype).reshape(b, t, -1)
-  x = x + layers.matmul(attn, p["o"], dtype)
-  if cfg.norm == "rms":
-    h = layers.rms_norm(x, p["mlp_norm"], cfg.norm_eps)
-  else:
-    h = layers.layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], cfg.norm_eps)
-  if cfg.mlp == "swiglu":
-    x = x + layers.swiglu_mlp(h, p["gate"], p["up"], p["down"], dtype)
-  else:
-    x = x + layers.mlp(h, p["up"], p["down"], "gelu_tanh", dtype)
-  return x, new_kv
-
-
-def _layer_params(c: LMConfig) -> dict:
-  """The stacked decoder-layer params (`lm/layers`), [L, ...] each."""
-  n = c.num_layers
-  init = layers.truncated_normal_init
-  qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-  with hk.experimental.name_scope("layers"):
-    get = hk.get_parameter
-    p = {
-      "attn_norm": get("attn_norm", [n, c.dim], init=jnp.ones),
-      "q": get("q", [n, c.dim, qd], init=init(c.dim)),
-      "k": get("k", [n, c.dim, kvd], init=init(c.dim)),
-      "v": get("v", [n, c.dim, kvd], init=init(c.dim)),
-      "o": get("o", [n, qd, c.dim], init=init(qd)),
-      "mlp_norm": get("mlp_norm", [n, c.dim], init=jnp.ones),
-      "up": get("up", [n, c.dim, c.ffw_hidden], init=init(c.dim)),
-      "down": get("down", [n, c.ffw_hidden, c.dim], init=init(c.ffw_hidden)),
-    }
-    if c.mlp == "swiglu":
-      p["gate"] = get("gate", [n, c.dim, c.ffw_hidden], init=init(c.dim))
-    if c.norm == "layer":
-      p["attn_norm_bias"] = get("attn_norm_bias", [n, c.dim], init=jnp.zeros)
-      p["mlp_norm_bias"] = get("mlp_norm_bias", [n, c.dim], init=jnp.zeros)
-  return p
-
-
-def _embeddings(c: LMConfig):
-  """Frozen table [V, D] and trainable extra rows [E, D]."""
-  with hk.experimental.name_scope("embed"):
-    table = hk.get_parameter("embeddings", [c.vocab_size, c.dim], init=hk.initializers.TruncatedNormal(1.0))
-  with hk.experimental.name_scope("extra_embed"):
-    extra = hk.get_parameter(
-      "embeddings", [c.num_extra_tokens, c.dim], init=hk.initializers.TruncatedNormal(0.02)
-    )
-  return table, extra
-
-
-def _output_weights(c: LMConfig, table, extra):
-  """[D, V] and [D, E] output projections (the embedding rows when tied)."""
-  if c.tie_embeddings:
-    return table.T, extra.T
-  with hk.experimental.name_scope("unembed"):
-    w = hk.get_parameter("w", [c.dim, c.vocab_size], init=layers.truncated_normal_init(c.dim))
-  with hk.experimental.name_scope("extra_unembed"):
-    w_extra = hk.get_parameter("w", [c.dim, c.num_extra_tokens], init=layers.truncated_normal_init(c.dim))
-  return w, w_extra
-
-
-def _final_norm(c: LMConfig, x):
-  with hk.experimental.name_scope("final_norm"):
-    scale = hk.get_parameter("scale", [c.dim], init=jnp.ones)
-    if c.norm == "rms":
-      return layers.rms_norm(x, scale, c.norm_eps)
-    bias = hk.get_parameter("bias", [c.dim], init=jnp.zeros)
-    return layers.layer_norm(x, scale, bias, c.norm_eps)
 
 
 class DecoderLM(hk.Module):
@@ -203,8 +93,8 @@ class DecoderLM(hk.Module):
     b, t = tokens.shape
     if token_mask is None:
       token_mask = jnp.ones((b, t), bool)
-    table, extra = _embeddings(c)
-    p_layers = _layer_params(c)
+    table, extra = embeddings(c)
+    p_layers = layer_params(c)
     use_xattn = self.num_blocks > 0 and not lm_only
     p_x = gated_xattn.GatedXAttnParams(self.xcfg, c.dim, self.num_blocks)() if self.num_blocks else None
 
@@ -228,7 +118,12 @@ class DecoderLM(hk.Module):
       slots = jnp.arange(valid.shape[1])
       query_slots = index + jnp.arange(t)
       self_mask = (slots[None, None, :] <= query_slots[None, :, None]) & valid[:, None, :]
-    cos, sin = layers.rope_angles(positions, c.head_dim, c.rope_theta)
+    if c.position == "rope":
+      pos = Position(*layers.rope_angles(positions, c.head_dim, c.rope_theta), None)
+    else:  # ALiBi: a key's position is the count of valid slots before it
+      key_positions = positions if cache is None else jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1
+      slopes = layers.alibi_slopes(c.num_heads, c.alibi_bias_max)
+      pos = Position(None, None, layers.alibi_bias(slopes, positions, key_positions))
 
     media_k = media_v = xmask = None
     if use_xattn:
@@ -253,10 +148,10 @@ class DecoderLM(hk.Module):
         xmask = gated_xattn.xattn_mask(media_index, owner, self.xcfg.media_attention == "all_previous")
 
     x, new_kv = self._run_layers(
-      x, p_layers, p_x if use_xattn else None, cos, sin, self_mask, media_k, media_v, xmask, cache, index
+      x, p_layers, p_x if use_xattn else None, pos, self_mask, media_k, media_v, xmask, cache, index
     )
-    h = _final_norm(c, x)
-    w_out, w_extra = _output_weights(c, table, extra)
+    h = final_norm(c, x)
+    w_out, w_extra = output_weights(c, table, extra)
     logits = jnp.concatenate([layers.matmul(h, w_out, dtype), layers.matmul(h, w_extra, dtype)], axis=-1)
 
     new_cache = None
@@ -277,7 +172,7 @@ class DecoderLM(hk.Module):
     return logits, new_cache
 
   # ------------------------------------------------------------------------------------------ layers
-  def _run_layers(self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index):
+  def _run_layers(self, x, p_layers, p_x, pos, self_mask, media_k, media_v, xmask, cache, index):
     """Scan over groups of (xattn block, `every` layers). Returns (x, (k, v) stacked [L, ...] or None).
 
     Long: the grouped scan over (xattn block, layers) with its cache plumbing.
@@ -289,7 +184,7 @@ class DecoderLM(hk.Module):
     use_cache = cache is not None
     if cache is not None and x.shape[0] * x.shape[1] < UNROLL_MIN_TOKENS:  # static: decoding steps
       return self._run_layers_flat(
-        x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every, first
+        x, p_layers, p_x, pos, self_mask, media_k, media_v, xmask, cache, index, every, first
       )
 
     residual = lambda x: self.constrain(x, RESIDUAL_AXES)
@@ -301,7 +196,7 @@ class DecoderLM(hk.Module):
 
       def layer_fn(x, layer_xs):
         p_layer, kv = layer_xs
-        x, kv = _decoder_layer(p_layer, residual(x), cos, sin, self_mask, c, dtype, kv, index)
+        x, kv = decoder_layer(p_layer, residual(x), pos, self_mask, c, dtype, kv, index)
         return residual(x), kv
 
       return jax.lax.scan(layer_fn, x, (p_group, kv_group), unroll=True)
@@ -363,7 +258,7 @@ class DecoderLM(hk.Module):
     return jax.checkpoint(fn, policy=policy)
 
   def _run_layers_flat(
-    self, x, p_layers, p_x, cos, sin, self_mask, media_k, media_v, xmask, cache, index, every, first
+    self, x, p_layers, p_x, pos, self_mask, media_k, media_v, xmask, cache, index, every, first
   ):
     """One `lax.scan` over the L layers; block (l - first) // every runs before layer l when
     l >= first and (l - first) % every == 0.
@@ -384,7 +279,7 @@ class DecoderLM(hk.Module):
 
         has_block = (layer % every == 0) if not first else (layer >= first) & ((layer - first) % every == 0)
         x = jax.lax.cond(has_block, block, lambda x: x, x)
-      return _decoder_layer(p_layer, x, cos, sin, self_mask, c, dtype, kv, index)
+      return decoder_layer(p_layer, x, pos, self_mask, c, dtype, kv, index)
 
     kv = (cache.k, cache.v) if cache is not None else None
     return jax.lax.scan(self._maybe_remat(layer_fn), x, (jnp.arange(c.num_layers), p_layers, kv))
