@@ -146,7 +146,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       size=size,
       vision_variant=s["vision_variant"],
       image_size=s["image_size"],
-      lm=dict(s["lm"], num_extra_tokens=2),
+      lm=dict(s["lm"], position="rope", alibi_bias_max=8.0, num_extra_tokens=2),  # MPT: alibi
       # Ablation switches (gating, media_attention, kind) and the public checkpoints' flavours
       # (ffw_activation 'gelu': OpenFlamingo).
       xattn=dict(s["xattn"], first=0, gating="tanh", media_attention="last", ffw_activation="squared_relu"),
