@@ -44,7 +44,7 @@ class Entry:
     module: project module path ('lm/embed', 'lm/layers', ...).
     name: parameter name inside `module`.
     transform: 'copy' | 'transpose' | 'unpermute_q' | 'unpermute_k' | 'conv' | 'scalar' |
-      'split_0' .. 'split_2' | 'half_0', 'half_1' (see `to_project`).
+      'vector_gate' | 'split_0' .. 'split_2' | 'half_0', 'half_1' (see `to_project`).
     shape: project shape as letters of `dims(config)` (no leading layer axis).
     untied_only: the tensor exists only when the output embedding is untied.
     source_shape: the source's shape as letters, where it is not the project's (transposed for
@@ -158,6 +158,8 @@ def source_shape(entry: Entry, config: dict, letters: dict | None = None) -> tup
     return (shape[3], shape[2], shape[0], shape[1])
   if entry.transform == "scalar":
     return (1,)
+  if entry.transform == "vector_gate":
+    return (1, 1, shape[0])
   return shape if entry.transform == "copy" else shape[::-1]
 
 
@@ -201,6 +203,8 @@ def to_project(entry: Entry, w: np.ndarray, config: dict) -> np.ndarray:
     return w.transpose(2, 3, 1, 0)
   if entry.transform == "scalar":  # a torch Parameter of shape [1] -> a scalar
     return w.reshape(())
+  if entry.transform == "vector_gate":  # IDEFICS's per-channel alpha [1, 1, D] -> [D]
+    return w.reshape(-1)
   if entry.transform.startswith(("split_", "half_")):  # part j of 3 (2) fused along the output axis
     parts = 3 if entry.transform.startswith("split_") else 2
     part = np.split(w, parts, axis=0)[int(entry.transform[-1])]

@@ -149,7 +149,19 @@ def model_config(size: str) -> ml_collections.ConfigDict:
       lm=dict(s["lm"], position="rope", alibi_bias_max=8.0, num_extra_tokens=2),  # MPT: alibi
       # Ablation switches (gating, media_attention, kind) and the public checkpoints' flavours
       # (ffw_activation 'gelu': OpenFlamingo).
-      xattn=dict(s["xattn"], first=0, gating="tanh", media_attention="last", ffw_activation="squared_relu"),
+      xattn=dict(
+        s["xattn"],
+        first=0,
+        gating="tanh",
+        media_attention="last",
+        ffw_activation="squared_relu",
+        norm="layer",
+        norm_eps=1e-5,
+        ffw="mlp",
+        ffw_hidden=0,
+        qk_norm=False,
+        gate_shape="scalar",
+      ),
       resampler=dict(s["resampler"], kind="perceiver", ffw_activation="squared_relu"),
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
