@@ -68,10 +68,11 @@ LM_RULES = (
   (r"lm/layers/(o|down)", _STACKED_OUT_IN),  # [L, Hq*dh | F, D]
   (r"lm/layers/(attn_norm|attn_norm_bias|mlp_norm|mlp_norm_bias)", P()),  # [L, D]
   (r"lm/final_norm/(scale|bias)", P()),  # [D]
-  (r"lm/gated_xattn/(q|k|v|ffw_in)", _STACKED_IN_OUT),  # [X, D | Dr, H*dh | M*D]
-  (r"lm/gated_xattn/(o|ffw_out)", _STACKED_OUT_IN),  # [X, H*dh | M*D, D]
-  (r"lm/gated_xattn/(attn_gate|ffw_gate)", P()),  # [X]
+  (r"lm/gated_xattn/(q|k|v|ffw_in|ffw_gate_in)", _STACKED_IN_OUT),  # [X, D | Dr, H*dh | F]
+  (r"lm/gated_xattn/(o|ffw_out)", _STACKED_OUT_IN),  # [X, H*dh | F, D]
+  (r"lm/gated_xattn/(attn_gate|ffw_gate)", P()),  # [X], or [X, D] per channel (IDEFICS)
   (r"lm/gated_xattn/(attn_norm|ffw_norm)_(scale|bias)", P()),  # [X, D]
+  (r"lm/gated_xattn/(q_norm|k_norm)", P()),  # [X, dh] (IDEFICS's qk norms)
 )
 RESAMPLER_RULES = (
   (rf"perceiver_resampler/(.*/)?{_VECTOR}", P()),

@@ -337,3 +337,23 @@ def test_the_model_places_its_residual_stream_by_the_constraint_it_is_given(mesh
   assert seen and {axes for _, axes in seen} == {lm.RESIDUAL_AXES}
   assert {shape for shape, _ in seen} == {(8, 6, cfg.lm.dim)}
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_the_public_checkpoints_flavours_are_claimed_by_the_rules(mesh):
+  """A CLIP ViT, IDEFICS's xattn flavour (per-channel gates, qk norms, SwiGLU): every parameter is
+  placed by the Flamingo rules and claimed once by the trainable / frozen rules."""
+  from configs import flamingo as flamingo_config  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.train import trainable  # pylint: disable=g-import-not-at-top
+
+  cfg = flamingo.model_config("tiny")
+  with cfg.unlocked():
+    cfg.vision_variant = "ViT-test"
+    cfg.xattn.update(norm="rms", ffw="swiglu", ffw_hidden=48, qk_norm=True, gate_shape="vector")
+  model = flamingo.make_model(cfg)
+  images = jnp.zeros((1, 1, 1, 32, 32, 3))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, jnp.zeros((1, 8), jnp.int32))
+  assert {"q_norm", "k_norm", "ffw_gate_in"} <= set(shapes["lm/gated_xattn"])
+  assert shapes["lm/gated_xattn"]["attn_gate"].shape[-1] == cfg.lm.dim
+  sharding.partition_specs(shapes, "flamingo", mesh, fallback="replicate")
+  trainable.check_claims(shapes, flamingo_config.TRAINABLE, flamingo_config.FROZEN)
