@@ -280,6 +280,13 @@ def convert(table, source_names, read, config: dict, dtype, source: str, letters
   return params
 
 
+def convert_tensors(table, tensors: dict, *, num_layers: int, letters: dict, dtype, source: str) -> dict:
+  """`convert` for a tower other than the LM, from tensors in memory: `{i}` runs over `num_layers`
+  (layers or blocks) and the shapes come from `letters`."""
+  config = {"num_layers": num_layers, "tie_embeddings": False}
+  return convert(table, tensors, tensors.__getitem__, config, dtype, source, letters=letters)
+
+
 def to_source_tensors(table, params: dict, config: dict) -> dict[str, np.ndarray]:
   """Inverse of `convert`: project params -> `{source name: source array}`.
 

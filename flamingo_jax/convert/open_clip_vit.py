@@ -110,8 +110,9 @@ def convert_vision(
   """
   v = clip_vit.variant(variant_name)
   tensors = vision_tensors(state)
-  config = {"num_layers": v.layers, "tie_embeddings": False}
-  return names.convert(TABLE, tensors, tensors.__getitem__, config, dtype, source, letters=letters(v))
+  return names.convert_tensors(
+    TABLE, tensors, num_layers=v.layers, letters=letters(v), dtype=dtype, source=source
+  )
 
 
 def load_open_clip_vision(path: str, variant_name: str, dtype=np.float32) -> dict:

@@ -70,9 +70,8 @@ def convert_resampler(
 ) -> dict:
   """OpenFlamingo `perceiver.*` tensors -> the project's `perceiver_resampler` params."""
   letters = {"R": num_latents, "Dr": dim, "I": inner, "2I": 2 * inner, "F": ffw_mult * dim}
-  config = {"num_layers": depth, "tie_embeddings": False}
-  params = names.convert(
-    RESAMPLER_TABLE, tensors, tensors.__getitem__, config, dtype, source, letters=letters
+  params = names.convert_tensors(
+    RESAMPLER_TABLE, tensors, num_layers=depth, letters=letters, dtype=dtype, source=source
   )
   params[_RS]["temporal_embed"] = np.zeros((max_frames, dim), dtype)  # OpenFlamingo has none
   return params
@@ -92,5 +91,6 @@ def convert_xattn(
   """OpenFlamingo `gated_cross_attn_layers.{i}.*` tensors (i = 0 .. num_blocks-1) -> `lm/gated_xattn`
   params, stacked [X, ...]."""
   letters = {"D": dim, "Dr": media_dim, "I": inner, "2I": 2 * inner, "F": ffw_mult * dim}
-  config = {"num_layers": num_blocks, "tie_embeddings": False}
-  return names.convert(XATTN_TABLE, tensors, tensors.__getitem__, config, dtype, source, letters=letters)
+  return names.convert_tensors(
+    XATTN_TABLE, tensors, num_layers=num_blocks, letters=letters, dtype=dtype, source=source
+  )

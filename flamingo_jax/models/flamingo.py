@@ -162,7 +162,7 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         qk_norm=False,
         gate_shape="scalar",
       ),
-      resampler=dict(s["resampler"], kind="perceiver", ffw_activation="squared_relu"),
+      resampler=dict(s["resampler"], kind="perceiver", ffw_activation="squared_relu", qk_norm=False),
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
       scan_unroll=1,  # layer groups per scan iteration (>= number of groups: fully unrolled)

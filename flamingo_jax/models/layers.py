@@ -120,11 +120,13 @@ def swiglu_mlp(x: Array, gate: Array, up: Array, down: Array, dtype) -> Array:
   return matmul(h, down, dtype)
 
 
-# The MLP activations by name: the paper's resampler and xattn FFW ('squared_relu'), its
+# The MLP activations by name: the paper's resampler and xattn FFW ('squared_relu'; IDEFICS's
+# resampler: 'relu'), its
 # Chinchilla-family LM ('gelu_tanh'), torch's nn.GELU() ('gelu': OpenFlamingo, OpenCLIP's LAION
 # towers, the BERT-style text tower) and OpenAI CLIP's 'quick_gelu'.
 ACTIVATIONS = {
   "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+  "relu": jax.nn.relu,
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),
   "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
   "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

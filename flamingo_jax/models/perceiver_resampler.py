@@ -35,7 +35,8 @@ class ResamplerConfig:
   ffw_mult: int = 4
   max_frames: int = 8  # temporal embeddings learned (frames used in training)
   kind: str = "perceiver"  # 'perceiver' (the paper) | 'mlp' | 'transformer' (ablations)
-  ffw_activation: str = "squared_relu"  # the paper's; 'gelu' in OpenFlamingo's resampler
+  ffw_activation: str = "squared_relu"  # the paper's; 'gelu' in OpenFlamingo's, 'relu' in IDEFICS's
+  qk_norm: bool = False  # IDEFICS: LayerNorm on each head's q and k
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -126,8 +127,12 @@ class _ResamplerLayer(hk.Module):
     k = layers.matmul(kv_in, get("k", [c.dim, inner], init=init(c.dim)), dtype)
     v = layers.matmul(kv_in, get("v", [c.dim, inner], init=init(c.dim)), dtype)
     split = lambda a: a.reshape(a.shape[0], a.shape[1], c.num_heads, c.head_dim)
+    q, k, v = split(q), split(k), split(v)
+    if c.qk_norm:  # IDEFICS's qk_layer_norms_perceiver: a LayerNorm over each head's q and k
+      q = hk.LayerNorm(-1, True, True, name="q_norm")(q)
+      k = hk.LayerNorm(-1, True, True, name="k_norm")(k)
     mask = jnp.ones((bp, r, kv_in.shape[1]), bool)
-    attn = layers.attention(split(q), split(k), split(v), mask, dtype).reshape(bp, r, inner)
+    attn = layers.attention(q, k, v, mask, dtype).reshape(bp, r, inner)
     latents = latents + layers.matmul(attn, get("o", [inner, c.dim], init=init(inner)), dtype)
     return _ffw(c, latents, dtype)
 

@@ -1,7 +1,9 @@
-"""IDEFICS's GATED XATTN-DENSE block (transformers' IdeficsGatedCrossAttentionLayer), converted, against
-transformers itself: the project's block in its IDEFICS flavour (RMSNorm, SwiGLU, q/k RMSNorm, float or
-per-channel alphas), with tokens that see no image."""
+"""IDEFICS's GATED XATTN-DENSE block (transformers' IdeficsGatedCrossAttentionLayer) and resampler
+(IdeficsPerceiverResampler), converted, against transformers itself: the project's modules in their
+IDEFICS flavours (block: RMSNorm, SwiGLU, q/k RMSNorm, float or per-channel alphas, tokens that see no
+image; resampler: ReLU MLP, optional q/k LayerNorms)."""
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ import pytest
 
 from flamingo_jax.convert import idefics, open_clip_vit
 from flamingo_jax.models import gated_xattn
+from flamingo_jax.models import perceiver_resampler as resampler_lib
 
 D, HEADS, F, DV, N, R = 32, 4, 48, 16, 3, 4
 
@@ -46,3 +49,26 @@ def test_block_matches_transformers(run_reference, tmp_path, alpha_type, qk_norm
   block = jax.tree.map(lambda a: a[0], params)
   y = gated_xattn.gated_xattn_block(block, jnp.asarray(load("x")), k[0], v[0], mask, cfg, jnp.float32)
   np.testing.assert_allclose(y, load("y"), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_resampler_matches_transformers(run_reference, tmp_path, qk_norm):
+  run_reference("make_idefics_resampler.py", tmp_path, int(qk_norm))
+  tensors = open_clip_vit.read_state_dict(str(tmp_path / "tensors.safetensors"))
+  params = idefics.convert_resampler(
+    tensors, dim=16, depth=2, num_latents=4, num_heads=2, head_dim=8, qk_norm=qk_norm, max_frames=1
+  )
+  cfg = resampler_lib.ResamplerConfig(
+    dim=16,
+    depth=2,
+    num_latents=4,
+    num_heads=2,
+    head_dim=8,
+    max_frames=1,
+    ffw_activation="relu",
+    qk_norm=qk_norm,
+  )
+  resample = hk.without_apply_rng(hk.transform(lambda f: resampler_lib.PerceiverResampler(cfg)(f)))
+  context = np.load(tmp_path / "context.npy")
+  out = resample.apply(params, context[:, None, None])  # [B, N=1, F=1, S, Dv]
+  np.testing.assert_allclose(out[:, 0], np.load(tmp_path / "resampled.npy"), atol=1e-4, rtol=0)
