@@ -1,18 +1,15 @@
 """OpenCLIP / OpenAI CLIP vision towers -> the project's `ClipViT` params (`models/clip_vit.py`).
 
-Source: an open_clip state dict, as safetensors (`open_clip_model.safetensors`, read with the numpy
-API) or a `.pt` / `.bin` file (read only with `torch.load(weights_only=True)`, which refuses
-pickled code). The vision tower's tensors are those under `visual.` (a whole CLIP model; the text
+Source: an open_clip state dict, as safetensors (`open_clip_model.safetensors`) or a `.pt` / `.bin`
+file (`state_dict.read_state_dict`). The vision tower's tensors are those under `visual.` (a whole CLIP model; the text
 tower is ignored) or, when no name has that prefix, all of them (a vision tower saved alone).
 
 Shapes: D width, F MLP width, E output width, p patch, P = (S / p)^2 patches, L layers.
 """
 
-import os
-
 import numpy as np
 
-from flamingo_jax.convert import names
+from flamingo_jax.convert import names, state_dict
 from flamingo_jax.models import clip_vit
 
 PREFIX = "visual."
@@ -69,31 +66,6 @@ def letters(v: clip_vit.ViTVariant) -> dict[str, int]:
   }
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """{name: float32 array} of a safetensors or torch file; errors name the file."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  if path.endswith(".safetensors"):
-    from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-
-    try:
-      return dict(st_numpy.load_file(path))
-    except Exception as e:  # pylint: disable=broad-except  (a truncated or foreign file)
-      raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-  try:
-    import torch  # pylint: disable=g-import-not-at-top  (only for .pt/.bin sources)
-  except ImportError:
-    raise ImportError(
-      f"{path}: reading a torch file needs torch (pip install torch); safetensors does not"
-    ) from None
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except  (weights_only refuses pickled code)
-    raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({type(e).__name__}: {e})") from None
-  state = state.get("state_dict", state)
-  return {k.removeprefix("module."): v.float().numpy() for k, v in state.items()}
-
-
 def vision_tensors(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """The vision tower's tensors, named without the `visual.` prefix."""
   if any(k.startswith(PREFIX) for k in state):
@@ -117,4 +89,4 @@ def convert_vision(
 
 def load_open_clip_vision(path: str, variant_name: str, dtype=np.float32) -> dict:
   """`convert_vision` of the file at `path`."""
-  return convert_vision(read_state_dict(path), variant_name, dtype, source=path)
+  return convert_vision(state_dict.read_state_dict(path), variant_name, dtype, source=path)

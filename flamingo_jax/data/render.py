@@ -110,7 +110,7 @@ def _eager(options: preprocess.ImageOptions):
 def render_example(example: dict, options: preprocess.ImageOptions) -> dict[str, np.ndarray]:
   """An example with planned images (`preprocess.PLAN_KEYS`) -> the same with 'images' float32 [N,F,S,S,3]."""
   out = {k: v for k, v in example.items() if k not in preprocess.PLAN_KEYS}
-  data = tf.constant(example["image_data"].astype(bytes))
+  data = tf.constant(example["image_data"].tolist())  # nested lists: numpy's bytes dtype drops trailing NULs
   out["images"] = _eager(options)(data, example["image_plan"], example["image_augment"]).numpy()
   return out
 

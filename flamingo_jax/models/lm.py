@@ -205,7 +205,7 @@ class DecoderLM(hk.Module):
       """A main group: its layers are a dynamic slice of the [L, ...] stack taken inside the
       (rematerialised) group, so a backward re-reads them instead of keeping a copy."""
       p_block, g, kv_group, mk, mv = xs
-      start = g * every + first if first else g * every
+      start = first + g * every
       p_group = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, every), p_layers)
       return group_fn(x, (p_block, p_group, kv_group, mk, mv))
 
@@ -277,7 +277,7 @@ class DecoderLM(hk.Module):
             jax.tree.map(pick, p_x), x, pick(media_k), pick(media_v), xmask, self.xcfg, dtype
           )
 
-        has_block = (layer % every == 0) if not first else (layer >= first) & ((layer - first) % every == 0)
+        has_block = (layer >= first) & ((layer - first) % every == 0)
         x = jax.lax.cond(has_block, block, lambda x: x, x)
       return decoder_layer(p_layer, x, pos, self_mask, c, dtype, kv, index)
 

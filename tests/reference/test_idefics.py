@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax.convert import idefics, open_clip_vit
+from flamingo_jax.convert import idefics, state_dict
 from flamingo_jax.models import gated_xattn
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
@@ -19,7 +19,7 @@ D, HEADS, F, DV, N, R = 32, 4, 48, 16, 3, 4
 @pytest.mark.parametrize("alpha_type, qk_norm", [("vector", True), ("float", False)])
 def test_block_matches_transformers(run_reference, tmp_path, alpha_type, qk_norm):
   run_reference("make_idefics_block.py", tmp_path, alpha_type, int(qk_norm))
-  tensors = open_clip_vit.read_state_dict(str(tmp_path / "tensors.safetensors"))
+  tensors = state_dict.read_state_dict(str(tmp_path / "tensors.safetensors"))
   vector = alpha_type == "vector"
   params = idefics.convert_xattn(
     tensors,
@@ -54,7 +54,7 @@ def test_block_matches_transformers(run_reference, tmp_path, alpha_type, qk_norm
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_resampler_matches_transformers(run_reference, tmp_path, qk_norm):
   run_reference("make_idefics_resampler.py", tmp_path, int(qk_norm))
-  tensors = open_clip_vit.read_state_dict(str(tmp_path / "tensors.safetensors"))
+  tensors = state_dict.read_state_dict(str(tmp_path / "tensors.safetensors"))
   params = idefics.convert_resampler(
     tensors, dim=16, depth=2, num_latents=4, num_heads=2, head_dim=8, qk_norm=qk_norm, max_frames=1
   )

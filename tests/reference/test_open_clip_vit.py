@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from flamingo_jax.convert import open_clip_vit
+from flamingo_jax.convert import open_clip_vit, state_dict
 from flamingo_jax.models import clip_vit
 
 # (width, layers, heads, patch, image size, embed dim, quick_gelu): OpenAI's and LAION's activations.
@@ -30,7 +30,7 @@ def test_outputs_match_open_clip(run_reference, tmp_path, monkeypatch, activatio
 def test_converter_names_the_bad_tensor(run_reference, tmp_path, monkeypatch):
   width, layers, heads, patch, size, embed, quick = SHAPES["quick_gelu"]
   run_reference("make_open_clip_vit.py", tmp_path, width, layers, heads, patch, size, embed, quick)
-  state = open_clip_vit.read_state_dict(str(tmp_path / "visual.safetensors"))
+  state = state_dict.read_state_dict(str(tmp_path / "visual.safetensors"))
   monkeypatch.setitem(
     clip_vit.VARIANTS,
     "ViT-ref",
@@ -51,4 +51,4 @@ def test_converter_names_the_bad_tensor(run_reference, tmp_path, monkeypatch):
   truncated = tmp_path / "truncated.safetensors"
   truncated.write_bytes((tmp_path / "visual.safetensors").read_bytes()[:500])
   with pytest.raises(ValueError, match="truncated.safetensors"):
-    open_clip_vit.read_state_dict(str(truncated))
+    state_dict.read_state_dict(str(truncated))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.convert import open_clip_vit, open_flamingo
+from flamingo_jax.convert import open_flamingo, state_dict
 from flamingo_jax.models import gated_xattn, masking
 from flamingo_jax.models import perceiver_resampler as resampler_lib
 
@@ -16,7 +16,7 @@ DV, D, HEADS, DIM_HEAD, LATENTS, DEPTH = 16, 24, 2, 8, 4, 2
 
 def test_resampler_and_block_match_open_flamingo(run_reference, tmp_path):
   run_reference("make_open_flamingo_blocks.py", tmp_path)
-  tensors = open_clip_vit.read_state_dict(str(tmp_path / "tensors.safetensors"))
+  tensors = state_dict.read_state_dict(str(tmp_path / "tensors.safetensors"))
   load = lambda name: np.load(tmp_path / f"{name}.npy")  # noqa: E731
   inner = HEADS * DIM_HEAD
 
