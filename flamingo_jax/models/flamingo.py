@@ -137,32 +137,43 @@ SIZES = {
 
 
 def model_config(size: str) -> ml_collections.ConfigDict:
-  """The model section of a config for one of `SIZES`."""
-  if size not in SIZES:
-    raise ValueError(f"Unknown model size {size!r}; expected one of {sorted(SIZES)}.")
-  s = SIZES[size]
+  """The model section of a config for one of `SIZES` (or of the public checkpoints' `public.SIZES`)."""
+  from flamingo_jax.models import public  # pylint: disable=g-import-not-at-top  (it imports this module)
+
+  sizes = {**SIZES, **public.SIZES}
+  if size not in sizes:
+    raise ValueError(f"Unknown model size {size!r}; expected one of {sorted(sizes)}.")
+  return build_model_config(size, sizes[size])
+
+
+def build_model_config(size: str, spec: dict) -> ml_collections.ConfigDict:
+  """The model section for a size spec (a `SIZES` entry); the spec's `lm`, `xattn` and `resampler`
+  keys override the defaults below (the paper's flavour), so the converters of the public
+  checkpoints describe a model by the same dict."""
+  lm = dict(dict(position="rope", alibi_bias_max=8.0, num_extra_tokens=2), **spec["lm"])  # MPT: alibi
+  # Ablation switches (gating, media_attention, kind) and the public checkpoints' flavours
+  # (ffw_activation 'gelu': OpenFlamingo; norm 'rms', ffw 'swiglu', qk_norm, gate_shape: IDEFICS).
+  xattn_defaults = dict(
+    first=0,
+    gating="tanh",
+    media_attention="last",
+    ffw_activation="squared_relu",
+    norm="layer",
+    norm_eps=1e-5,
+    ffw="mlp",
+    ffw_hidden=0,
+    qk_norm=False,
+    gate_shape="scalar",
+  )
+  resampler_defaults = dict(kind="perceiver", ffw_activation="squared_relu", qk_norm=False)
   return ml_collections.ConfigDict(
     dict(
       size=size,
-      vision_variant=s["vision_variant"],
-      image_size=s["image_size"],
-      lm=dict(s["lm"], position="rope", alibi_bias_max=8.0, num_extra_tokens=2),  # MPT: alibi
-      # Ablation switches (gating, media_attention, kind) and the public checkpoints' flavours
-      # (ffw_activation 'gelu': OpenFlamingo).
-      xattn=dict(
-        s["xattn"],
-        first=0,
-        gating="tanh",
-        media_attention="last",
-        ffw_activation="squared_relu",
-        norm="layer",
-        norm_eps=1e-5,
-        ffw="mlp",
-        ffw_hidden=0,
-        qk_norm=False,
-        gate_shape="scalar",
-      ),
-      resampler=dict(s["resampler"], kind="perceiver", ffw_activation="squared_relu", qk_norm=False),
+      vision_variant=spec["vision_variant"],
+      image_size=spec["image_size"],
+      lm=lm,
+      xattn=dict(xattn_defaults, **spec["xattn"]),
+      resampler=dict(resampler_defaults, **spec["resampler"]),
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
       remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
       scan_unroll=1,  # layer groups per scan iteration (>= number of groups: fully unrolled)
