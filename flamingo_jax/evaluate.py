@@ -50,10 +50,14 @@ class NoCheckpointError(FileNotFoundError):
 
 
 def check_workdir(config, workdir: str) -> int | None:
-  """RUN's latest checkpoint step; None only when `config.baseline_at_init` (else raises)."""
+  """RUN's latest checkpoint step (0 for a converted model: `python -m flamingo_jax.convert`); None
+  only when `config.baseline_at_init` (else raises)."""
   from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from flamingo_jax import init_from  # pylint: disable=g-import-not-at-top
 
   step = checkpoint_lib.latest_checkpoint_step(workdir)
+  if step is None and init_from.is_converted(workdir):
+    step = 0
   if step is None and not config.baseline_at_init:
     what = (
       "does not exist"

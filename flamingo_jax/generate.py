@@ -104,18 +104,21 @@ def continue_prompt(
 
 
 def restore_params(model_cfg, workdir: str, text_only: bool) -> dict:
-  """The latest checkpoint's params (trainable and frozen merged) as numpy fp32."""
+  """The latest checkpoint's params (trainable and frozen merged), or a converted model's
+  (`python -m flamingo_jax.convert`), as numpy fp32."""
   from flamingo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from flamingo_jax import init_from  # pylint: disable=g-import-not-at-top
 
-  if checkpoint_lib.latest_checkpoint_step(workdir) is None:
+  converted = init_from.is_converted(workdir)
+  if not converted and checkpoint_lib.latest_checkpoint_step(workdir) is None:
     raise FileNotFoundError(
       f"--workdir {workdir}: no complete checkpoint under "
       f"{os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)}"
     )
   shapes = pretrained.param_shapes(model_cfg, text_only)
   template = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32), shapes)
-  return init_from.load_params_subset(workdir, r"^lm/" if text_only else r".*", template, kind="checkpoint")
+  kind = "params" if converted else "checkpoint"
+  return init_from.load_params_subset(workdir, r"^lm/" if text_only else r".*", template, kind=kind)
 
 
 def run(

@@ -64,6 +64,17 @@ class InitSource(NamedTuple):
     return cls(**{k: str(v) for k, v in d.items()})
 
 
+def is_converted(path) -> bool:
+  """Whether `path` is a whole model written by `python -m flamingo_jax.convert` (params/ and
+  config.json, no checkpoints/): `evaluate` and `generate` read it as a run at step 0."""
+  p = absolute_path(path)
+  return (
+    (p / CONVERTED_PARAMS_DIR).exists()
+    and (p / "config.json").exists()
+    and not (p / CHECKPOINTS_DIR).exists()
+  )
+
+
 def _locate_params(path, kind: str | None, step: int | None):
   """(pytree item directory, roots: key tuples of the {module: {name: array}} trees in it)."""
   p = absolute_path(path)
@@ -236,7 +247,8 @@ def initial_params(init_from, model_cfg, params, *, end_id: int | None = None):
     )
     if end_id is not None and "lm/extra_embed" in params:
       params = pretrained.init_new_token_rows(params, end_id)
-  sources = [InitSource(init_from.vision, "checkpoint", VISION_PARAMS)] if init_from.vision else []
+  kind = lambda path: "params" if is_converted(path) else "checkpoint"  # noqa: E731
+  sources = [InitSource(init_from.vision, kind(init_from.vision), VISION_PARAMS)] if init_from.vision else []
   if init_from.flamingo:
-    sources.append(InitSource(init_from.flamingo, "checkpoint", FLAMINGO_PARAMS))
+    sources.append(InitSource(init_from.flamingo, kind(init_from.flamingo), FLAMINGO_PARAMS))
   return apply_init_from(sources, params)

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from flamingo_jax import sources
+from flamingo_jax.convert import converted
 from flamingo_jax.models import flamingo
 from flamingo_jax.models import lm as lm_lib
 
 # The modules of the Flamingo tree that hold the pretrained LM's own weights.
-LM_MODULES = ("lm/embed", "lm/layers", "lm/final_norm", "lm/unembed")
+LM_MODULES = converted.LM_MODULES
 
 
 def check_lm_config(

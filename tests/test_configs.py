@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import ablations, common, contrastive, fewshot_eval, main_job
+from configs import ablations, common, contrastive, fewshot_eval, main_job, pretrained
 from configs import flamingo as flamingo_config
 from flamingo_jax.parallel.mesh import MESH_AXES
 from flamingo_jax.train import setup as setup_lib
@@ -23,6 +23,8 @@ TRAINING = [
   (contrastive, "size=f6"),
   (contrastive, "size=tiny,recipe=paper"),
   *((ablations, f"name={name}") for name in ablations.ABLATIONS),
+  # The public models' presets (`dir=`, a converted directory: tests/reference/test_open_flamingo_use.py).
+  *((pretrained, f"name={name}") for name in pretrained.PRESET_MESH),
 ]
 EVALUATION = ["", "quick=True", "runlocal=True", "tasks=easy_vqa_binding", "shots=0.4,seeds=1"]
 

@@ -1,12 +1,21 @@
-"""The converter's output directory: an LM as an Orbax params checkpoint plus its config.
+"""The converter's output directory: an LM, or a whole Flamingo, as an Orbax params checkpoint plus
+its config.
 
 Layout (written under `DIR.tmp-*` and renamed into place when complete, so a crash never leaves a
 half-written DIR):
-  DIR/params/          Orbax StandardCheckpointer checkpoint of the Haiku-style LM params
-                       (`lm/embed`, `lm/layers`, `lm/final_norm`[, `lm/unembed`]).
+  DIR/params/          Orbax StandardCheckpointer checkpoint of the Haiku-style params: the LM's
+                       (`lm/embed`, `lm/layers`, `lm/final_norm`[, `lm/unembed`]) or a whole
+                       Flamingo's (also `vision_encoder/`, `perceiver_resampler/`, `lm/gated_xattn`,
+                       `lm/extra_*`).
   DIR/lm_config.json   the LM config dict (`flamingo_jax.models.lm.LMConfig.from_dict`).
+  DIR/config.json      a whole Flamingo only: {'model': the model config, 'tokenizer': its spec,
+                       'init_from': ..., 'data': {'source': 'converted'}}, read like a run's own
+                       config.json by `evaluate` and `generate` (`--workdir DIR`) and by
+                       `configs/pretrained.py:dir=DIR` for fine-tuning.
+  DIR/tokenizer.json (+ tokenizer_config.json)  the source's tokenizer, where it has one.
   DIR/source.json      where it came from (source spec, dtype).
-`python -m flamingo_jax.convert` writes it; the LM spec `converted:DIR` reads it (`flamingo_jax/sources.py`).
+`python -m flamingo_jax.convert` writes it; the LM spec `converted:DIR` reads its LM
+(`flamingo_jax/sources.py`), `init_from` its other parts.
 """
 
 import json
@@ -22,10 +31,22 @@ CONFIG_FILE = "lm_config.json"
 SOURCE_FILE = "source.json"
 
 
+RUN_CONFIG_FILE = "config.json"
+# The Flamingo tree's modules that hold the LM's own weights: what the LM spec `converted:DIR` reads.
+LM_MODULES = ("lm/embed", "lm/layers", "lm/final_norm", "lm/unembed")
+
+
 def save_converted(
-  out: str, lm_config: dict, params: dict, source: dict | None = None, overwrite: bool = False
+  out: str,
+  lm_config: dict,
+  params: dict,
+  source: dict | None = None,
+  overwrite: bool = False,
+  run_config: dict | None = None,
+  files: dict[str, str] | None = None,
 ):
-  """Writes `out/params` (Orbax), `out/lm_config.json` and `out/source.json` atomically.
+  """Writes `out/params` (Orbax), `out/lm_config.json`, `out/source.json` and, for a whole model,
+  `out/config.json` (`run_config`) and copies of `files` ({name in out: source path}) atomically.
 
   Raises:
     FileExistsError: `out` exists and `overwrite` is False.
@@ -45,6 +66,11 @@ def save_converted(
       json.dump(lm_config, f, indent=2, sort_keys=True)
     with open(os.path.join(tmp, SOURCE_FILE), "w") as f:
       json.dump(source or {}, f, indent=2, sort_keys=True)
+    if run_config is not None:
+      with open(os.path.join(tmp, RUN_CONFIG_FILE), "w") as f:
+        json.dump(run_config, f, indent=2, sort_keys=True)
+    for name, path in (files or {}).items():
+      shutil.copyfile(path, os.path.join(tmp, name))
     if os.path.exists(out):
       old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
       os.replace(out, os.path.join(old, "replaced"))
@@ -73,5 +99,9 @@ def load_converted(directory: str) -> tuple[dict, dict]:
     lm_config = json.load(f)
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(params_path)
-  params = {module: {name: np.asarray(w) for name, w in sub.items()} for module, sub in params.items()}
+  params = {
+    module: {name: np.asarray(w) for name, w in sub.items()}
+    for module, sub in params.items()
+    if module in LM_MODULES
+  }
   return lm_config, params

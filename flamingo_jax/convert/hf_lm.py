@@ -143,7 +143,15 @@ def config_to_hf(lm_config: dict) -> dict:
   }
 
 
-def _weight_files(directory: str) -> dict[str, str]:
+def open_safetensors(path: str):
+  """`safe_open(path)` (numpy); a truncated or foreign file is a ValueError naming it."""
+  try:
+    return safe_open(path, framework="np")
+  except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own error types)
+    raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def weight_files(directory: str) -> dict[str, str]:
   """`{tensor name: safetensors file path}` of a checkpoint directory.
 
   Raises:
@@ -161,7 +169,7 @@ def _weight_files(directory: str) -> dict[str, str]:
     files = {}
     for shard in sorted(set(weight_map.values())):
       shard_path = os.path.join(directory, shard)
-      with safe_open(shard_path, framework="np") as f:
+      with open_safetensors(shard_path) as f:
         held = set(f.keys())
       for key in held:
         if weight_map.get(key, shard) != shard:
@@ -172,7 +180,7 @@ def _weight_files(directory: str) -> dict[str, str]:
         raise KeyError(f"{index_path}: tensor {key} is not in shard {shard}")
     return files
   if os.path.exists(single_path):
-    with safe_open(single_path, framework="np") as f:
+    with open_safetensors(single_path) as f:
       return {key: single_path for key in f.keys()}  # noqa: SIM118  (safe_open has no __iter__)
   raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} exists")
 
@@ -193,14 +201,14 @@ def load_hf_lm(directory: str, dtype=np.float32) -> tuple[dict, dict]:
     hf = json.load(f)
   config = config_from_hf(hf, config_path)
   table = names.MPT_TABLE if hf["model_type"] == "mpt" else names.HF_TABLE
-  files = _weight_files(directory)
+  files = weight_files(directory)
   with contextlib.ExitStack() as stack:
     handles = {}
 
     def read(name):
       path = files[name]
       if path not in handles:
-        handles[path] = stack.enter_context(safe_open(path, framework="np"))
+        handles[path] = stack.enter_context(open_safetensors(path))
       return handles[path].get_tensor(name)
 
     params = names.convert(table, files, read, config, dtype, directory)

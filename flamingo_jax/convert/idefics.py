@@ -122,3 +122,212 @@ def convert_resampler(
   )
   params[_RS]["temporal_embed"] = np.zeros((max_frames, dim), dtype)
   return params
+
+
+# ------------------------------------------------------------------------- the vision tower (HF CLIP)
+# IDEFICS holds its ViT-H/14 as transformers' CLIP vision model (q/k/v apart, with biases; no
+# projection). Letters as `open_clip_vit.letters`; {i} runs over the vision layers.
+_V, _VL, _VB = "model.vision_model.", "model.vision_model.encoder.layers.{i}.", "vision_encoder/layers/block"
+
+
+def _vision_pair(src: str, name: str, shape: tuple, kind: str = "transpose") -> tuple:
+  """A linear layer's weight ([out, in] -> [in, out], as every nn.Linear) and bias."""
+  return (
+    E(_VL + src + ".weight", _VB, name, kind, shape),
+    E(_VL + src + ".bias", _VB, f"{name}_bias", "copy", shape[-1:]),
+  )
+
+
+VISION_TABLE = (
+  # Conv2d [D, 3, p, p] (OIHW) -> HWIO [p, p, 3, D], lax's layout for NHWC images.
+  E(
+    _V + "embeddings.patch_embedding.weight", "vision_encoder/patch_embed", "w", "conv", ("p", "p", "C", "D")
+  ),
+  E(_V + "embeddings.class_embedding", "vision_encoder", "class_embedding", "copy", ("D",)),
+  E(
+    _V + "embeddings.position_embedding.weight", "vision_encoder", "positional_embedding", "copy", ("T", "D")
+  ),
+  E(_V + "pre_layrnorm.weight", "vision_encoder/ln_pre", "scale", "copy", ("D",)),
+  E(_V + "pre_layrnorm.bias", "vision_encoder/ln_pre", "bias", "copy", ("D",)),
+  E(_VL + "layer_norm1.weight", _VB, "attn_norm_scale", "copy", ("D",)),
+  E(_VL + "layer_norm1.bias", _VB, "attn_norm_bias", "copy", ("D",)),
+  *_vision_pair("self_attn.q_proj", "q", ("D", "D")),
+  *_vision_pair("self_attn.k_proj", "k", ("D", "D")),
+  *_vision_pair("self_attn.v_proj", "v", ("D", "D")),
+  *_vision_pair("self_attn.out_proj", "o", ("D", "D")),
+  E(_VL + "layer_norm2.weight", _VB, "mlp_norm_scale", "copy", ("D",)),
+  E(_VL + "layer_norm2.bias", _VB, "mlp_norm_bias", "copy", ("D",)),
+  *_vision_pair("mlp.fc1", "mlp_in", ("D", "F")),
+  *_vision_pair("mlp.fc2", "mlp_out", ("F", "D")),
+  E(_V + "post_layernorm.weight", "vision_encoder/ln_post", "scale", "copy", ("D",)),
+  E(_V + "post_layernorm.bias", "vision_encoder/ln_post", "bias", "copy", ("D",)),
+)
+
+
+# --------------------------------------------------------------------------------- the whole model
+ADDITIONAL_EMBED = "model.embed_tokens.additional_embedding.weight"  # [2, D]: ids V, V + 1
+ADDITIONAL_FC = "lm_head.additional_fc.weight"  # [2, D]: their logits
+_TOWERS = ("model.vision_model.", "model.perceiver_resampler.", "model.gated_cross_attn_layers.")
+
+
+def _field(hf: dict, path: str, key: str, section: str = ""):
+  """hf[section][key], or the flat `hf[key]` older IDEFICS config.json files use; KeyError names it."""
+  for where in ((hf.get(section) or {}) if section else {}, hf):
+    if where.get(key) is not None:
+      return where[key]
+  raise KeyError(f"{path}: field {f'{section}.' if section else ''}{key} is missing")
+
+
+def model_spec(hf: dict, path: str) -> dict:
+  """A `public.idefics_spec` size spec from an IDEFICS `config.json` dict.
+
+  Raises:
+    ValueError: another model family (`model_type`), or a setting the project does not implement,
+      named with the file.
+  """
+  from flamingo_jax.convert import hf_lm  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.models import clip_vit, public  # pylint: disable=g-import-not-at-top
+
+  if hf.get("model_type") != "idefics":
+    raise ValueError(
+      f"{path}: model_type {hf.get('model_type')!r} is not 'idefics' (not an IDEFICS checkpoint)"
+    )
+  for key, want in (("use_resampler", True), ("additional_vocab_size", 2), ("tie_word_embeddings", False)):
+    if hf.get(key, want) != want:
+      raise ValueError(f"{path}: {key}={hf.get(key)!r} is not supported (only {want!r})")
+  # Older files name the context `max_sequence_length`, newer ones `max_position_embeddings`.
+  max_len = hf.get("max_position_embeddings") or _field(hf, path, "max_sequence_length")
+  lm = hf_lm.config_from_hf(dict(hf, model_type="llama", max_position_embeddings=max_len), path)
+  alpha = hf.get("alpha_type", "float")
+  if alpha not in ("float", "vector"):
+    raise ValueError(f"{path}: alpha_type {alpha!r} is not supported ('float' or 'vector')")
+  vision = dict(
+    image_size=int(_field(hf, path, "image_size", "vision_config")),
+    patch=int(_field(hf, path, "patch_size", "vision_config")),
+    width=int(_field(hf, path, "embed_dim", "vision_config")),
+    layers=int(_field(hf, path, "num_hidden_layers", "vision_config")),
+    heads=int(_field(hf, path, "num_attention_heads", "vision_config")),
+    mlp_dim=int(_field(hf, path, "intermediate_size", "vision_config")),
+    embed_dim=0,
+    activation=str(_field(hf, path, "hidden_act", "vision_config")),
+    tokens="all_pre_ln",
+  )
+  variants = [name for name, v in clip_vit.VARIANTS.items() if v == clip_vit.ViTVariant(**vision)]
+  if not variants:
+    raise ValueError(f"{path}: no CLIP ViT variant of shape {vision} in clip_vit.VARIANTS")
+  return public.idefics_spec(
+    dict(lm, rope_theta=10000.0),  # IdeficsEmbedding's fixed base
+    every=int(_field(hf, path, "cross_layer_interval")),
+    qk_norm=bool(hf.get("qk_layer_norms", False)),
+    vector_gates=alpha == "vector",
+    resampler_heads=int(_field(hf, path, "resampler_n_heads", "perceiver_config")),
+    resampler_head_dim=int(_field(hf, path, "resampler_head_dim", "perceiver_config")),
+    resampler_qk_norm=bool(_field(hf, path, "qk_layer_norms_perceiver", "perceiver_config")),
+    vision_variant=variants[0],
+    vision_width=vision["width"],
+    depth=int(_field(hf, path, "resampler_depth", "perceiver_config")),
+    num_latents=int(_field(hf, path, "resampler_n_latents", "perceiver_config")),
+  )
+
+
+class _LazyTensors(dict):
+  """{name: file} that reads a tensor when it is looked up (an IDEFICS-80B does not fit in memory twice)."""
+
+  def __init__(self, files: dict, stack):
+    super().__init__(files)
+    self._handles, self._stack = {}, stack
+
+  def __getitem__(self, name):
+    from flamingo_jax.convert import hf_lm  # pylint: disable=g-import-not-at-top
+
+    path = super().__getitem__(name)
+    if path not in self._handles:
+      self._handles[path] = self._stack.enter_context(hf_lm.open_safetensors(path))
+    return self._handles[path].get_tensor(name)
+
+
+def convert_directory(directory: str, dtype=np.float32):
+  """An IDEFICS HF directory (config.json + safetensors, one file or shards with an index) ->
+  (model ConfigDict, params {module: {name: array}}).
+
+  The additional rows: IDEFICS's ids V (`<fake_token_around_image>`) and V + 1 (`<image>`) are the
+  project's `<EOC>` (V + 1) and `<image>` (V) rows: taken in swapped order.
+
+  Raises:
+    KeyError / ValueError naming the file or tensor: a missing, unmapped or mis-shaped tensor, a
+      config of another family.
+  """
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  from flamingo_jax.convert import hf_lm, open_clip_vit  # pylint: disable=g-import-not-at-top
+  from flamingo_jax.models import clip_vit, flamingo, gated_xattn  # pylint: disable=g-import-not-at-top
+
+  config_path = os.path.join(directory, hf_lm.CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"{config_path} is missing: not a Hugging Face IDEFICS directory")
+  with open(config_path) as f:
+    hf = json.load(f)
+  spec = model_spec(hf, config_path)
+  cfg = flamingo.build_model_config("idefics", spec)
+  lm, r, x, v = cfg.lm, cfg.resampler, cfg.xattn, clip_vit.variant(cfg.vision_variant)
+  lm_config = {k: val for k, val in lm.to_dict().items() if k != "num_extra_tokens"}
+  with contextlib.ExitStack() as stack:
+    tensors = _LazyTensors(hf_lm.weight_files(directory), stack)
+    part = lambda prefix: {k: p for k, p in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    lm_names = [
+      k for k in tensors if not k.startswith(_TOWERS) and k not in (ADDITIONAL_EMBED, ADDITIONAL_FC)
+    ]
+    params = names.convert(names.HF_TABLE, lm_names, tensors.__getitem__, lm_config, dtype, directory)
+    for key in (ADDITIONAL_EMBED, ADDITIONAL_FC):
+      if key not in tensors:
+        raise KeyError(f"{directory}: missing tensor {key} (the rows of IDEFICS's two new tokens)")
+      rows = np.asarray(tensors[key], np.float32)
+      if rows.shape != (2, lm.dim):
+        raise ValueError(f"{directory}: tensor {key} has shape {rows.shape}, expected (2, {lm.dim})")
+      rows = rows[[1, 0]]  # [<image>, <fake_token_around_image>]
+      if key == ADDITIONAL_EMBED:
+        params["lm/extra_embed"] = {"embeddings": rows.astype(dtype)}
+      else:  # nn.Linear [out, in] -> [D, E] for `h @ w`
+        params["lm/extra_unembed"] = {"w": rows.T.astype(dtype)}
+    vision = {k: tensors[k] for k in part(_TOWERS[0])}
+    params.update(
+      names.convert_tensors(
+        VISION_TABLE,
+        vision,
+        num_layers=v.layers,
+        letters=open_clip_vit.letters(v),
+        dtype=dtype,
+        source=directory,
+      )
+    )
+    params.update(
+      convert_resampler(
+        {k: tensors[k] for k in part(_TOWERS[1])},
+        dim=r.dim,
+        depth=r.depth,
+        num_latents=r.num_latents,
+        num_heads=r.num_heads,
+        head_dim=r.head_dim,
+        qk_norm=r.qk_norm,
+        max_frames=r.max_frames,
+        dtype=dtype,
+        source=directory,
+      )
+    )
+    params.update(
+      convert_xattn(
+        {k: tensors[k] for k in part(_TOWERS[2])},
+        dim=lm.dim,
+        media_dim=r.dim,
+        num_heads=x.num_heads,
+        ffw_hidden=x.ffw_hidden,
+        num_blocks=gated_xattn.num_xattn_blocks(lm.num_layers, x.every, x.first),
+        vector_gates=x.gate_shape == "vector",
+        qk_norm=x.qk_norm,
+        dtype=dtype,
+        source=directory,
+      )
+    )
+  return cfg, params

@@ -7,13 +7,16 @@ Shapes: B batch, S image side, p patch, g = S / p patches per side, P = g*g, D w
 Images in [0, 1] are normalised with CLIP's mean and std inside the module, patchified by a
 p x p stride-p convolution without bias, prefixed with the class token, given learned positions,
 layer-normed (`ln_pre`), passed through L pre-LN blocks (`encoder.py`), and layer-normed again
-(`ln_post`). Outputs, as the NFNet's: 'grid' [B, g, g, D], the patch tokens after `ln_post` (what
-OpenFlamingo's resampler reads: open_clip's `output_tokens`), and 'pooled' [B, E], the class
-token after `ln_post` times `proj` (CLIP's image embedding, for RICES).
+(`ln_post`). Outputs: 'tokens' [B, Lv, D], what the source's resampler reads: the patch tokens
+after `ln_post` (OpenFlamingo: open_clip's `output_tokens`; Lv = P), or every token, the class
+token included, before `ln_post` (IDEFICS: the `last_hidden_state` of HF's CLIP vision model;
+Lv = 1 + P); as the NFNet's, 'grid' [B, g, g, D] for the patch tokens; and 'pooled' [B, E], the
+class token after `ln_post`, times `proj` where the source has one (CLIP's image embedding; HF's
+vision model alone has none: E = D), for RICES.
 
 Parameters (fp32) under `vision_encoder/`: patch_embed/w [p, p, 3, D], class_embedding [D],
 positional_embedding [1 + P, D], ln_pre/{scale, bias} [D], layers/block/* (stacked, `encoder.py`),
-ln_post/{scale, bias} [D], proj [D, E].
+ln_post/{scale, bias} [D], proj [D, E] (absent where `embed_dim` is 0).
 """
 
 import dataclasses
@@ -39,14 +42,18 @@ class ViTVariant:
   layers: int
   heads: int
   mlp_dim: int
-  embed_dim: int
+  embed_dim: int  # E of `proj`; 0: no projection (HF's CLIPVisionModel, as IDEFICS holds it)
   activation: str  # 'quick_gelu' (OpenAI weights) | 'gelu' (OpenCLIP LAION weights)
+  tokens: str = "patches_post_ln"  # the resampler's input: 'patches_post_ln' | 'all_pre_ln' (IDEFICS)
 
 
 VARIANTS = {
   "ViT-L/14": ViTVariant(224, 14, 1024, 24, 16, 4096, 768, "quick_gelu"),  # OpenAI CLIP (OpenFlamingo)
-  "ViT-H/14": ViTVariant(224, 14, 1280, 32, 16, 5120, 1024, "gelu"),  # LAION-2B (IDEFICS)
+  "ViT-H/14": ViTVariant(224, 14, 1280, 32, 16, 5120, 1024, "gelu"),  # OpenCLIP LAION-2B
+  # IDEFICS's ViT-H/14: HF layout without projection; its resampler reads every token before ln_post.
+  "ViT-H/14-idefics": ViTVariant(224, 14, 1280, 32, 16, 5120, 0, "gelu", "all_pre_ln"),
   "ViT-test": ViTVariant(32, 8, 32, 2, 2, 128, 24, "quick_gelu"),  # unit tests
+  "ViT-test-idefics": ViTVariant(32, 8, 32, 2, 2, 128, 0, "gelu", "all_pre_ln"),
 }
 
 
@@ -57,8 +64,9 @@ def variant(name: str) -> ViTVariant:
 
 
 def grid_size(variant_name: str, image_size: int) -> int:
-  """Lv = P, the patch tokens per image."""
-  return (image_size // variant(variant_name).patch) ** 2
+  """Lv, the tokens per image the resampler reads: P patches, or 1 + P with the class token."""
+  v = variant(variant_name)
+  return (image_size // v.patch) ** 2 + (v.tokens == "all_pre_ln")
 
 
 def output_dim(variant_name: str) -> int:
@@ -82,7 +90,7 @@ class ClipViT(hk.Module):
     self.dtype = dtype
 
   def __call__(self, images: jax.Array, is_training: bool = False) -> dict[str, jax.Array]:
-    """images [B, S, S, 3] -> {'grid': [B, g, g, D], 'pooled': [B, E]} (fp32)."""
+    """images [B, S, S, 3] -> {'tokens': [B, Lv, D], 'grid': [B, g, g, D], 'pooled': [B, E]} (fp32)."""
     del is_training  # no dropout or stochastic depth in CLIP's towers
     v = self.v
     b, h, w, _ = images.shape
@@ -121,10 +129,15 @@ class ClipViT(hk.Module):
       activation=v.activation,
       dtype=self.dtype,
     )
+    pre_ln = x
     x = _norm("ln_post", x, d)
-    proj = hk.get_parameter("proj", (d, v.embed_dim), jnp.float32, init=layers.truncated_normal_init(d))
-    pooled = layers.matmul(x[:, 0], proj, self.dtype)
-    return {"grid": x[:, 1:].reshape(b, g, g, d), "pooled": pooled}
+    pooled = x[:, 0]
+    if v.embed_dim:
+      proj = hk.get_parameter("proj", (d, v.embed_dim), jnp.float32, init=layers.truncated_normal_init(d))
+      pooled = layers.matmul(pooled, proj, self.dtype)
+    grid = x[:, 1:].reshape(b, g, g, d)
+    tokens = pre_ln if v.tokens == "all_pre_ln" else x[:, 1:]
+    return {"tokens": tokens, "grid": grid, "pooled": pooled}
 
 
 def _norm(name: str, x: jax.Array, d: int) -> jax.Array:

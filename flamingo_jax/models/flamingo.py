@@ -215,7 +215,8 @@ def parse_configs(cfg) -> Configs:
 def vision_encoder(variant: str, dtype) -> hk.Module:
   """The `vision_encoder` module of a variant: a CLIP ViT (`clip_vit.VARIANTS`, the public
   Flamingo-family checkpoints) or an NFNet (the paper's). Both map images [B, H, W, 3] in [0, 1] to
-  {'grid': [B, h, w, Dv], 'pooled': [B, Dp]}."""
+  {'grid': [B, h, w, Dv], 'pooled': [B, Dp]}, the ViT also {'tokens': [B, Lv, Dv]} (what its source's
+  resampler reads)."""
   if variant in clip_vit.VARIANTS:
     return clip_vit.ClipViT(variant, dtype=dtype, name="vision_encoder")
   return nfnet.NFNet(variant, dtype=dtype, name="vision_encoder")
@@ -245,11 +246,12 @@ class _Flamingo:
   def encode_media(self, images):
     """images [B, N, F, H, W, 3] in [0, 1] -> visual tokens [B, N, R, Dr]."""
     b, n, f, h, w, ch = images.shape
-    grid = self.vision(images.reshape(b * n * f, h, w, ch), is_training=False)["grid"]
+    out = self.vision(images.reshape(b * n * f, h, w, ch), is_training=False)
+    # A CLIP ViT names the tokens its source's resampler reads; the NFNet's are its grid, flattened.
+    tokens = out["tokens"] if "tokens" in out else out["grid"].reshape(b * n * f, -1, out["grid"].shape[-1])
     if self.c.freeze_vision:
-      grid = jax.lax.stop_gradient(grid)
-    _, gh, gw, dv = grid.shape
-    return self.resampler(grid.reshape(b, n, f, gh * gw, dv))
+      tokens = jax.lax.stop_gradient(tokens)
+    return self.resampler(tokens.reshape(b, n, f, tokens.shape[1], tokens.shape[2]))
 
   def forward(self, images, tokens, media_index, token_mask=None, is_training=False):
     del is_training  # no dropout in Flamingo's trained parts; kept for a uniform signature

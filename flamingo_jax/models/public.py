@@ -87,8 +87,10 @@ def idefics_spec(
   resampler_heads: int,
   resampler_head_dim: int,
   resampler_qk_norm: bool,
-  vision_variant: str = "ViT-H/14",
+  vision_variant: str = "ViT-H/14-idefics",
   vision_width: int = 1280,
+  depth: int = 6,
+  num_latents: int = 64,
 ) -> dict:
   """IDEFICS over `lm`: blocks before layers 0, every, 2 every, ... with q/k/v/o at the LM's width,
   RMSNorm, a SwiGLU FFW of the LM's intermediate width; its resampler (ReLU MLP of 4 Dv)."""
@@ -111,8 +113,8 @@ def idefics_spec(
     ),
     resampler=dict(
       dim=vision_width,
-      depth=6,
-      num_latents=64,
+      depth=depth,
+      num_latents=num_latents,
       num_heads=resampler_heads,
       head_dim=resampler_head_dim,
       ffw_mult=4,

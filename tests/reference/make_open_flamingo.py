@@ -1,6 +1,6 @@
 """Run by the reference interpreter (launch/reference_env.sh), not by pytest.
 
-  python make_open_flamingo.py OUT_DIR LM EVERY      (LM: llama | mpt)
+  python make_open_flamingo.py OUT_DIR LM EVERY [TOKENIZER_DIR]      (LM: llama | mpt)
 
 Builds a whole tiny OpenFlamingo as `open_flamingo.create_model_and_transforms` does, from random
 weights: a transformers LM (LlamaForCausalLM, untied; or MptForCausalLM, ALiBi, tied), the
@@ -14,19 +14,23 @@ resampler, and a random open_clip ViT (the `ViT-test` shape). Writes, in the sou
 and the check's data as .npy: images [B, 2, H, W, 3] in [0, 1]; ids / mask [B, T] (right padding;
 text before the first image) with logits [B, T, V+3]; gen_ids / gen_mask (the same prompts,
 left-padded, as `generate` wants them) with generated [B, 5] (greedy, KV cache).
+With TOKENIZER_DIR (tokenizer.json + tokenizer_config.json), the LM's vocabulary is that
+tokenizer's and both files go into OUT_DIR/lm, as a real LM directory holds them.
 """
 
 import os
+import shutil
 import sys
 import types
 
 import numpy as np
+import tokenizers
 import torch
 import transformers
 from ref_imports import load
 from safetensors.torch import save_file
 
-V, T, NEW = 40, 12, 5  # original vocabulary, prompt length, generated tokens
+V, T, NEW = 40, 12, 5  # original vocabulary (without a tokenizer), prompt length, generated tokens
 
 
 def randomise(module: torch.nn.Module, scale: float = 0.3) -> None:
@@ -93,7 +97,11 @@ def prompts(rng):
 
 
 def main():
+  global V  # pylint: disable=global-statement  (the vocabulary of TOKENIZER_DIR)
   out, kind, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
+  tokenizer_dir = sys.argv[4] if len(sys.argv) > 4 else ""
+  if tokenizer_dir:
+    V = tokenizers.Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json")).get_vocab_size()
   torch.manual_seed(0)
   flamingo_lib = load("open_flamingo.src.flamingo")
   mixin = load("open_flamingo.src.flamingo_lm").FlamingoLMMixin
@@ -103,6 +111,8 @@ def main():
   lm = make_lm(kind)
   randomise(lm, 0.2)
   lm.save_pretrained(os.path.join(out, "lm"), safe_serialization=True)
+  for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer_dir else ():
+    shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out, "lm", name))
   visual = vision_tower()
   save_file(
     {f"visual.{k}": v.contiguous() for k, v in visual.state_dict().items()}, f"{out}/visual.safetensors"
