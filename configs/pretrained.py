@@ -33,6 +33,10 @@ PRESET_MESH = {
   "idefics-80b": {"data": -1, "fsdp": 32, "tensor": 8},
 }
 
+# Micro-batches per dataset (gradient accumulation) with the paper's mixture: IDEFICS-80B on a v5p-512
+# (256 chips of 95 GiB) then peaks at 48 GiB per chip instead of 108 (`plan`, docs/PRETRAINED.md).
+PRESET_MICRO_BATCHES = {"idefics-80b": {"align": 4, "ltip": 2, "m3w": 2}}
+
 
 def converted_run_config(directory: str) -> dict:
   """DIR/config.json of a converted checkpoint (its `model` and `tokenizer` sections)."""
@@ -80,7 +84,11 @@ def get_config(arg: str = "name=idefics-9b") -> ml_collections.ConfigDict:
   steps = args["steps"] or (10 if args["data"] == "synthetic" else 1000)
   # Fine-tuning a trained model: a tenth of the paper's peak rate, with its warm-up and cosine decay.
   config.optim = common.optim(lr=1e-5, warmup_steps=min(100, steps // 10), total_steps=steps, decay="cosine")
+  micro_batches = PRESET_MICRO_BATCHES.get(name, {}) if args["data"] == "paper" else {}
   config.train = common.train(
-    steps, log_every=max(1, min(100, steps // 10)), checkpoint_every=max(1, steps // 4)
+    steps,
+    log_every=max(1, min(100, steps // 10)),
+    checkpoint_every=max(1, steps // 4),
+    micro_batches=micro_batches,
   )
   return common.finish(config)

@@ -113,3 +113,23 @@ def test_cli_json_agrees_with_in_process_counts(counts):
   # The vision encoder (NFNet-F6) and the resampler are the same in every paper size.
   for key in ("vision", "resampler"):
     assert cli_3b[key] == counts["9b"][key] == counts["80b"][key], key
+
+
+# The public models' own figures: IDEFICS's model cards (9B, 80B parameters); OpenFlamingo-3B's
+# released checkpoint.pt holds its trained parts (resampler, blocks, the LM's input embedding with
+# its three new rows) in fp32: 4.19 GB.
+PUBLIC_TOTALS = {"idefics-9b": 9e9, "idefics-80b": 80e9}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_TOTALS))
+def test_idefics_totals_within_one_percent_of_the_model_cards(name):
+  c = summary.count_by_component(flamingo.param_shapes(flamingo.model_config(name)), [])
+  assert abs(c["total"] / PUBLIC_TOTALS[name] - 1) < 0.01, c["total"]
+
+
+def test_openflamingo_3b_trained_parts_match_its_checkpoint_file():
+  cfg = flamingo.model_config("openflamingo-3b")
+  c = summary.count_by_component(flamingo.param_shapes(cfg), [])
+  embedding = (cfg.lm.vocab_size + 3) * cfg.lm.dim  # OpenFlamingo trains the whole input table
+  trained = c["resampler"] + c["xattn"] + embedding
+  assert abs(trained * 4 / 4.19e9 - 1) < 0.01, trained

@@ -18,6 +18,7 @@ import sys
 
 from flamingo_jax import sources
 from flamingo_jax.convert import converted
+from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.models import flamingo
 
 WHOLE_MODELS = ("open_flamingo", "idefics")
@@ -70,8 +71,16 @@ def main(argv=None):
   if args.source.partition(":")[0] in WHOLE_MODELS:
     model_cfg, params, tokenizer_dir = _whole_model(args, dtype)
     lm_config = {k: v for k, v in model_cfg.lm.to_dict().items() if k != "num_extra_tokens"}
-    files = {n: os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES}
-    files = {n: p for n, p in files.items() if os.path.exists(p)}
+    files = {}
+    for name in TOKENIZER_FILES:
+      path = os.path.join(tokenizer_dir, name)
+      if os.path.exists(path):
+        with open(path, "rb") as f:
+          files[name] = f.read()
+    if "tokenizer.json" in files:  # the project's Tokenizer appends <image> and <EOC> as V, V + 1 itself
+      files["tokenizer.json"] = tokenizer_lib.original_vocabulary(
+        files["tokenizer.json"], model_cfg.lm.vocab_size
+      )
     out = os.path.abspath(args.out)
     tokenizer = f"hf:{os.path.join(out, 'tokenizer.json')}" if "tokenizer.json" in files else ""
     run_config = dict(

@@ -25,6 +25,7 @@ import tempfile
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "lm_config.json"
@@ -43,10 +44,10 @@ def save_converted(
   source: dict | None = None,
   overwrite: bool = False,
   run_config: dict | None = None,
-  files: dict[str, str] | None = None,
+  files: dict[str, bytes] | None = None,
 ):
   """Writes `out/params` (Orbax), `out/lm_config.json`, `out/source.json` and, for a whole model,
-  `out/config.json` (`run_config`) and copies of `files` ({name in out: source path}) atomically.
+  `out/config.json` (`run_config`) and `files` ({name in out: content}) atomically.
 
   Raises:
     FileExistsError: `out` exists and `overwrite` is False.
@@ -69,8 +70,9 @@ def save_converted(
     if run_config is not None:
       with open(os.path.join(tmp, RUN_CONFIG_FILE), "w") as f:
         json.dump(run_config, f, indent=2, sort_keys=True)
-    for name, path in (files or {}).items():
-      shutil.copyfile(path, os.path.join(tmp, name))
+    for name, content in (files or {}).items():
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(content)
     if os.path.exists(out):
       old = tempfile.mkdtemp(prefix=os.path.basename(out) + ".old-", dir=parent)
       os.replace(out, os.path.join(old, "replaced"))
@@ -84,19 +86,18 @@ def save_converted(
 
 
 def load_converted(directory: str) -> tuple[dict, dict]:
-  """`(lm_config, params)` of a converted checkpoint; params as numpy arrays.
+  """`(lm_config, params)` of a converted checkpoint (a local path or a bucket, gs://...): the LM's
+  modules only, as numpy arrays.
 
   Raises:
     FileNotFoundError: `directory` lacks `lm_config.json` or `params/`.
   """
-  directory = os.path.abspath(directory)
-  config_path = os.path.join(directory, CONFIG_FILE)
-  params_path = os.path.join(directory, PARAMS_DIR)
+  root = epath.Path(directory) if "://" in str(directory) else epath.Path(os.path.abspath(directory))
+  config_path, params_path = root / CONFIG_FILE, root / PARAMS_DIR
   for path in (config_path, params_path):
-    if not os.path.exists(path):
+    if not path.exists():
       raise FileNotFoundError(f"{path} is missing: not a converted LM checkpoint")
-  with open(config_path) as f:
-    lm_config = json.load(f)
+  lm_config = json.loads(config_path.read_text())
   with ocp.StandardCheckpointer() as checkpointer:
     params = checkpointer.restore(params_path)
   params = {

@@ -256,6 +256,8 @@ def convert_directory(directory: str, dtype=np.float32):
   Raises:
     KeyError / ValueError naming the file or tensor: a missing, unmapped or mis-shaped tensor, a
       config of another family.
+
+  Long: the five parts (LM, new rows, vision, resampler, blocks) read from one set of files in turn.
   """
   import contextlib  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top

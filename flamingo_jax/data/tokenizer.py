@@ -58,6 +58,21 @@ def _special_id(tok: tokenizers.Tokenizer, token, source: str, what: str) -> int
   return i
 
 
+def original_vocabulary(tokenizer_json: bytes, vocab_size: int) -> bytes:
+  """A HF `tokenizer.json` without the tokens of id >= `vocab_size` (V).
+
+  A converted Flamingo-family model keeps its source's new token rows as the project's extra rows
+  (`convert/idefics.py`: IDEFICS's `<fake_token_around_image>` and `<image>`, ids V and V + 1), and
+  `Tokenizer` appends `<image>` and `<EOC>` at V and V + 1 itself: the source's own entries go.
+  """
+  data = json.loads(tokenizer_json)
+  data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < vocab_size]
+  vocab = data.get("model", {}).get("vocab")
+  if isinstance(vocab, dict):
+    data["model"]["vocab"] = {token: i for token, i in vocab.items() if i < vocab_size}
+  return json.dumps(data, ensure_ascii=False).encode("utf-8")
+
+
 class Tokenizer:
   """The LM tokenizer with `<image>` (id V) and `<EOC>` (id V+1) appended.
 

@@ -229,3 +229,35 @@ def test_chatml_matches_smollm2_template(tok):
   assert tokenizer_lib.chatml(system, default_system="unused").startswith(
     "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
   )
+
+
+def test_a_sources_own_new_tokens_become_the_projects(tmp_path):
+  """IDEFICS's tokenizer.json holds `<fake_token_around_image>` (V) and `<image>` (V + 1): without
+  them (`original_vocabulary`), `<image>` and `<EOC>` are appended at V and V + 1 as for any LM."""
+  import json  # pylint: disable=g-import-not-at-top
+
+  from tests.data import data_helpers  # pylint: disable=g-import-not-at-top
+
+  path = data_helpers.byte_tokenizer_json(tmp_path / "src")
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  for i, token in enumerate(("<fake_token_around_image>", "<image>")):
+    data["added_tokens"].append(
+      dict(
+        id=257 + i,
+        content=token,
+        single_word=False,
+        lstrip=False,
+        rstrip=False,
+        normalized=False,
+        special=True,
+      )
+    )
+  raw = json.dumps(data).encode()
+  with pytest.raises(ValueError, match="already in the vocabulary"):
+    (tmp_path / "src" / "tokenizer.json").write_bytes(raw)
+    tokenizer_lib.Tokenizer.from_hf(path)
+  (tmp_path / "src" / "tokenizer.json").write_bytes(tokenizer_lib.original_vocabulary(raw, 257))
+  tok = tokenizer_lib.Tokenizer.from_hf(path)
+  assert (tok.base_vocab_size, tok.image_id, tok.eoc_id) == (257, 257, 258)
+  assert tok.encode("a<image>b") == [tok.encode("a")[0], 257, tok.encode("b")[0]]

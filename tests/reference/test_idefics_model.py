@@ -83,3 +83,21 @@ def test_bad_inputs_name_the_file(converted, tmp_path):
   weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
   with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
     idefics.convert_directory(str(truncated))
+
+
+def test_cli_writes_a_run_directory_and_a_failed_conversion_leaves_the_old_one(converted, tmp_path):
+  from flamingo_jax.convert import __main__ as convert_main  # pylint: disable=g-import-not-at-top
+
+  out, model_cfg, _ = converted
+  target = tmp_path / "idefics"
+  convert_main.main(["--from", f"idefics:{out / 'model'}", "--out", str(target)])
+  run_config = json.loads((target / "config.json").read_text())
+  assert run_config["model"] == model_cfg.to_dict() and run_config["data"] == {"source": "converted"}
+  before = sorted(p.name for p in target.rglob("*"))
+  broken = tmp_path / "broken"
+  shutil.copytree(out / "model", broken)
+  (broken / "model.safetensors").write_bytes(b"\0" * 16)
+  with pytest.raises(ValueError, match="not a readable safetensors file"):
+    convert_main.main(["--from", f"idefics:{broken}", "--out", str(target), "--overwrite"])
+  assert sorted(p.name for p in target.rglob("*")) == before  # the earlier output, whole
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "idefics"]  # no temporary left
