@@ -52,6 +52,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.num_prompts = 6  # close-ended prompt ensembling: support permutations (the paper's 6)
   config.text_only_baseline = True  # the same prompts through the frozen LM, no images
   config.text_only_shots = ()  # shots of the text-only runs (() = config.shots)
+  # The model family's prompts (flamingo_jax/eval/prompting.py: FORMATS): 'auto' takes the run's own
+  # (a converted OpenFlamingo or IDEFICS: its config.json), else 'flamingo', the paper's.
+  config.prompt_format = "auto"
   config.text_only_format = "lm"  # 'lm': as plain text (<image> dropped, <EOC> -> a
   # newline); 'flamingo': the identical token sequence
   config.video_frames = 30  # the paper's 30 (training sees 8: temporal interpolation)

@@ -256,7 +256,9 @@ def evaluate(config, workdir: str) -> dict:
     if task == binding.TASK:
       _binding(config, model, tokenizer, params, run_config, model_cfg, results, out_dir, writer)
       continue
-    evaluator = evaluators.make_evaluator(task, config, model_cfg.image_size)
+    evaluator = evaluators.make_evaluator(
+      task, config, model_cfg.image_size, prompt_format(config, run_config)
+    )
     r = results["tasks"][task] = {"metric": evaluator.metric, "num_queries": len(evaluator.data.queries)}
     for selection, shots, lm_only in _settings(config):
       per_seed = {}
@@ -301,6 +303,13 @@ def evaluate(config, workdir: str) -> dict:
     plot(results, os.path.join(out_dir, "accuracy_vs_shots.png"))
     print(format_table(results), flush=True)
   return results
+
+
+def prompt_format(config, run_config) -> str:
+  """`config.prompt_format`, where 'auto' is the run's own (a converted model's family) or the paper's."""
+  if config.prompt_format != "auto":
+    return config.prompt_format
+  return run_config.prompt_format if run_config is not None and "prompt_format" in run_config else "flamingo"
 
 
 def training_names(run_config) -> tuple[tuple[str, ...], str]:

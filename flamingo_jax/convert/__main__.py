@@ -88,6 +88,7 @@ def main(argv=None):
       tokenizer=tokenizer,
       init_from=dict(lm=f"converted:{out}", vision=out, flamingo=out),
       data=dict(source="converted"),
+      prompt_format=args.source.partition(":")[0],  # prompting.FORMATS: each family's own prompts
     )
     converted.save_converted(
       out, lm_config, params, dict(source, lm=args.lm, vision=args.vision), args.overwrite, run_config, files

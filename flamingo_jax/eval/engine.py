@@ -100,6 +100,8 @@ class EvalModel:
     self.model, self.batch_size, self.num_beams = model, int(batch_size), int(num_beams)
     self.length_penalty, self.image_batch_size = float(length_penalty), int(image_batch_size)
     self.pad_id, self.image_id, self.bos_id = tokenizer.pad_id, tokenizer.image_id, tokenizer.bos_id
+    # IDEFICS's phi: no image after an end of sequence until the next marker (`xattn.media_reset`).
+    self.reset_id = int(tokenizer.eos_id) if model.configs.xattn.media_reset == "eos" else None
     stops = {int(tokenizer.eoc_id), int(tokenizer.eos_id)}
     if not getattr(tokenizer, "add_bos", False):  # BOS is then the document separator
       stops.add(int(tokenizer.bos_id))
@@ -176,7 +178,11 @@ class EvalModel:
       b, t = tokens.shape
       media, per_media = (0, None) if visual is None else visual.shape[1:3]
       cache = m.init_cache(b, t + max_new_tokens, media, m.configs.dtype, tokens_per_media=per_media)
-      phi = None if visual is None else masking.media_index_from_tokens(tokens, image_id)[:, :-1]
+      phi = (
+        None
+        if visual is None
+        else masking.media_index_from_tokens(tokens, image_id, reset_id=self.reset_id)[:, :-1]
+      )
       # All but the last token: their logits are never computed (the outputs are unused).
       _, cache = m.prefill(
         params,
@@ -342,7 +348,11 @@ class EvalModel:
 
     def score(params, tokens, token_mask, target_mask, visual=None):
       def forward(tokens, token_mask, visual=None):
-        phi = None if visual is None else masking.media_index_from_tokens(tokens, image_id)
+        phi = (
+          None
+          if visual is None
+          else masking.media_index_from_tokens(tokens, image_id, reset_id=self.reset_id)
+        )
         return m.lm_forward(params, None, tokens, visual, phi, token_mask, None, lm_only)[0]
 
       extra = {} if visual is None else {"visual": visual}

@@ -57,9 +57,10 @@ def _merge_hosts(acc: vqa_lib.VQAAccumulator) -> vqa_lib.VQAAccumulator:
   return vqa_lib.VQAAccumulator().merge([{"sum": total, "count": count}])
 
 
-def plain_text(text: str) -> str:
-  """A prompt as a text-only LM reads it: `<image>` markers dropped, `<EOC>` -> newline."""
-  return text.replace(prompting.IMAGE_TOKEN, "").replace(prompting.EOC_TOKEN, "\n")
+def plain_text(text: str, template: prompting.PromptTemplate | None = None) -> str:
+  """A prompt as a text-only LM reads it: images (`template.image_block`) dropped, `<EOC>` -> newline."""
+  block = template.image_block if template is not None else prompting.IMAGE_TOKEN
+  return text.replace(block, "").replace(prompting.EOC_TOKEN, "\n")
 
 
 def _seed(seed: int, query: int) -> int:
@@ -88,9 +89,12 @@ class Evaluator:
     prompt_bucket: int = 32,
     num_prompts: int = 1,
     text_only_format: str = "lm",
+    prompt_format: str = "flamingo",
   ):
+    """`prompt_format`: the model family's prompts (`prompting.FORMATS`)."""
     if text_only_format not in ("lm", "flamingo"):
       raise ValueError(f"text_only_format must be 'lm' or 'flamingo', got {text_only_format!r}")
+    self.template = prompting.template_for(self.task, prompt_format)
     self.data, self.max_new_tokens = data, int(max_new_tokens)
     self.text_only_format = text_only_format
     self.prompt_bucket, self.num_prompts = int(prompt_bucket), int(num_prompts)
@@ -131,14 +135,16 @@ class Evaluator:
     for q, support in zip(queries, supports):
       query = self.data.queries[q]
       if shots == 0:
-        prompts.append([prompting.zero_shot_prompt(support, query, self.task)])
+        prompts.append([prompting.zero_shot_prompt(support, query, self.task, template=self.template)])
       else:
         prompts.append(
-          prompting.permuted_prompts(support, query, self.task, self.num_prompts, seed=_seed(seed, q))
+          prompting.permuted_prompts(
+            support, query, self.task, self.num_prompts, seed=_seed(seed, q), template=self.template
+          )
         )
     plain = lm_only and self.text_only_format == "lm"
     if plain:
-      prompts = [[(plain_text(t), m) for t, m in p] for p in prompts]
+      prompts = [[(plain_text(t, self.template), m) for t, m in p] for p in prompts]
     ids = [[[tokenizer.bos_id] + tokenizer.encode(text) for text, _ in p] for p in prompts]
     # Sticky per shots: a later seed reuses the padded length when its prompts fit (no recompile).
     needed = max(len(i) for p in ids for i in p)
@@ -210,7 +216,7 @@ class Evaluator:
 
   def _outputs(self, model, params, tokenizer, ids, media, *, prompt_len, lm_only, plain):
     """One dict per query: at least {'prediction': str}."""
-    newline = tokenizer.encode("\n") if plain else []
+    newline = tokenizer.encode("\n") if plain or self.template.end == "\n" else []
     texts = model.generate(
       params,
       [i[0] for i in ids],
@@ -258,10 +264,8 @@ class ClassificationEvaluator(Evaluator):
 
   def _outputs(self, model, params, tokenizer, ids, media, *, prompt_len, lm_only, plain):
     candidates = self.data.candidates
-    cand_ids = [
-      tokenizer.encode(plain_text(prompting.continuation(c)) if plain else prompting.continuation(c))
-      for c in candidates
-    ]
+    conts = [prompting.continuation(c, self.task, self.template) for c in candidates]
+    cand_ids = [tokenizer.encode(plain_text(c, self.template) if plain else c) for c in conts]
     result = model.rank(params, ids, media, cand_ids, self.data.load, prompt_len=prompt_len, lm_only=lm_only)
     return [
       dict(prediction=candidates[int(b)], scores={c: float(s) for c, s in zip(candidates, row)})
@@ -269,8 +273,9 @@ class ClassificationEvaluator(Evaluator):
     ]
 
 
-def make_evaluator(name: str, config, image_size: int) -> Evaluator:
-  """The evaluator `name` (a key of EVALUATORS) from the few-shot eval config."""
+def make_evaluator(name: str, config, image_size: int, prompt_format: str = "flamingo") -> Evaluator:
+  """The evaluator `name` (a key of EVALUATORS) from the few-shot eval config, prompting in the
+  model family's `prompt_format`."""
   if name not in EVALUATORS:
     raise KeyError(f"Unknown evaluator {name!r} in config.tasks; expected one of {sorted(EVALUATORS)}")
   options = config.task_options[name]
@@ -284,6 +289,7 @@ def make_evaluator(name: str, config, image_size: int) -> Evaluator:
     prompt_bucket=config.prompt_bucket,
     num_prompts=config.num_prompts if cls is ClassificationEvaluator else 1,
     text_only_format=config.text_only_format,
+    prompt_format=prompt_format,
   )
 
 

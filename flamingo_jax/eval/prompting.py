@@ -13,6 +13,12 @@ Zero-shot (paper): two text-only support examples, i.e. their `<image>` removed 
 
 The text holds no BOS: the caller prepends the tokenizer's `bos_id`. `image_refs` lists the image of
 each `<image>` of the text, in order (support images, then the query's).
+
+`FORMATS` holds each model family's own prompts (`config.prompt_format`): the paper's above;
+OpenFlamingo's evaluation prompts (`<image>Question:{q} Short answer:{a}<|endofchunk|>`, whose
+`<|endofchunk|>` is the converted model's `<EOC>` row); IDEFICS's (each image written as its processor
+writes it, `<fake_token_around_image><image><fake_token_around_image>`, the fake token being the
+converted model's `<EOC>` row; an example ends with a newline).
 """
 
 from __future__ import annotations
@@ -45,19 +51,29 @@ class Example:
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
   """`example` renders a support example (fields: question, answer, caption, label); `query` renders
-  the query with the answer left open; `separator` goes between consecutive examples."""
+  the query with the answer left open (the example's beginning); `separator` goes between consecutive
+  examples. Both start with `<image>`, written into the text as `image_block`; an example ends with
+  `end`."""
 
   example: str
   query: str
   separator: str = ""
+  image_block: str = IMAGE_TOKEN
+  end: str = EOC_TOKEN
 
   def __post_init__(self):
     for name in ("example", "query"):
       text = getattr(self, name)
       if not text.startswith(IMAGE_TOKEN):
         raise ValueError(f"PromptTemplate.{name} must start with {IMAGE_TOKEN!r}, got {text!r}")
-    if not self.example.endswith(EOC_TOKEN):
-      raise ValueError(f"PromptTemplate.example must end with {EOC_TOKEN!r}, got {self.example!r}")
+    if not self.example.endswith(self.end):
+      raise ValueError(f"PromptTemplate.example must end with {self.end!r}, got {self.example!r}")
+    if self.image_block.count(IMAGE_TOKEN) != 1:
+      raise ValueError(f"PromptTemplate.image_block must hold one {IMAGE_TOKEN!r}, got {self.image_block!r}")
+
+  def write(self, text: str, with_image: bool = True) -> str:
+    """A rendered example or query with its leading `<image>` as `image_block` (or dropped)."""
+    return (self.image_block if with_image else "") + text[len(IMAGE_TOKEN) :]
 
 
 DEFAULT_TEMPLATES = types.MappingProxyType(
@@ -71,12 +87,53 @@ DEFAULT_TEMPLATES = types.MappingProxyType(
 )
 
 
-def _template(task: str, template: PromptTemplate | None) -> PromptTemplate:
-  if template is not None:
-    return template
-  if task not in DEFAULT_TEMPLATES:
+_IDEFICS_IMAGE = EOC_TOKEN + IMAGE_TOKEN + EOC_TOKEN
+FORMATS = types.MappingProxyType(
+  {
+    "flamingo": DEFAULT_TEMPLATES,
+    "open_flamingo": types.MappingProxyType(
+      {
+        "vqa": PromptTemplate(
+          example="<image>Question:{question} Short answer:{answer}<EOC>",
+          query="<image>Question:{question} Short answer:",
+        ),
+        "captioning": PromptTemplate(example="<image>Output:{caption}<EOC>", query="<image>Output:"),
+        "classification": PromptTemplate(
+          example="<image>A photo of a {label}<EOC>", query="<image>A photo of a"
+        ),
+      }
+    ),
+    "idefics": types.MappingProxyType(
+      {
+        "vqa": PromptTemplate(
+          example="<image>Question: {question} Answer: {answer}\n",
+          query="<image>Question: {question} Answer:",
+          image_block=_IDEFICS_IMAGE,
+          end="\n",
+        ),
+        "captioning": PromptTemplate(
+          example="<image>Caption: {caption}\n", query="<image>Caption:", image_block=_IDEFICS_IMAGE, end="\n"
+        ),
+        "classification": PromptTemplate(
+          example="<image>Category: {label}\n", query="<image>Category:", image_block=_IDEFICS_IMAGE, end="\n"
+        ),
+      }
+    ),
+  }
+)
+
+
+def template_for(task: str, prompt_format: str = "flamingo") -> PromptTemplate:
+  """The `prompt_format` family's template of `task`."""
+  if prompt_format not in FORMATS:
+    raise ValueError(f"Unknown prompt format {prompt_format!r}; expected one of {sorted(FORMATS)}")
+  if task not in FORMATS[prompt_format]:
     raise ValueError(f"Unknown prompt task {task!r}; expected one of {TASKS} or pass a template")
-  return DEFAULT_TEMPLATES[task]
+  return FORMATS[prompt_format][task]
+
+
+def _template(task: str, template: PromptTemplate | None) -> PromptTemplate:
+  return template if template is not None else template_for(task)
 
 
 def target_text(example: Example, task: str) -> str:
@@ -98,21 +155,28 @@ def _fields(example: Example, answer: str | None) -> dict[str, str | None]:
   return {"question": example.question, "answer": answer, "caption": answer, "label": answer}
 
 
-def render_example(example: Example, task: str, *, template: PromptTemplate | None = None) -> str:
+def render_example(
+  example: Example, task: str, *, template: PromptTemplate | None = None, with_image: bool = True
+) -> str:
   """A support example with its answer: e.g. "<image>Question: q Answer: a<EOC>"."""
-  return _template(task, template).example.format(**_fields(example, target_text(example, task)))
+  tmpl = _template(task, template)
+  return tmpl.write(tmpl.example.format(**_fields(example, target_text(example, task))), with_image)
 
 
 def render_query(example: Example, task: str, *, template: PromptTemplate | None = None) -> str:
   """The query with its answer left open: e.g. "<image>Question: q Answer:"."""
   if task == "vqa" and example.question is None:
     raise ValueError(f"VQA query for image {example.image!r} has no question")
-  return _template(task, template).query.format(**_fields(example, None))
+  tmpl = _template(task, template)
+  return tmpl.write(tmpl.query.format(**_fields(example, None)))
 
 
-def continuation(answer: str) -> str:
-  """What the model should write after the open query for `answer`: " {answer}<EOC>"."""
-  return f" {answer}{EOC_TOKEN}"
+def continuation(answer: str, task: str = "classification", template: PromptTemplate | None = None) -> str:
+  """What the model should write after the open query for `answer`: the example's text after the
+  query's, e.g. " {answer}<EOC>" (OpenFlamingo's VQA: "{answer}<EOC>", no space)."""
+  tmpl = _template(task, template)
+  fields = {"question": "", "answer": answer, "caption": answer, "label": answer}
+  return tmpl.example.format(**fields)[len(tmpl.query.format(**fields)) :]
 
 
 def build_prompt(
@@ -143,12 +207,9 @@ def build_prompt(
     random.Random(shuffle_seed).shuffle(support)
   parts, image_refs = [], []
   for example in support:
-    text = render_example(example, task, template=tmpl)
-    if text_only_support:
-      text = text.replace(IMAGE_TOKEN, "")
-    else:
+    parts.append(render_example(example, task, template=tmpl, with_image=not text_only_support))
+    if not text_only_support:
       image_refs.append(example.image)
-    parts.append(text)
   parts.append(render_query(query, task, template=tmpl))
   image_refs.append(query.image)
   text = tmpl.separator.join(parts)

@@ -157,6 +157,7 @@ def build_model_config(size: str, spec: dict) -> ml_collections.ConfigDict:
     first=0,
     gating="tanh",
     media_attention="last",
+    media_reset="none",
     ffw_activation="squared_relu",
     norm="layer",
     norm_eps=1e-5,

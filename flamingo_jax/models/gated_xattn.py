@@ -33,6 +33,7 @@ class XAttnConfig:
   media_dim: int = 576  # Dr, the resampler's output width
   gating: str = "tanh"  # 'tanh' (the paper) | 'none' (ablation: ungated)
   media_attention: str = "last"  # 'last': the phi media item (the paper) | 'all_previous' (ablation)
+  media_reset: str = "none"  # 'eos': after an end of sequence no image until the next (IDEFICS's phi)
   ffw_activation: str = "squared_relu"  # the paper's; 'gelu' in OpenFlamingo's blocks
   # IDEFICS's flavour: RMSNorm, a SwiGLU FFW of the LM's width, RMSNorm on each head's q and k,
   # one gate per channel (alpha_type='vector').
@@ -50,6 +51,8 @@ class XAttnConfig:
       raise ValueError(
         f"xattn.media_attention must be 'last' or 'all_previous', got {self.media_attention!r}"
       )
+    if self.media_reset not in ("none", "eos"):
+      raise ValueError(f"xattn.media_reset must be 'none' or 'eos', got {self.media_reset!r}")
     if not 0 <= self.first < max(self.every, 1):
       raise ValueError(f"xattn.first must be in [0, every={self.every}), got {self.first}")
     if self.ffw_activation not in layers.ACTIVATIONS:

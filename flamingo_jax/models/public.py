@@ -110,6 +110,7 @@ def idefics_spec(
       ffw_hidden=lm["ffw_hidden"],
       qk_norm=qk_norm,
       gate_shape="vector" if vector_gates else "scalar",
+      media_reset="eos",
     ),
     resampler=dict(
       dim=vision_width,

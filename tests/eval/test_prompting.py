@@ -107,3 +107,30 @@ def test_random_support_excludes_query():
   assert chosen == prompting.random_support(pool, 4, seed=0, exclude=2)
   with pytest.raises(ValueError, match="only 4"):
     prompting.random_support(pool, 5, seed=0, exclude=2)
+
+
+def test_each_familys_own_prompts():
+  """OpenFlamingo's evaluation prompts and IDEFICS's (its processor's fake tokens around each image,
+  which the converted model holds in its `<EOC>` row; a newline ends an example)."""
+  support = [prompting.Example(image="s", question="what?", answers=("red",))]
+  query = prompting.Example(image="q", question="q2")
+  text, refs = prompting.build_prompt(
+    support, query, "vqa", template=prompting.template_for("vqa", "open_flamingo")
+  )
+  assert text == "<image>Question:what? Short answer:red<EOC><image>Question:q2 Short answer:" and refs == [
+    "s",
+    "q",
+  ]
+  idefics = prompting.template_for("vqa", "idefics")
+  text, refs = prompting.build_prompt(support, query, "vqa", template=idefics)
+  assert text == "<EOC><image><EOC>Question: what? Answer: red\n<EOC><image><EOC>Question: q2 Answer:"
+  text, refs = prompting.zero_shot_prompt(support * 2, query, "vqa", template=idefics)
+  assert text.count("<image>") == 1 and text.startswith("Question: what? Answer: red\n") and refs == ["q"]
+  assert (
+    prompting.continuation("cat", "classification", prompting.template_for("classification", "idefics"))
+    == " cat\n"
+  )
+  assert prompting.continuation("cat", "vqa", prompting.template_for("vqa", "open_flamingo")) == "cat<EOC>"
+  assert prompting.continuation("cat") == " cat<EOC>"
+  with pytest.raises(ValueError, match="Unknown prompt format"):
+    prompting.template_for("vqa", "blip")

@@ -1,6 +1,7 @@
 """Hand cases of phi (`media_index_from_tokens`): previous image, next image (p_next), mixed per sequence."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -60,3 +61,12 @@ def test_single_token_sequences():
   tokens = np.array([[I], [1]], np.int32)
   np.testing.assert_array_equal(_phi(tokens, I), [[0], [-1]])
   np.testing.assert_array_equal(_phi(tokens, I, True), [[0], [-1]])
+
+
+def test_eos_reset_rule_of_idefics():
+  """`reset_id`: after an end of sequence (kept by the EOS itself) no image until the next marker;
+  numpy (the pipelines) and jax (the model) agree."""
+  tokens = np.array([[5, 9, 5, 2, 5, 9, 2, 9, 5], [2, 5, 9, 5, 5, 2, 2, 5, 9]])
+  want = np.array([[-1, 0, 0, 0, -1, 1, 1, 2, 2], [-1, -1, 0, 0, 0, 0, -1, -1, 1]])
+  np.testing.assert_array_equal(masking.media_index_from_tokens(tokens, 9, reset_id=2), want)
+  np.testing.assert_array_equal(masking.media_index_from_tokens(jnp.asarray(tokens), 9, reset_id=2), want)

@@ -8,7 +8,8 @@ a block before every second layer, qk layer norms 0/1, 'float' or 'vector' alpha
 `save_pretrained` (config.json + model.safetensors) in OUT_DIR/model, and writes as .npy: images
 [B, N, H, W, 3] in [0, 1]; ids / mask [B, T] (left padding, text before the first image; `<image>`
 = V + 1, `<fake_token_around_image>` = V around it, as IDEFICS's prompts have them) with logits
-[B, T, V + 2] for the image attention mask of IDEFICS's processor; generated [B, 5] (greedy).
+[B, T, V + 2] for the image attention mask of IDEFICS's processor (an EOS inside the first row);
+generated [B, 5] (greedy).
 """
 
 import os
@@ -24,14 +25,19 @@ V, T, NEW = 40, 14, 5
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
+EOS = 2
+
+
 def prompts(rng):
-  """Each row: text, <fake><image><fake>, text, <fake><image><fake>, text (no EOS: it resets)."""
+  """Each row: text, <fake><image><fake>, text, <fake><image><fake>, text; the first row ends its
+  first chunk with an EOS (IDEFICS's processor: the tokens after it see no image until the next)."""
   rows = []
   for length in (T, T - 3):
     ids = list(rng.integers(3, V, length))
     for at in (2, length // 2 + 1):
       ids[at - 1 : at + 2] = [V, V + 1, V]
     rows.append(ids)
+  rows[0][T // 2 - 2] = EOS
   return rows
 
 
@@ -85,7 +91,7 @@ def main():
   rows = prompts(rng)
   ids = np.array([[0] * (T - len(r)) + r for r in rows])
   mask = np.array([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-  tokenizer = types.SimpleNamespace(convert_tokens_to_ids=lambda token: V + 1, eos_token_id=2)
+  tokenizer = types.SimpleNamespace(convert_tokens_to_ids=lambda token: V + 1, eos_token_id=EOS)
   index, _ = processing_idefics.image_attention_mask_for_packed_input_ids_pt(torch.from_numpy(ids), tokenizer)
   image_mask = processing_idefics.incremental_to_binary_attention_mask(
     index, return_tensors="pt", num_classes=2

@@ -18,6 +18,7 @@ from flamingo_jax.models import flamingo, masking
 from tests.reference.test_open_flamingo import to_project_ids
 
 STEPS = 5
+EOS = 2  # the tiny IdeficsConfig's eos_token_id
 
 
 @pytest.fixture(scope="module", params=[("1", "vector"), ("0", "float")], ids=["qk-vector", "float"])
@@ -37,10 +38,15 @@ def _prompt(out, v):
 def test_logits_match_transformers(converted):
   out, model_cfg, params = converted
   assert model_cfg.vision_variant == "ViT-test-idefics" and model_cfg.xattn.first == 0
+  assert model_cfg.xattn.media_reset == "eos"
   v = model_cfg.lm.vocab_size
   ids, mask, images = _prompt(out, v)
+  phi = masking.media_index_from_tokens(ids, v, reset_id=EOS)
+  assert (phi != masking.media_index_from_tokens(ids, v)).any()  # the prompt's EOS matters
   model = flamingo.make_model(model_cfg)
-  logits = jax.jit(model.forward)(params, None, images, ids, masking.media_index_from_tokens(ids, v), mask)
+  logits = jax.jit(model.forward)(
+    params, None, images, ids, masking.media_index_from_tokens(ids, v, reset_id=EOS), mask
+  )
   want = np.load(out / "logits.npy")
   want = np.concatenate([want[..., :v], want[..., [v + 1, v]]], axis=-1)  # swap the two new rows
   np.testing.assert_allclose(np.asarray(logits)[mask], want[mask], atol=1e-4, rtol=0)
@@ -57,7 +63,7 @@ def test_greedy_decoding_matches_generate(converted):
     ids,
     cache,
     visual=model.encode_media(params, None, images),
-    media_index=masking.media_index_from_tokens(ids, v),
+    media_index=masking.media_index_from_tokens(ids, v, reset_id=EOS),
     token_mask=mask,
   )
   decode = jax.jit(model.decode_step)

@@ -58,6 +58,7 @@ def test_output_directory(converted_dir):
     run_config = json.load(f)
   assert run_config["model"]["xattn"]["first"] == 1 and run_config["model"]["lm"]["vocab_size"] == 257
   assert run_config["tokenizer"] == f"hf:{converted_dir}/tokenizer.json"
+  assert run_config["prompt_format"] == "open_flamingo"
   lm_config, lm_params = converted.load_converted(converted_dir)  # the LM spec `converted:DIR`
   assert sorted(lm_params) == ["lm/embed", "lm/final_norm", "lm/layers", "lm/unembed"]
   assert not [n for n in os.listdir(os.path.dirname(converted_dir)) if ".tmp-" in n]
@@ -72,6 +73,9 @@ def test_evaluate_runs_few_shot_easy_vqa(converted_dir, tmp_path):
   assert results["checkpoint_step"] == 0 and not results["baseline_at_init"]
   assert 0.0 <= results["metrics"]["eval/easy_vqa/random/2shot/accuracy"] <= 100.0
   assert os.path.exists(tmp_path / "eval" / "results.json")
+  with open(tmp_path / "eval" / "predictions" / "easy_vqa_random_2shot_seed0.jsonl") as f:
+    prompt = json.loads(f.readline())["prompt"]
+  assert prompt.startswith("<image>Question:") and "Short answer:" in prompt  # OpenFlamingo's own prompts
 
 
 def test_fine_tuning_moves_only_the_trained_parts(converted_dir, tmp_path):
