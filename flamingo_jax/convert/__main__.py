@@ -13,6 +13,7 @@ A whole public Flamingo-family model (docs/PRETRAINED.md), for `evaluate --workd
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -22,6 +23,11 @@ from flamingo_jax.data import tokenizer as tokenizer_lib
 from flamingo_jax.models import flamingo
 
 WHOLE_MODELS = ("open_flamingo", "idefics")
+# Each source's own names of the project's `<image>` and `<EOC>` (whose rows the converters fill).
+TOKEN_ALIASES = {
+  "open_flamingo": {"<|endofchunk|>": "<EOC>"},
+  "idefics": {"<fake_token_around_image>": "<EOC>"},
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -81,6 +87,10 @@ def main(argv=None):
       files["tokenizer.json"] = tokenizer_lib.original_vocabulary(
         files["tokenizer.json"], model_cfg.lm.vocab_size
       )
+    if "tokenizer_config.json" in files:  # the source's names of those two tokens
+      hf = json.loads(files["tokenizer_config.json"])
+      hf[tokenizer_lib.ALIASES_KEY] = TOKEN_ALIASES[args.source.partition(":")[0]]
+      files["tokenizer_config.json"] = json.dumps(hf, indent=2).encode()
     out = os.path.abspath(args.out)
     tokenizer = f"hf:{os.path.join(out, 'tokenizer.json')}" if "tokenizer.json" in files else ""
     run_config = dict(

@@ -31,6 +31,9 @@ EOC_TOKEN = "<EOC>"
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
+# A converted model's names of `<image>` / `<EOC>` in its tokenizer_config.json (`convert/__main__.py`).
+ALIASES_KEY = "flamingo_jax_token_aliases"
+
 # llama.cpp token types (gguf.TokenType): NORMAL=1, UNKNOWN=2, CONTROL=3, USER_DEFINED=4,
 # UNUSED=5, BYTE=6. CONTROL and USER_DEFINED tokens are matched whole in the text.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -93,8 +96,16 @@ class Tokenizer:
     pad_id: int,
     add_bos: bool = False,
     chat_template: str | None = None,
+    aliases: dict[str, str] | None = None,
   ):
-    """Wraps a copy of `base` (the original vocabulary) and appends the two extra tokens."""
+    """Wraps a copy of `base` (the original vocabulary) and appends the two extra tokens.
+
+    `aliases`: a converted model's own names of them (`ALIASES_KEY` of its tokenizer_config.json,
+    e.g. {'<|endofchunk|>': '<EOC>'}), read as the project's tokens wherever they are written."""
+    for alias, token in (aliases or {}).items():
+      if token not in (IMAGE_TOKEN, EOC_TOKEN):
+        raise ValueError(f"alias {alias!r} -> {token!r}: aliases name {IMAGE_TOKEN} or {EOC_TOKEN}")
+    self.aliases = dict(aliases or {})
     self._base_json = base.to_str()
     self._tok = tokenizers.Tokenizer.from_str(self._base_json)
     self.base_vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
@@ -216,6 +227,7 @@ class Tokenizer:
       pad_id=_special_id(base, pad_token, tokenizer_json, "pad"),
       add_bos=add_bos,
       chat_template=hf.get("chat_template"),
+      aliases=hf.get(ALIASES_KEY),
     )
 
   @classmethod
@@ -225,12 +237,18 @@ class Tokenizer:
 
   # -- interface -----------------------------------------------------------------------------
 
+  def _canonical(self, text: str) -> str:
+    for alias, token in self.aliases.items():
+      text = text.replace(alias, token)
+    return text
+
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text` (special tokens written in the text map to their single ids)."""
-    return self._tok.encode(text, add_special_tokens=False).ids
+    """Token ids of `text` (special tokens written in the text, and their aliases, map to their single ids)."""
+    return self._tok.encode(self._canonical(text), add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    texts = [self._canonical(t) for t in texts]
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
     """Text of `ids`; `skip_special` drops control tokens, `<image>` and `<EOC>`."""

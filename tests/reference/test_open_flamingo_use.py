@@ -14,6 +14,7 @@ import pytest
 from configs import fewshot_eval
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import evaluate as evaluate_lib
+from flamingo_jax import sources
 from flamingo_jax.convert import converted
 from tests.data import data_helpers
 
@@ -59,6 +60,12 @@ def test_output_directory(converted_dir):
   assert run_config["model"]["xattn"]["first"] == 1 and run_config["model"]["lm"]["vocab_size"] == 257
   assert run_config["tokenizer"] == f"hf:{converted_dir}/tokenizer.json"
   assert run_config["prompt_format"] == "open_flamingo"
+  tok = sources.make_tokenizer(run_config["tokenizer"])
+  assert (
+    tok.encode("a<|endofchunk|><image>")
+    == tok.encode("a<EOC><image>")
+    == [tok.encode("a")[0], tok.eoc_id, tok.image_id]
+  )
   lm_config, lm_params = converted.load_converted(converted_dir)  # the LM spec `converted:DIR`
   assert sorted(lm_params) == ["lm/embed", "lm/final_norm", "lm/layers", "lm/unembed"]
   assert not [n for n in os.listdir(os.path.dirname(converted_dir)) if ".tmp-" in n]
