@@ -1,6 +1,8 @@
 """Test set-up: 8 simulated host CPU devices, set before JAX is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 # Tests compile many small programs: cheaper XLA CPU back-end passes halve compile time, and tiny
 # shapes run fast without them. Subprocesses started by tests inherit the same flags.
@@ -13,12 +15,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # but tests never depend on particular random values).
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent compilation cache per test session, shared with the subprocesses (training runs that
+# restart, stage 2 after stage 1): the same programs compile once. Fresh each session: no stale entries.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flamingo-jax-tests-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # TensorFlow (tf.data) must never grab accelerators or the JAX devices.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402  (after the environment is set)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_configure(config):
