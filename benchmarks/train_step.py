@@ -29,11 +29,10 @@ import numpy as np  # noqa: E402
 from configs import main_job  # noqa: E402
 from flamingo_jax.models import (
   flamingo,  # noqa: E402
-  gated_xattn,  # noqa: E402
 )
 from flamingo_jax.parallel import logical  # noqa: E402
 from flamingo_jax.parallel import mesh as mesh_lib  # noqa: E402
-from flamingo_jax.train import host_memory, objectives  # noqa: E402
+from flamingo_jax.train import host_memory, objectives, throughput  # noqa: E402
 from flamingo_jax.train import setup as setup_lib  # noqa: E402
 from flamingo_jax.train import state as state_lib  # noqa: E402
 
@@ -94,39 +93,17 @@ def batch(cfg, seed=0, b=B, t=T, n=N, lv=LV):
 
 
 def step_flops(cfg, b=B, t=T, n=N, lv=LV) -> dict:
-  """Matmul FLOPs of one training step at this shape, counted by hand from the model config.
+  """Matmul FLOPs of one training step at this shape, counted by hand (`flamingo_jax/train/throughput.py`,
+  the training log's count) without the vision encoder: the features are precomputed here.
 
-  XLA's cost analysis counts a while-loop body once, so it under-counts scanned layers; this count
-  does not depend on how the program is compiled. Multiply-add = 2 FLOPs. The frozen LM needs its
-  forward and the gradient w.r.t. its activations (2x forward; no weight gradients, since every LM
-  layer lies above the first xattn block); the trained resampler and xattn blocks need forward,
-  activation and weight gradients (3x forward). Attention scores are counted in full (no causal
-  halving), as XLA computes them; norms and element-wise work are left out.
+  The frozen LM needs its forward and the gradient w.r.t. its activations (2x forward); the trained
+  resampler and xattn blocks need forward, activation and weight gradients (3x forward).
   """
-  lm, xa, rs = cfg.lm, cfg.xattn, cfg.resampler
-  tokens, media = b * t, b * n
-  q, kv = lm.num_heads * lm.head_dim, lm.num_kv_heads * lm.head_dim
-  mlp_mats = 3 if lm.mlp == "swiglu" else 2
-  per_token = 2 * (lm.dim * q + 2 * lm.dim * kv + q * lm.dim + mlp_mats * lm.dim * lm.ffw_hidden)
-  lm_fwd = lm.num_layers * (tokens * per_token + b * 4 * t * t * q) + 2 * tokens * lm.dim * lm.vocab_size
-  blocks = gated_xattn.num_xattn_blocks(lm.num_layers, xa.every, xa.first)  # keys/values from R latents each
-  inner = xa.num_heads * xa.head_dim
-  xa_fwd = blocks * (
-    tokens * 2 * (2 * lm.dim * inner + 2 * lm.dim * xa.ffw_mult * lm.dim)
-    + media * rs.num_latents * 2 * 2 * rs.dim * inner
-    + b * 4 * t * n * rs.num_latents * inner
-  )
-  r_inner, r_keys = rs.num_heads * rs.head_dim, lv + rs.num_latents
-  rs_fwd = (
-    rs.depth
-    * media
-    * (
-      rs.num_latents * 2 * (2 * rs.dim * r_inner + 2 * rs.dim * rs.ffw_mult * rs.dim)
-      + r_keys * 2 * 2 * rs.dim * r_inner
-      + 4 * rs.num_latents * r_keys * r_inner
-    )
-  )
-  return dict(forward=lm_fwd + xa_fwd + rs_fwd, step=2 * lm_fwd + 3 * (xa_fwd + rs_fwd))
+  lm_fwd = throughput.lm_forward_flops(cfg.lm, b, t)
+  trained_fwd = throughput.xattn_forward_flops(
+    cfg.lm, cfg.xattn, cfg.resampler, b, t, n
+  ) + b * n * throughput.resampler_forward_flops(cfg.resampler, 1, lv)
+  return dict(forward=lm_fwd + trained_fwd, step=2 * lm_fwd + 3 * trained_fwd)
 
 
 def feature_objective(model, n=N) -> objectives.Objective:

@@ -74,6 +74,7 @@ def train(
     seed=seed,
     max_consecutive_skips=10,
     micro_batches=dict(micro_batches or {}),
+    peak_tflops=0.0,  # per device, for the logged MFU; 0: the device kind's datasheet figure
   )
 
 

@@ -135,6 +135,8 @@ def get_config(arg: str = "size=3b") -> ml_collections.ConfigDict:
     config.loss_normalisation = "per_sequence_sum"
     config.model.dtype = "bfloat16"
     config.model.remat = "dots"
+    # jax.nn.dot_product_attention: cuDNN flash attention on GPUs, XLA's fused softmax on TPUs.
+    config.model.lm.attention = config.model.xattn.attention = "fused"
     config.mesh = dict(shape=PAPER_MESH[size])
     config.optim = common.optim()
     config.train = common.train(args["steps"] or 500_000, log_every=100, checkpoint_every=2000)

@@ -76,7 +76,10 @@ def main(argv=None):
   source = {"from": args.source, "dtype": args.dtype}
   if args.source.partition(":")[0] in WHOLE_MODELS:
     model_cfg, params, tokenizer_dir = _whole_model(args, dtype)
-    lm_config = {k: v for k, v in model_cfg.lm.to_dict().items() if k != "num_extra_tokens"}
+    # The LM's weights' description (how attention is computed is the run's choice, not the source's).
+    lm_config = {
+      k: v for k, v in model_cfg.lm.to_dict().items() if k not in ("num_extra_tokens", "attention")
+    }
     files = {}
     for name in TOKENIZER_FILES:
       path = os.path.join(tokenizer_dir, name)

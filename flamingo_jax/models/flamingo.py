@@ -150,7 +150,8 @@ def build_model_config(size: str, spec: dict) -> ml_collections.ConfigDict:
   """The model section for a size spec (a `SIZES` entry); the spec's `lm`, `xattn` and `resampler`
   keys override the defaults below (the paper's flavour), so the converters of the public
   checkpoints describe a model by the same dict."""
-  lm = dict(dict(position="rope", alibi_bias_max=8.0, num_extra_tokens=2), **spec["lm"])  # MPT: alibi
+  lm_defaults = dict(position="rope", alibi_bias_max=8.0, num_extra_tokens=2, attention="einsum")
+  lm = dict(lm_defaults, **spec["lm"])  # MPT: alibi
   # Ablation switches (gating, media_attention, kind) and the public checkpoints' flavours
   # (ffw_activation 'gelu': OpenFlamingo; norm 'rms', ffw 'swiglu', qk_norm, gate_shape: IDEFICS).
   xattn_defaults = dict(
@@ -165,6 +166,7 @@ def build_model_config(size: str, spec: dict) -> ml_collections.ConfigDict:
     ffw_hidden=0,
     qk_norm=False,
     gate_shape="scalar",
+    attention="einsum",
   )
   resampler_defaults = dict(kind="perceiver", ffw_activation="squared_relu", qk_norm=False)
   return ml_collections.ConfigDict(

@@ -43,6 +43,7 @@ class XAttnConfig:
   ffw_hidden: int = 0  # F; 0 = ffw_mult * D
   qk_norm: bool = False
   gate_shape: str = "scalar"  # 'scalar' | 'vector' ([D])
+  attention: str = "einsum"  # `layers.ATTENTION_IMPLEMENTATIONS` ('fused': jax.nn.dot_product_attention)
 
   def __post_init__(self):
     if self.gating not in ("tanh", "none"):
@@ -50,6 +51,10 @@ class XAttnConfig:
     if self.media_attention not in ("last", "all_previous"):
       raise ValueError(
         f"xattn.media_attention must be 'last' or 'all_previous', got {self.media_attention!r}"
+      )
+    if self.attention not in layers.ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+        f"xattn.attention must be one of {layers.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}"
       )
     if self.media_reset not in ("none", "eos"):
       raise ValueError(f"xattn.media_reset must be 'none' or 'eos', got {self.media_reset!r}")
@@ -149,7 +154,7 @@ def gated_xattn_block(
   q = layers.matmul(h, p["q"], dtype).reshape(b, t, cfg.num_heads, cfg.head_dim)
   if cfg.qk_norm:
     q = layers.rms_norm(q, p["q_norm"], cfg.norm_eps)
-  attn = layers.attention(q, k, v, mask, dtype).reshape(b, t, -1)
+  attn = layers.attention(q, k, v, mask, dtype, implementation=cfg.attention).reshape(b, t, -1)
   gate = jnp.tanh if cfg.gating == "tanh" else (lambda alpha: 1.0)
   y = y + gate(p["attn_gate"]) * layers.matmul(attn, p["o"], dtype)
   h = _norm(y, p, "ffw_norm", cfg)

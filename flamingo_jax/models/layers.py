@@ -86,7 +86,15 @@ def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array) -> A
   return slopes[None, :, None, None] * distance[:, None, :, :]
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array, dtype, bias: Array | None = None) -> Array:
+# How attention is computed ('attention' of the LM and xattn configs): 'einsum', two einsums around an
+# fp32 softmax (any device); 'fused', `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs
+# where its constraints hold, XLA's own fused softmax elsewhere, CPU included).
+ATTENTION_IMPLEMENTATIONS = ("einsum", "fused")
+
+
+def attention(
+  q: Array, k: Array, v: Array, mask: Array, dtype, bias: Array | None = None, implementation: str = "einsum"
+) -> Array:
   """Multi-head attention with grouped K/V heads and exact zeros for fully masked rows.
 
   q: [B, T, Hq, dh]; k: [B, S, Hkv, dh]; v: [B, S, Hkv, dv]; mask: [B, T, S] bool (True = may attend);
@@ -95,7 +103,21 @@ def attention(q: Array, k: Array, v: Array, mask: Array, dtype, bias: Array | No
   softmax over an all-masked row would otherwise average all values).
   Returns [B, T, Hq, dv] in fp32.
   """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+      f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
+    )
   b, t, hq, dh = q.shape
+  any_allowed = jnp.any(mask, axis=-1)  # [B, T]
+  if implementation == "fused":
+    out = jax.nn.dot_product_attention(
+      q.astype(dtype),
+      k.astype(dtype),
+      v.astype(dtype),
+      bias=None if bias is None else bias.astype(dtype),
+      mask=mask[:, None, :, :],
+    )
+    return jnp.where(any_allowed[:, :, None, None], out.astype(jnp.float32), 0.0)
   hkv = k.shape[2]
   groups = hq // hkv
   q = q.reshape(b, t, hkv, groups, dh).astype(dtype)
@@ -106,8 +128,7 @@ def attention(q: Array, k: Array, v: Array, mask: Array, dtype, bias: Array | No
   allowed = mask[:, None, None, :, :]
   logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  any_allowed = jnp.any(mask, axis=-1)[:, None, None, :, None]
-  probs = jnp.where(any_allowed & allowed, probs, 0.0)
+  probs = jnp.where(any_allowed[:, None, None, :, None] & allowed, probs, 0.0)
   out = jnp.einsum(
     "bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32
   )

@@ -36,12 +36,14 @@ class LMConfig:
   tie_embeddings: bool = True
   max_seq_len: int = 8192
   num_extra_tokens: int = 2  # E: <image> = V, <EOC> = V+1
+  attention: str = "einsum"  # how, not what: `layers.ATTENTION_IMPLEMENTATIONS` ('fused' on accelerators)
 
   def __post_init__(self):
     for key, allowed in (
       ("mlp", _MLP_KINDS),
       ("norm", ("rms", "layer", "layer_nobias")),
       ("position", ("rope", "alibi")),
+      ("attention", layers.ATTENTION_IMPLEMENTATIONS),
     ):
       if getattr(self, key) not in allowed:
         raise ValueError(f"lm.{key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -91,7 +93,9 @@ def decoder_layer(p: dict, x, pos: Position, mask, cfg: LMConfig, dtype, cache_k
     k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1)
     new_kv = (k, v)
-  attn = layers.attention(q, k, v, mask, dtype, bias=pos.alibi).reshape(b, t, -1)
+  attn = layers.attention(q, k, v, mask, dtype, bias=pos.alibi, implementation=cfg.attention).reshape(
+    b, t, -1
+  )
   x = x + layers.matmul(attn, p["o"], dtype)
   h = _norm(x, p, "mlp_norm", cfg)
   if cfg.mlp == "swiglu":

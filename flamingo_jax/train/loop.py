@@ -6,6 +6,7 @@ Run it with `python -m flamingo_jax.train --config configs/<x>.py[:args] --workd
 """
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from flamingo_jax import init_from as init_from_lib
 from flamingo_jax import sources
 from flamingo_jax.data import global_batch
 from flamingo_jax.parallel import mesh as mesh_lib
-from flamingo_jax.train import host_memory, metrics_writer, preemption
+from flamingo_jax.train import host_memory, metrics_writer, preemption, throughput
 from flamingo_jax.train import setup as setup_lib
 from flamingo_jax.train import state as state_lib
 
@@ -92,10 +93,17 @@ def build(config, tokenizer=None) -> Setup:
   return Setup(mesh, data, abstract.batches, state, abstract.step)
 
 
-def _format_line(step, total, metrics, rate, examples_per_s, eta_s):
+def _format_line(step, total, metrics, rate, examples_per_s, eta_s, rates=None):
   main = " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items() if k == "loss" or k.startswith("loss/"))
+  speed = ""
+  if rates is not None:
+    mfu = "n/a" if rates["mfu"] != rates["mfu"] else f"{rates['mfu']:.1%}"  # NaN: no known peak (CPUs)
+    speed = (
+      f"{rates['tokens_per_s_per_device']:.0f} tok/s/device {rates['tflops_per_device']:.3g} "
+      f"TFLOP/s/device MFU {mfu} | "
+    )
   return (
-    f"step {step}/{total} | {rate:.2f} steps/s {examples_per_s:.1f} ex/s | "
+    f"step {step}/{total} | {rate:.2f} steps/s {examples_per_s:.1f} ex/s | {speed}"
     f"ETA {eta_s / 60:.1f} min | {main} | grad_norm={float(metrics['grad_norm']):.3f} "
     f"skipped={int(metrics['skipped'])}"
   )
@@ -137,6 +145,13 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, A
   writer = metrics_writer.MetricsWriter(workdir)
   uninstall = preemption.install_preemption_handler()
   examples_per_step = sum(int(d.batch_size) for d in config.data.datasets.values())
+  # Live throughput (Flamingo steps; stage 1's towers have no hand count here).
+  flops_per_step = tokens_per_step = None
+  if config.objective == "flamingo":
+    shapes = throughput.data_shapes(config.data)
+    flops_per_step = throughput.step_flops(config.model, shapes)["step"]
+    tokens_per_step = sum(b * t for b, t, _, _ in shapes.values())
+  peak = throughput.peak_tflops(jax.devices()[0].device_kind, float(config.train.peak_tflops))
   last, t0, t_last, steps_done = {}, time.time(), time.time(), 0
   try:
     for step in range(start, total):
@@ -153,8 +168,13 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, A
         rate = config.train.log_every / max(now - t_last, 1e-9)
         t_last = now
         eta = (total - done) / max(steps_done / max(now - t0, 1e-9), 1e-9)
-        logging.info(_format_line(done, total, metrics, rate, rate * examples_per_step, eta))
-        print(_format_line(done, total, metrics, rate, rate * examples_per_step, eta), flush=True)
+        rates = None
+        if flops_per_step is not None:
+          rates = throughput.throughput(flops_per_step, tokens_per_step, 1 / rate, jax.device_count(), peak)
+          metrics.update({f"perf/{k}": v for k, v in rates.items() if math.isfinite(v)})
+        line = _format_line(done, total, metrics, rate, rate * examples_per_step, eta, rates)
+        logging.info(line)
+        print(line, flush=True)
         writer.write(done, metrics)
         last = metrics
         if (

@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -113,3 +114,25 @@ def test_a_clip_vit_fills_the_vision_encoder_role():
   logits = model.forward(params, None, images, tokens, media_index)  # at init: the frozen LM
   lm_logits, _ = model.lm_forward(params, None, tokens, lm_only=True)
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(lm_logits))
+
+
+def test_fused_attention_gives_the_einsum_models_logits(setup):
+  """`lm.attention` / `xattn.attention = 'fused'` (jax.nn.dot_product_attention): the same logits,
+  with padding, open gates and tokens before the first image, and the same KV-cache decoding."""
+  model, params, images, tokens, media_index = setup
+  params = helpers.open_gates(params, jax.random.PRNGKey(7))
+  cfg = flamingo.model_config("tiny")
+  with cfg.unlocked():
+    cfg.lm.attention = cfg.xattn.attention = "fused"
+  fused = helpers.jit_model(flamingo.make_model(cfg))
+  mask = jnp.ones(tokens.shape, bool).at[1, -3:].set(False)
+  want = model.forward(params, None, images, tokens, media_index, mask)
+  got = fused.forward(params, None, images, tokens, media_index, mask)
+  np.testing.assert_allclose(np.asarray(got)[np.asarray(mask)], np.asarray(want)[np.asarray(mask)], atol=2e-5)
+  visual = model.encode_media(params, None, images)
+  outs = []
+  for m in (model, fused):
+    cache = m.init_cache(tokens.shape[0], tokens.shape[1] + 1, images.shape[1])
+    _, cache = m.prefill(params, tokens, cache, visual=visual, media_index=media_index)
+    outs.append(m.decode_step(params, tokens[:, :1], cache)[0])
+  np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), atol=2e-5)

@@ -11,11 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from configs import fewshot_eval
+from configs import fewshot_eval, pretrained
 from flamingo_jax import checkpoint as checkpoint_lib
 from flamingo_jax import evaluate as evaluate_lib
 from flamingo_jax import sources
 from flamingo_jax.convert import converted
+from flamingo_jax.train import loop
 from tests.data import data_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -87,12 +88,7 @@ def test_evaluate_runs_few_shot_easy_vqa(converted_dir, tmp_path):
 
 def test_fine_tuning_moves_only_the_trained_parts(converted_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  _run(
-    "-m",
-    "flamingo_jax.train",
-    f"--config=configs/pretrained.py:dir={converted_dir},data=synthetic,steps=3",
-    f"--workdir={workdir}",
-  )
+  loop.train(pretrained.get_config(f"dir={converted_dir},data=synthetic,steps=3"), workdir)  # as the CLI
   with checkpoint_lib.Checkpointer(workdir) as ckpt:
     state = ckpt.restore()[0]
   from flamingo_jax import init_from  # pylint: disable=g-import-not-at-top
