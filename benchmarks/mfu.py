@@ -43,8 +43,9 @@ from flamingo_jax.train import trainable  # noqa: E402
 SHAPES = {"1b": (256, 5, 100), "tiny": (32, 2, 4)}
 
 
-def model_config(size: str, remat: str):
-  """The benchmark's model config (see the module docstring)."""
+def model_config(size: str, remat: str, attention: str = "einsum"):
+  """The benchmark's model config (see the module docstring); `attention` as `lm.attention` and
+  `xattn.attention` ('fused': jax.nn.dot_product_attention, cuDNN flash attention on GPUs)."""
   if size == "tiny":
     cfg = flamingo.model_config("tiny")
     cfg.dtype = "bfloat16"
@@ -56,6 +57,8 @@ def model_config(size: str, remat: str):
       cfg.lm.num_layers = 16
       cfg.xattn.every = 4
   cfg.remat = remat
+  with cfg.unlocked():
+    cfg.lm.attention = cfg.xattn.attention = attention
   return cfg
 
 
@@ -103,13 +106,15 @@ def breakdown(objective, state, batch, steps: int) -> dict:
   return dict(forward_s=timed(forward, args, steps), forward_backward_s=timed(grad, args, steps))
 
 
-def run(size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool = False) -> dict:
+def run(
+  size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool = False, attention: str = "einsum"
+) -> dict:
   """Builds, compiles and times the step; returns its figures.
 
   Long: one measurement (build, lower, compile, time) end to end.
   """
   tokens, images, visual = SHAPES[size]
-  cfg = model_config(size, remat)
+  cfg = model_config(size, remat, attention)
   shape = dict(b=batch_size, t=tokens, n=images, lv=visual)
   s, config = bench.step_setup(cfg, **shape)
   params = jax.jit(s.objective.init)(jax.random.PRNGKey(0), bench.batch(cfg, **shape))
@@ -166,6 +171,7 @@ def main():
   parser.add_argument("--batch", default="32", help="comma-separated batch sizes")
   parser.add_argument("--remat", default="dots,none", help="comma-separated: none, dots, full")
   parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--attention", default="einsum,fused", help="comma-separated: einsum, fused")
   parser.add_argument(
     "--peak-tflops",
     type=float,
@@ -190,38 +196,46 @@ def main():
     flush=True,
   )
   results = []
-  for batch_size in [int(b) for b in args.batch.split(",")]:
-    for remat in args.remat.split(","):
-      try:
-        r = run(args.size, batch_size, remat, args.steps, args.breakdown)
-      except Exception as e:  # pylint: disable=broad-except  (an OOM at one setting: report, go on)
-        print(f"batch {batch_size} remat {remat}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-        continue
-      r.update(
-        mfu=r["tflops_per_s"] / peak,
-        of_measured_matmul=r["tflops_per_s"] / (matmul * len(devices)),
-        matmul_tflops=matmul,
-        peak_tflops=args.peak_tflops,
-        device=devices[0].device_kind,
-        num_devices=len(devices),
-        jax=jax.__version__,
-      )
-      results.append(r)
+  settings = [
+    (b, remat, attention)
+    for b in [int(b) for b in args.batch.split(",")]
+    for remat in args.remat.split(",")
+    for attention in args.attention.split(",")
+  ]
+  for batch_size, remat, attention in settings:
+    try:
+      r = run(args.size, batch_size, remat, args.steps, args.breakdown, attention)
+    except Exception as e:  # pylint: disable=broad-except  (an OOM at one setting: report, go on)
       print(
-        f"batch {batch_size:3d} x {r['tokens']} tok, remat {remat:4s}: {r['step_s'] * 1e3:8.1f} ms/step"
-        f" | {r['tokens_per_s']:9.0f} tok/s | {r['step_tflop']:.2f} TFLOP/step -> "
-        f"{r['tflops_per_s']:6.1f} TFLOP/s | MFU {r['mfu']:.1%} (of measured matmul "
-        f"{r['of_measured_matmul']:.1%}) | compile {r['compile_s']:.0f} s | XLA temp "
-        f"{r['temp_gb']:.1f} GB, device peak so far {r['device_peak_gb']:.1f} GB | params {r['params_frozen'] / 1e9:.2f}B frozen + "
-        f"{r['params_trained'] / 1e9:.2f}B trained | loss {r['loss']:.3f}",
+        f"batch {batch_size} remat {remat} {attention}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True
+      )
+      continue
+    r["attention"] = attention
+    r.update(
+      mfu=r["tflops_per_s"] / peak,
+      of_measured_matmul=r["tflops_per_s"] / (matmul * len(devices)),
+      matmul_tflops=matmul,
+      peak_tflops=args.peak_tflops,
+      device=devices[0].device_kind,
+      num_devices=len(devices),
+      jax=jax.__version__,
+    )
+    results.append(r)
+    print(
+      f"batch {batch_size:3d} x {r['tokens']} tok, remat {remat:4s}, {attention:6s}: {r['step_s'] * 1e3:8.1f} ms/step"
+      f" | {r['tokens_per_s']:9.0f} tok/s | {r['step_tflop']:.2f} TFLOP/step -> "
+      f"{r['tflops_per_s']:6.1f} TFLOP/s | MFU {r['mfu']:.1%} (of measured matmul "
+      f"{r['of_measured_matmul']:.1%}) | compile {r['compile_s']:.0f} s | XLA temp "
+      f"{r['temp_gb']:.1f} GB, device peak so far {r['device_peak_gb']:.1f} GB | params {r['params_frozen'] / 1e9:.2f}B frozen + "
+      f"{r['params_trained'] / 1e9:.2f}B trained | loss {r['loss']:.3f}",
+      flush=True,
+    )
+    if args.breakdown:
+      print(
+        f"  loss forward {r['forward_s'] * 1e3:.1f} ms, forward + backward "
+        f"{r['forward_backward_s'] * 1e3:.1f} ms, whole step {r['step_s'] * 1e3:.1f} ms",
         flush=True,
       )
-      if args.breakdown:
-        print(
-          f"  loss forward {r['forward_s'] * 1e3:.1f} ms, forward + backward "
-          f"{r['forward_backward_s'] * 1e3:.1f} ms, whole step {r['step_s'] * 1e3:.1f} ms",
-          flush=True,
-        )
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)
