@@ -50,6 +50,25 @@ def _whole_model(args, dtype):
   return cfg, params, path
 
 
+def _tokenizer_files(directory: str, vocab_size: int, family: str) -> dict[str, bytes]:
+  """The source's tokenizer files, as the project's `Tokenizer` reads a converted model's: without the
+  source's own new tokens (appended again as `<image>`, `<EOC>`), with the source's names of them as
+  aliases."""
+  files = {}
+  for name in TOKENIZER_FILES:
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        files[name] = f.read()
+  if "tokenizer.json" in files:
+    files["tokenizer.json"] = tokenizer_lib.original_vocabulary(files["tokenizer.json"], vocab_size)
+  if "tokenizer_config.json" in files:
+    hf = json.loads(files["tokenizer_config.json"])
+    hf[tokenizer_lib.ALIASES_KEY] = TOKEN_ALIASES[family]
+    files["tokenizer_config.json"] = json.dumps(hf, indent=2).encode()
+  return files
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
     prog="python -m flamingo_jax.convert",
@@ -80,20 +99,7 @@ def main(argv=None):
     lm_config = {
       k: v for k, v in model_cfg.lm.to_dict().items() if k not in ("num_extra_tokens", "attention")
     }
-    files = {}
-    for name in TOKENIZER_FILES:
-      path = os.path.join(tokenizer_dir, name)
-      if os.path.exists(path):
-        with open(path, "rb") as f:
-          files[name] = f.read()
-    if "tokenizer.json" in files:  # the project's Tokenizer appends <image> and <EOC> as V, V + 1 itself
-      files["tokenizer.json"] = tokenizer_lib.original_vocabulary(
-        files["tokenizer.json"], model_cfg.lm.vocab_size
-      )
-    if "tokenizer_config.json" in files:  # the source's names of those two tokens
-      hf = json.loads(files["tokenizer_config.json"])
-      hf[tokenizer_lib.ALIASES_KEY] = TOKEN_ALIASES[args.source.partition(":")[0]]
-      files["tokenizer_config.json"] = json.dumps(hf, indent=2).encode()
+    files = _tokenizer_files(tokenizer_dir, model_cfg.lm.vocab_size, args.source.partition(":")[0])
     out = os.path.abspath(args.out)
     tokenizer = f"hf:{os.path.join(out, 'tokenizer.json')}" if "tokenizer.json" in files else ""
     run_config = dict(
