@@ -200,14 +200,14 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
     + (F32 + c) * xheads_t * n_media * R
   )
   remat = model_cfg.remat
-  if remat == "dots":
+  if remat in ("dots", "names"):  # 'names' keeps a subset of the dots' outputs: dots is its upper bound
     per_token = L * dots_layer + X * dots_block + groups * F32 * D + every * work_layer + work_block
   elif remat == "full":
     per_token = groups * F32 * D + every * (work_layer + dots_layer) + work_block + dots_block
   elif remat == "none":
     per_token = L * keep_layer + X * keep_block
   else:
-    raise ValueError(f"model.remat must be 'none', 'full' or 'dots', got {remat!r}")
+    raise ValueError(f"model.remat must be 'none', 'full', 'dots' or 'names', got {remat!r}")
   media_kv = 2 * X * n_media * R * _div(ix, t) * F32 * b
   lm_bytes = tokens * per_token + media_kv
   logits = 3 * tokens * (_div(lm.vocab_size, t) + lm.num_extra_tokens) * F32

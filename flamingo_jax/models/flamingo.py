@@ -178,7 +178,7 @@ def build_model_config(size: str, spec: dict) -> ml_collections.ConfigDict:
       xattn=dict(xattn_defaults, **spec["xattn"]),
       resampler=dict(resampler_defaults, **spec["resampler"]),
       dtype="float32",  # compute dtype of matmuls ('bfloat16' on accelerators)
-      remat="none",  # 'none' | 'full' | 'dots' (per group of xattn block + LM layers)
+      remat="none",  # 'none' | 'full' | 'dots' | 'names' (layers.SAVED_ACTIVATIONS), per layer group
       scan_unroll=1,  # layer groups per scan iteration (>= number of groups: fully unrolled)
       freeze_vision=True,  # stop gradients at the vision encoder's output
     )

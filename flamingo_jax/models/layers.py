@@ -14,6 +14,7 @@ from collections.abc import Callable
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 
@@ -103,6 +104,7 @@ def attention(
   softmax over an all-masked row would otherwise average all values).
   Returns [B, T, Hq, dv] in fp32.
   """
+  q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(
       f"attention implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {implementation!r}"
@@ -135,9 +137,17 @@ def attention(
   return out.reshape(b, t, hq, v.shape[-1])
 
 
+# Activations a backward needs, by name (`remat='names'`: `jax.checkpoint_policies.save_only_these_names`).
+# A frozen layer's backward computes activation gradients only, which need no matmul input: what it
+# needs are the attention's q, k, v (its softmax is recomputed from them) and the MLP's pre-activations.
+# The projections' outputs that only feed a residual sum (attention out, MLP out) are not kept.
+SAVED_ACTIVATIONS = ("attn_q", "attn_k", "attn_v", "mlp_pre_activation", "mlp_up")
+
+
 def swiglu_mlp(x: Array, gate: Array, up: Array, down: Array, dtype) -> Array:
   """SiLU-gated MLP (Llama). x: [..., D]; gate, up: [D, F]; down: [F, D]."""
-  h = jax.nn.silu(matmul(x, gate, dtype)) * matmul(x, up, dtype)
+  pre = checkpoint_name(matmul(x, gate, dtype), "mlp_pre_activation")
+  h = jax.nn.silu(pre) * checkpoint_name(matmul(x, up, dtype), "mlp_up")
   return matmul(h, down, dtype)
 
 
@@ -157,7 +167,8 @@ ACTIVATIONS = {
 def mlp(x: Array, w_in: Array, w_out: Array, activation: str, dtype) -> Array:
   """Two-layer MLP without biases. x: [..., D]; w_in: [D, F]; w_out: [F, D]; `activation` names one
   of ACTIVATIONS."""
-  return matmul(ACTIVATIONS[activation](matmul(x, w_in, dtype)), w_out, dtype)
+  pre = checkpoint_name(matmul(x, w_in, dtype), "mlp_pre_activation")
+  return matmul(ACTIVATIONS[activation](pre), w_out, dtype)
 
 
 def causal_mask(token_mask: Array) -> Array:

@@ -254,7 +254,11 @@ class DecoderLM(hk.Module):
   def _maybe_remat(self, fn):
     if self.remat == "none":
       return fn
-    policy = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self.remat]
+    policy = {
+      "full": None,
+      "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "names": jax.checkpoint_policies.save_only_these_names(*layers.SAVED_ACTIVATIONS),
+    }[self.remat]
     return jax.checkpoint(fn, policy=policy)
 
   def _run_layers_flat(

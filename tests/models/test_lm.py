@@ -240,7 +240,7 @@ def remat_reference():
 
 # Three gradient compiles take ~25 s of CPU here: opt-in with `-m slow`.
 @pytest.mark.slow
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "names"])
 def test_remat_gives_the_same_logits_and_gradients(remat_reference, remat):
   params, visual, ((loss, logits), grads) = remat_reference
   (loss_r, logits_r), grads_r = _loss_and_grads(remat, params, visual, OTHER)
