@@ -93,13 +93,14 @@ def main(argv=None):
   if os.path.exists(args.out) and not args.overwrite:  # before the slow reading
     raise FileExistsError(f"{args.out} exists (pass --overwrite to replace it)")
   source = {"from": args.source, "dtype": args.dtype}
-  if args.source.partition(":")[0] in WHOLE_MODELS:
+  family = args.source.partition(":")[0]
+  if family in WHOLE_MODELS:
     model_cfg, params, tokenizer_dir = _whole_model(args, dtype)
     # The LM's weights' description (how attention is computed is the run's choice, not the source's).
     lm_config = {
       k: v for k, v in model_cfg.lm.to_dict().items() if k not in ("num_extra_tokens", "attention")
     }
-    files = _tokenizer_files(tokenizer_dir, model_cfg.lm.vocab_size, args.source.partition(":")[0])
+    files = _tokenizer_files(tokenizer_dir, model_cfg.lm.vocab_size, family)
     out = os.path.abspath(args.out)
     tokenizer = f"hf:{os.path.join(out, 'tokenizer.json')}" if "tokenizer.json" in files else ""
     run_config = dict(
@@ -107,7 +108,7 @@ def main(argv=None):
       tokenizer=tokenizer,
       init_from=dict(lm=f"converted:{out}", vision=out, flamingo=out),
       data=dict(source="converted"),
-      prompt_format=args.source.partition(":")[0],  # prompting.FORMATS: each family's own prompts
+      prompt_format=family,  # prompting.FORMATS: each family's own prompts
     )
     converted.save_converted(
       out, lm_config, params, dict(source, lm=args.lm, vision=args.vision), args.overwrite, run_config, files

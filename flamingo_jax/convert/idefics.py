@@ -277,7 +277,7 @@ def convert_directory(directory: str, dtype=np.float32):
   lm_config = {k: val for k, val in lm.to_dict().items() if k != "num_extra_tokens"}
   with contextlib.ExitStack() as stack:
     tensors = _LazyTensors(hf_lm.weight_files(directory), stack)
-    part = lambda prefix: {k: p for k, p in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    part = lambda prefix: {k: tensors[k] for k in tensors if k.startswith(prefix)}  # noqa: E731  (read)
     lm_names = [
       k for k in tensors if not k.startswith(_TOWERS) and k not in (ADDITIONAL_EMBED, ADDITIONAL_FC)
     ]
@@ -293,7 +293,7 @@ def convert_directory(directory: str, dtype=np.float32):
         params["lm/extra_embed"] = {"embeddings": rows.astype(dtype)}
       else:  # nn.Linear [out, in] -> [D, E] for `h @ w`
         params["lm/extra_unembed"] = {"w": rows.T.astype(dtype)}
-    vision = {k: tensors[k] for k in part(_TOWERS[0])}
+    vision = part(_TOWERS[0])
     params.update(
       names.convert_tensors(
         VISION_TABLE,
@@ -306,7 +306,7 @@ def convert_directory(directory: str, dtype=np.float32):
     )
     params.update(
       convert_resampler(
-        {k: tensors[k] for k in part(_TOWERS[1])},
+        part(_TOWERS[1]),
         dim=r.dim,
         depth=r.depth,
         num_latents=r.num_latents,
@@ -320,7 +320,7 @@ def convert_directory(directory: str, dtype=np.float32):
     )
     params.update(
       convert_xattn(
-        {k: tensors[k] for k in part(_TOWERS[2])},
+        part(_TOWERS[2]),
         dim=lm.dim,
         media_dim=r.dim,
         num_heads=x.num_heads,
