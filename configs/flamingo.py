@@ -112,6 +112,9 @@ def base(size: str) -> ml_collections.ConfigDict:
   # Eq. 2 sums each sequence's NLL (the paper sizes); a per-token mean keeps a short-text dataset's
   # weight in the mixture at its lambda (the CPU main job and tiny).
   config.loss_normalisation = "per_token_mean"
+  # > 0: the loss forms the [B, T, V+E] logits this many positions at a time (objectives.chunked_token_nll);
+  # 0 forms them at once, the fastest on a CPU with small batches.
+  config.loss_chunk = 0
   config.model = flamingo.model_config(size)
   config.trainable = list(TRAINABLE)
   config.frozen = list(FROZEN)
@@ -133,6 +136,8 @@ def get_config(arg: str = "size=3b") -> ml_collections.ConfigDict:
   image_size = config.model.image_size
   if paper:
     config.loss_normalisation = "per_sequence_sum"
+    # 32k-49k vocabularies: [B, 256, V] fp32 logits and their gradient would outgrow the activations.
+    config.loss_chunk = 64
     config.model.dtype = "bfloat16"
     config.model.remat = "dots"
     # jax.nn.dot_product_attention: cuDNN flash attention on GPUs, XLA's fused softmax on TPUs.

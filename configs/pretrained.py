@@ -67,6 +67,7 @@ def get_config(arg: str = "name=idefics-9b") -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16"
     config.model.remat = "dots"
     config.model.lm.attention = config.model.xattn.attention = "fused"  # as configs/flamingo.py
+    config.loss_chunk = 64
     config.tokenizer = "hf:YOUR_CONVERTED_DIR/tokenizer.json"
     config.init_from = dict(
       lm="converted:YOUR_CONVERTED_DIR", vision="YOUR_CONVERTED_DIR", flamingo="YOUR_CONVERTED_DIR"

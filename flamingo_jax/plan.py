@@ -58,7 +58,8 @@ Activations of one micro-batch (per device, `b` examples of T tokens and N media
                 every*(work_layer + dots_layer) + work_block + dots_block;
   remat 'none': L*keep_layer + X*keep_block.
   Plus the media keys/values of all blocks, 2 x X*N*R*Ix/t fp32 per example, and the logits: 3 x
-  (V/t + E) fp32 per token (logits, log-softmax, their gradient).
+  (V/t + E) fp32 per token (logits, log-softmax, their gradient) of all T tokens, or of `loss_chunk`
+  per example when the loss forms them a chunk at a time.
 Activations are split over the batch shards `d`: the model places its residual stream by the training
 set-up's logical constraint (`parallel/logical.py`), without which XLA replicates them over 'fsdp'.
 """
@@ -151,8 +152,9 @@ def vision_grid(variant: str, image_size: int) -> tuple[int, int, int]:
   )
 
 
-def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int) -> dict:
-  """Per-device activation bytes of one micro-batch of `b` examples (formulas: module docstring).
+def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int, loss_chunk: int = 0) -> dict:
+  """Per-device activation bytes of one micro-batch of `b` examples (formulas: module docstring);
+  `loss_chunk` > 0: the logits exist `loss_chunk` positions at a time (`config.loss_chunk`).
 
   Long: the module docstring's per-module formulas, one line each.
   """
@@ -210,7 +212,8 @@ def activation_bytes(model_cfg, dataset: Mapping[str, Any], b: int, tensor: int)
     raise ValueError(f"model.remat must be 'none', 'full', 'dots' or 'names', got {remat!r}")
   media_kv = 2 * X * n_media * R * _div(ix, t) * F32 * b
   lm_bytes = tokens * per_token + media_kv
-  logits = 3 * tokens * (_div(lm.vocab_size, t) + lm.num_extra_tokens) * F32
+  logit_tokens = b * min(T, loss_chunk) if loss_chunk else tokens
+  logits = 3 * logit_tokens * (_div(lm.vocab_size, t) + lm.num_extra_tokens) * F32
   rest = resampler + lm_bytes + logits
   return dict(
     vision=int(vision),
@@ -271,7 +274,7 @@ def make_plan(config, devices: int, hbm_gib: float = 32.0, mesh: Mapping[str, in
       + int(ds.max_tokens) * (4 + 4 + 4 + 4 + 1)
     )
     batch_bytes += math.ceil(global_batch / shards) * per_example
-    act = activation_bytes(config.model, ds, b, t)
+    act = activation_bytes(config.model, ds, b, t, config.loss_chunk)
     datasets[name] = dict(
       batch_size=global_batch,
       micro_batches=k,

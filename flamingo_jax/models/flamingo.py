@@ -256,10 +256,11 @@ class _Flamingo:
       tokens = jax.lax.stop_gradient(tokens)
     return self.resampler(tokens.reshape(b, n, f, tokens.shape[1], tokens.shape[2]))
 
-  def forward(self, images, tokens, media_index, token_mask=None, is_training=False):
+  def forward(self, images, tokens, media_index, token_mask=None, is_training=False, output="logits"):
+    """-> logits [B, T, V+E], or with output='head_inputs' the LM's `Head` (`lm.DecoderLM`)."""
     del is_training  # no dropout in Flamingo's trained parts; kept for a uniform signature
     visual = self.encode_media(images)
-    logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask)
+    logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask, output=output)
     return logits
 
   def forward_features(self, features, tokens, media_index, token_mask=None):

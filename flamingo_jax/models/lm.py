@@ -26,11 +26,13 @@ from flamingo_jax.models import gated_xattn, layers
 from flamingo_jax.models.gated_xattn import num_xattn_blocks
 from flamingo_jax.models.kv_cache import KVCache
 from flamingo_jax.models.lm_layers import (  # noqa: F401  (LMConfig: the LM's config, re-exported)
+  Head,
   LMConfig,
   Position,
   decoder_layer,
   embeddings,
   final_norm,
+  head_logits,
   layer_params,
   output_weights,
 )
@@ -73,6 +75,7 @@ class DecoderLM(hk.Module):
     token_mask: jax.Array | None = None,
     cache: KVCache | None = None,
     lm_only: bool = False,
+    output: str = "logits",
   ):
     """Logits for `tokens` [B, T].
 
@@ -83,9 +86,11 @@ class DecoderLM(hk.Module):
       token_mask: bool [B, T] valid (non-padding) tokens; default all valid.
       cache: from `init_cache`; when given, this call appends T tokens at slot `cache.index`.
       lm_only: skip the xattn blocks entirely (the plain frozen LM; same params).
+      output: 'logits', or 'head_inputs': `Head` (final hidden states and the output weights) in place
+        of the logits, so that a loss can form the [B, T, V+E] logits a chunk at a time.
 
     Returns:
-      (logits [B, T, V+E] fp32, updated cache or None).
+      (logits [B, T, V+E] fp32 or `Head`, updated cache or None).
 
     Long: the forward with and without a KV cache shares its embedding, masks and head.
     """
@@ -150,9 +155,10 @@ class DecoderLM(hk.Module):
     x, new_kv = self._run_layers(
       x, p_layers, p_x if use_xattn else None, pos, self_mask, media_k, media_v, xmask, cache, index
     )
-    h = final_norm(c, x)
-    w_out, w_extra = output_weights(c, table, extra)
-    logits = jnp.concatenate([layers.matmul(h, w_out, dtype), layers.matmul(h, w_extra, dtype)], axis=-1)
+    head = Head(final_norm(c, x), *output_weights(c, table, extra))
+    if output not in ("logits", "head_inputs"):
+      raise ValueError(f"output must be 'logits' or 'head_inputs', got {output!r}")
+    logits = head_logits(head, dtype) if output == "logits" else head
 
     new_cache = None
     if cache is not None:

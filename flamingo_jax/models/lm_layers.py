@@ -159,3 +159,18 @@ def final_norm(c: LMConfig, x):
       return layers.rms_norm(x, scale, c.norm_eps)
     bias = hk.get_parameter("bias", [c.dim], init=jnp.zeros) if c.norm == "layer" else jnp.zeros_like(scale)
     return layers.layer_norm(x, scale, bias, c.norm_eps)
+
+
+class Head(NamedTuple):
+  """What the output head reads: final hidden states h [B, T, D] and the weights [D, V], [D, E]."""
+
+  hidden: jax.Array
+  w_out: jax.Array
+  w_extra: jax.Array
+
+
+def head_logits(head: Head, dtype) -> jax.Array:
+  """[..., V+E] fp32 logits of `head.hidden` [..., D] (the original vocabulary, then the extra rows)."""
+  return jnp.concatenate(
+    [layers.matmul(head.hidden, head.w_out, dtype), layers.matmul(head.hidden, head.w_extra, dtype)], axis=-1
+  )

@@ -23,6 +23,7 @@ import numpy as np
 
 from flamingo_jax.models import contrastive as contrastive_lib
 from flamingo_jax.models import flamingo, layers
+from flamingo_jax.models import lm as lm_lib
 
 
 @jax.custom_vjp
@@ -60,6 +61,34 @@ def token_nll(logits: jax.Array, targets: jax.Array, mask: jax.Array):
   return total, jnp.sum(mask)
 
 
+def chunked_token_nll(head: lm_lib.Head, targets: jax.Array, mask: jax.Array, chunk: int, dtype):
+  """`token_nll` of the logits of `head` (hidden [B, T, D]) without a [B, T, V+E] buffer.
+
+  The logits are formed `chunk` positions at a time inside a scan, and each chunk is rematerialised in
+  the backward pass: the largest vocabulary-sized buffer is [B, chunk, V+E] (MaxText's vocabulary
+  tiling does the same along the other axis). T is padded to a multiple of `chunk` with masked rows."""
+  b, t, d = head.hidden.shape
+  pad = -t % chunk
+  mask = mask.astype(jnp.float32)
+  hidden, targets, flags = (
+    jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (head.hidden, targets, mask)
+  )
+
+  def split(x):  # [B, T', ...] -> [T'/chunk, B, chunk, ...]
+    return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_nll(w_out, w_extra, h, tgt, m):
+    logits = lm_lib.head_logits(lm_lib.Head(h, w_out, w_extra), dtype)
+    return _masked_nll_sum(logits, tgt.astype(jnp.int32), m)
+
+  def body(total, xs):
+    return total + chunk_nll(head.w_out, head.w_extra, *xs), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(hidden), split(targets), split(flags)))
+  return total, jnp.sum(mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """A model and its loss. `init(rng, batch) -> params`; `param_metrics(params) -> dict`."""
@@ -76,10 +105,11 @@ NORMALISATIONS = ("per_token_mean", "per_sequence_sum")
 
 
 def flamingo_objective(
-  model_cfg, constrain=layers.no_constraint, normalisation: str = "per_token_mean"
+  model_cfg, constrain=layers.no_constraint, normalisation: str = "per_token_mean", loss_chunk: int = 0
 ) -> Objective:
   """The NLL of the text given the interleaved media, normalised by `normalisation` (one of
-  NORMALISATIONS); `constrain` places activations (`flamingo.make_model`)."""
+  NORMALISATIONS); `constrain` places activations (`flamingo.make_model`); `loss_chunk` > 0 forms the
+  logits that many positions at a time (`chunked_token_nll`), 0 all at once."""
   if normalisation not in NORMALISATIONS:
     raise ValueError(f"loss_normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
   model = flamingo.make_model(model_cfg, constrain)
@@ -87,17 +117,18 @@ def flamingo_objective(
   def init(rng, batch):
     return model.init(rng, batch["images"], batch["tokens"])
 
+  if loss_chunk < 0:
+    raise ValueError(f"loss_chunk must be >= 0 (0: no chunking), got {loss_chunk}")
+  dtype = flamingo.DTYPES[model_cfg.dtype]
+
   def loss_sum(params, batch, rng):
-    logits = model.forward(
-      params,
-      rng,
-      batch["images"],
-      batch["tokens"],
-      batch["media_index"],
-      batch["token_mask"],
-      is_training=True,
-    )
-    total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
+    inputs = (batch["images"], batch["tokens"], batch["media_index"], batch["token_mask"])
+    if loss_chunk:
+      head = model.forward(params, rng, *inputs, is_training=True, output="head_inputs")
+      total, count = chunked_token_nll(head, batch["targets"], batch["loss_mask"], loss_chunk, dtype)
+    else:
+      logits = model.forward(params, rng, *inputs, is_training=True)
+      total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
     if normalisation == "per_sequence_sum":
       count = jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=1)).astype(jnp.float32)
     return total, count, {}
@@ -155,7 +186,7 @@ def contrastive_objective(model_cfg, special_ids=()) -> Objective:
 def make_objective(config, special_ids=(), constrain=layers.no_constraint) -> Objective:
   """The objective `config.objective` names; `constrain` (Flamingo only) places its activations."""
   if config.objective == "flamingo":
-    return flamingo_objective(config.model, constrain, config.loss_normalisation)
+    return flamingo_objective(config.model, constrain, config.loss_normalisation, config.loss_chunk)
   if config.objective == "contrastive":
     return contrastive_objective(config.model, special_ids)
   raise ValueError(f"config.objective must be 'flamingo' or 'contrastive', got {config.objective!r}")

@@ -67,3 +67,43 @@ def test_paper_sizes_sum_each_sequence_and_the_small_configs_average_tokens():
     assert flamingo_config.get_config(f"size={size}").loss_normalisation == "per_sequence_sum"
   assert flamingo_config.get_config("size=tiny").loss_normalisation == "per_token_mean"
   assert main_job.get_config().loss_normalisation == "per_token_mean"
+
+
+def test_chunked_loss_equals_the_whole_logits_loss_in_value_and_gradients():
+  """Chunks of 3 positions over T = 8 (padded to 9): the same sum, count and parameter gradients,
+  the extra-token rows (trainable <image>/<EOC>) included, and no [B, T, V+E] buffer in the jaxpr."""
+  from flamingo_jax.models import flamingo  # pylint: disable=g-import-not-at-top
+  from tests.train import helpers  # pylint: disable=g-import-not-at-top
+
+  cfg = flamingo.model_config("tiny")
+  batch = helpers.synthetic_batch(cfg, batch=2)
+  whole = objectives.flamingo_objective(cfg)
+  chunked = objectives.flamingo_objective(cfg, loss_chunk=3)
+  params = whole.init(jax.random.PRNGKey(0), batch)
+
+  def value_and_grad(objective):
+    return jax.value_and_grad(lambda p: objective.loss_sum(p, batch, None)[0])(params)
+
+  (total_w, grads_w), (total_c, grads_c) = value_and_grad(whole), value_and_grad(chunked)
+  chex.assert_trees_all_close(total_c, total_w, rtol=1e-5)
+  chex.assert_trees_all_close(grads_c, grads_w, rtol=2e-4, atol=1e-6)
+  assert float(chunked.loss_sum(params, batch, None)[1]) == batch["loss_mask"].sum()
+
+  b, t = batch["tokens"].shape
+  vocab = cfg.lm.vocab_size + cfg.lm.num_extra_tokens
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: chunked.loss_sum(p, batch, None)[0]))(params)
+  shapes = {tuple(v.aval.shape) for eqn in _all_eqns(jaxpr.jaxpr) for v in eqn.outvars}
+  assert (b, t, vocab) not in shapes and (b, 3, vocab) in shapes
+  with np.testing.assert_raises_regex(ValueError, "loss_chunk"):
+    objectives.flamingo_objective(cfg, loss_chunk=-1)
+
+
+def _all_eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (scan, remat, custom_vjp bodies)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _all_eqns(inner)
