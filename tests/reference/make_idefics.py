@@ -1,6 +1,6 @@
 """Run by the reference interpreter (launch/reference_env.sh), not by pytest.
 
-  python make_idefics.py OUT_DIR QK_NORMS ALPHA_TYPE
+  python make_idefics.py OUT_DIR QK_NORMS ALPHA_TYPE [TOKENIZER_DIR]
 
 Builds a tiny transformers `IdeficsForVisionText2Text` from an `IdeficsConfig` (a LLaMA of 4 layers,
 a block before every second layer, qk layer norms 0/1, 'float' or 'vector' alphas; a CLIP ViT of the
@@ -9,14 +9,18 @@ a block before every second layer, qk layer norms 0/1, 'float' or 'vector' alpha
 [B, N, H, W, 3] in [0, 1]; ids / mask [B, T] (left padding, text before the first image; `<image>`
 = V + 1, `<fake_token_around_image>` = V around it, as IDEFICS's prompts have them) with logits
 [B, T, V + 2] for the image attention mask of IDEFICS's processor (an EOS inside the first row);
-generated [B, 5] (greedy).
+generated [B, 5] (greedy). With TOKENIZER_DIR (tokenizer.json + tokenizer_config.json), the LM's
+original vocabulary is that tokenizer's and both files go into OUT_DIR/model, as in a real IDEFICS
+directory.
 """
 
 import os
+import shutil
 import sys
 import types
 
 import numpy as np
+import tokenizers
 import torch
 import transformers
 from transformers.models.idefics import processing_idefics
@@ -42,7 +46,11 @@ def prompts(rng):
 
 
 def main():
+  global V  # the tokenizer's vocabulary, when one is given
   out, qk, alpha = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+  tokenizer_dir = sys.argv[4] if len(sys.argv) > 4 else ""
+  if tokenizer_dir:
+    V = tokenizers.Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json")).get_vocab_size()
   torch.manual_seed(0)
   config = transformers.IdeficsConfig(
     hidden_size=32,
@@ -83,6 +91,8 @@ def main():
       is_scale = ("norm" in name or "layrnorm" in name) and name.endswith("weight")
       p.copy_((1.0 if is_scale else 0.0) + (0.5 if ".alpha" in name else 0.2) * torch.randn_like(p))
   model.save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+  for name in ("tokenizer.json", "tokenizer_config.json") if tokenizer_dir else ():
+    shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out, "model", name))
 
   rng = np.random.default_rng(0)
   images = rng.random((2, 2, 32, 32, 3), dtype=np.float32)
