@@ -43,10 +43,7 @@ from flamingo_jax.data.builders import easy_vqa_facts  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
 
 # One-token English nouns, one per class (24 = 8 colours x 3 shapes): distinct keys for induction.
-SIGNATURES = (
-  " apple river chair moon horse guitar bread cloud tiger lamp rocket piano garden forest bottle castle"
-  " pencil window candle mirror ladder basket hammer ribbon"
-).split(" ")[1:]
+SIGNATURES = ["", "apple", "river", "chair", "moon", "horse", "guitar", "bread", "cloud", "tiger", "lamp", "rocket", "piano", "garden", "forest", "bottle", "castle", "pencil", "window", "candle", "mirror", "ladder", "basket", "hammer", "ribbon"][1:]
 CLASSES = tuple(f"{c} {s}" for c in easy_vqa_facts.COLORS for s in easy_vqa_facts.SHAPES)
 
 
@@ -140,9 +137,14 @@ def main():
   print(f"{'chance':12s}" + "".join(f"{100 / n:14.0f}" for n, _ in cells))
   for condition in args.conditions.split(","):
     start = time.time()
-    p = with_added_signatures(params, prompts, float(condition[4:])) if condition.startswith("add:") else params
+    p = (
+      with_added_signatures(params, prompts, float(condition[4:])) if condition.startswith("add:") else params
+    )
     row = [accuracy(condition, p, n, k) for n, k in cells]
-    print(f"{condition:12s}" + "".join(f"{a:14.1f}" for a in row) + f"   ({time.time() - start:.0f} s)", flush=True)
+    print(
+      f"{condition:12s}" + "".join(f"{a:14.1f}" for a in row) + f"   ({time.time() - start:.0f} s)",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def get_config(arg: str = "size=3b") -> ml_collections.ConfigDict:
     config.loss_chunk = 64
     config.model.dtype = "bfloat16"
     config.model.remat = "dots"
-    # jax.nn.dot_product_attention: cuDNN flash attention on GPUs, XLA's fused softmax on TPUs.
+    # jax.nn.dot_product_attention: cuDNN's flash attention when lowered for CUDA, XLA's elsewhere.
     config.model.lm.attention = config.model.xattn.attention = "fused"
     config.mesh = dict(shape=PAPER_MESH[size])
     config.optim = common.optim()

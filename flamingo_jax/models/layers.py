@@ -8,6 +8,7 @@ Numerics: every matmul takes its inputs in the compute dtype (bf16 or fp32) and 
 residual stream stay in fp32.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -88,9 +89,41 @@ def alibi_bias(slopes: Array, query_positions: Array, key_positions: Array) -> A
 
 
 # How attention is computed ('attention' of the LM and xattn configs): 'einsum', two einsums around an
-# fp32 softmax (any device); 'fused', `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs
-# where its constraints hold, XLA's own fused softmax elsewhere, CPU included).
+# fp32 softmax (any device); 'fused', `jax.nn.dot_product_attention`: cuDNN's flash attention where the
+# step is lowered for CUDA (`fused_attention`), XLA's own elsewhere, CPU included.
 ATTENTION_IMPLEMENTATIONS = ("einsum", "fused")
+# cuDNN's fused attention takes half-precision inputs only; fp32 steps use XLA's on every platform.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def cudnn_lowerable(q: Array, k: Array, v: Array, mask: Array) -> bool:
+  """Whether `jax.nn.dot_product_attention(implementation='cudnn')` traces for these shapes here:
+  it needs a jaxlib with CUDA (a CPU-only one has no cuDNN to ask its version) and its own shape rules."""
+  try:
+    jax.eval_shape(
+      functools.partial(jax.nn.dot_product_attention, implementation="cudnn"), q, k, v, mask=mask
+    )
+  except (RuntimeError, ValueError, NotImplementedError):
+    return False
+  return True
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None) -> Array:
+  """`jax.nn.dot_product_attention` chosen when the step is lowered, by its platform: cuDNN's flash
+  attention for CUDA (half precision, no ALiBi bias, cuDNN present), XLA's otherwise. Inputs as
+  `attention`'s, already in the compute dtype; mask [B, 1, T, S]. Returns [B, T, Hq, dv]."""
+
+  def xla(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation="xla")
+
+  if bias is not None or q.dtype not in CUDNN_DTYPES or not cudnn_lowerable(q, k, v, mask):
+    return xla(q, k, v, mask)
+
+  def cudnn(q, k, v, mask):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+  # Both branches are traced; lowering for one platform keeps only its branch (jax.export included).
+  return jax.lax.platform_dependent(q, k, v, mask, cuda=cudnn, default=xla)
 
 
 def attention(
@@ -112,13 +145,8 @@ def attention(
   b, t, hq, dh = q.shape
   any_allowed = jnp.any(mask, axis=-1)  # [B, T]
   if implementation == "fused":
-    out = jax.nn.dot_product_attention(
-      q.astype(dtype),
-      k.astype(dtype),
-      v.astype(dtype),
-      bias=None if bias is None else bias.astype(dtype),
-      mask=mask[:, None, :, :],
-    )
+    bias = None if bias is None else bias.astype(dtype)
+    out = fused_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask[:, None, :, :], bias)
     return jnp.where(any_allowed[:, :, None, None], out.astype(jnp.float32), 0.0)
   hkv = k.shape[2]
   groups = hq // hkv
