@@ -43,7 +43,33 @@ from flamingo_jax.data.builders import easy_vqa_facts  # noqa: E402
 from flamingo_jax.models import flamingo  # noqa: E402
 
 # One-token English nouns, one per class (24 = 8 colours x 3 shapes): distinct keys for induction.
-SIGNATURES = ["", "apple", "river", "chair", "moon", "horse", "guitar", "bread", "cloud", "tiger", "lamp", "rocket", "piano", "garden", "forest", "bottle", "castle", "pencil", "window", "candle", "mirror", "ladder", "basket", "hammer", "ribbon"][1:]
+SIGNATURES = [
+  "",
+  "apple",
+  "river",
+  "chair",
+  "moon",
+  "horse",
+  "guitar",
+  "bread",
+  "cloud",
+  "tiger",
+  "lamp",
+  "rocket",
+  "piano",
+  "garden",
+  "forest",
+  "bottle",
+  "castle",
+  "pencil",
+  "window",
+  "candle",
+  "mirror",
+  "ladder",
+  "basket",
+  "hammer",
+  "ribbon",
+][1:]
 CLASSES = tuple(f"{c} {s}" for c in easy_vqa_facts.COLORS for s in easy_vqa_facts.SHAPES)
 
 

@@ -107,7 +107,13 @@ def breakdown(objective, state, batch, steps: int) -> dict:
 
 
 def run(
-  size: str, batch_size: int, remat: str, steps: int, with_breakdown: bool = False, attention: str = "einsum"
+  size: str,
+  batch_size: int,
+  remat: str,
+  steps: int,
+  with_breakdown: bool = False,
+  attention: str = "einsum",
+  loss_chunk: int = 0,
 ) -> dict:
   """Builds, compiles and times the step; returns its figures.
 
@@ -116,7 +122,7 @@ def run(
   tokens, images, visual = SHAPES[size]
   cfg = model_config(size, remat, attention)
   shape = dict(b=batch_size, t=tokens, n=images, lv=visual)
-  s, config = bench.step_setup(cfg, **shape)
+  s, config = bench.step_setup(cfg, **shape, loss_chunk=loss_chunk)
   params = jax.jit(s.objective.init)(jax.random.PRNGKey(0), bench.batch(cfg, **shape))
   train_p, frozen_p = setup_lib.split_params(config, params)
   del params
@@ -183,6 +189,9 @@ def main():
     action="store_true",
     help="also time the loss forward alone and forward + backward without the optimizer",
   )
+  parser.add_argument(
+    "--loss_chunk", default="0", help="comma-separated: 0 (whole logits) or positions per logits chunk"
+  )
   parser.add_argument("--out", default="", help="write the results as JSON here too")
   args = parser.parse_args()
   devices = jax.devices()
@@ -197,20 +206,23 @@ def main():
   )
   results = []
   settings = [
-    (b, remat, attention)
+    (b, remat, attention, int(chunk))
     for b in [int(b) for b in args.batch.split(",")]
     for remat in args.remat.split(",")
     for attention in args.attention.split(",")
+    for chunk in args.loss_chunk.split(",")
   ]
-  for batch_size, remat, attention in settings:
+  for batch_size, remat, attention, chunk in settings:
     try:
-      r = run(args.size, batch_size, remat, args.steps, args.breakdown, attention)
+      r = run(args.size, batch_size, remat, args.steps, args.breakdown, attention, chunk)
     except Exception as e:  # pylint: disable=broad-except  (an OOM at one setting: report, go on)
       print(
-        f"batch {batch_size} remat {remat} {attention}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True
+        f"batch {batch_size} remat {remat} {attention} loss_chunk {chunk}: FAILED {type(e).__name__}: "
+        f"{str(e)[:300]}",
+        flush=True,
       )
       continue
-    r["attention"] = attention
+    r.update(attention=attention, loss_chunk=chunk)
     r.update(
       mfu=r["tflops_per_s"] / peak,
       of_measured_matmul=r["tflops_per_s"] / (matmul * len(devices)),
@@ -222,7 +234,8 @@ def main():
     )
     results.append(r)
     print(
-      f"batch {batch_size:3d} x {r['tokens']} tok, remat {remat:4s}, {attention:6s}: {r['step_s'] * 1e3:8.1f} ms/step"
+      f"batch {batch_size:3d} x {r['tokens']} tok, remat {remat:4s}, {attention:6s}, chunk {chunk:3d}: "
+      f"{r['step_s'] * 1e3:8.1f} ms/step"
       f" | {r['tokens_per_s']:9.0f} tok/s | {r['step_tflop']:.2f} TFLOP/step -> "
       f"{r['tflops_per_s']:6.1f} TFLOP/s | MFU {r['mfu']:.1%} (of measured matmul "
       f"{r['of_measured_matmul']:.1%}) | compile {r['compile_s']:.0f} s | XLA temp "

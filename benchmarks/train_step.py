@@ -106,17 +106,22 @@ def step_flops(cfg, b=B, t=T, n=N, lv=LV) -> dict:
   return dict(forward=lm_fwd + trained_fwd, step=2 * lm_fwd + 3 * trained_fwd)
 
 
-def feature_objective(model, n=N) -> objectives.Objective:
-  """The Flamingo NLL on precomputed visual features (`forward_features`): resampler + LM only."""
+def feature_objective(model, n=N, loss_chunk: int = 0) -> objectives.Objective:
+  """The Flamingo NLL on precomputed visual features (`forward_features`): resampler + LM only;
+  `loss_chunk` > 0: the logits a chunk of positions at a time (`objectives.chunked_token_nll`)."""
 
   def init(rng, b):
     return model.init(rng, jnp.zeros((1, n, 1, 64, 64, 3)), b["tokens"][:1])
 
   def loss_sum(params, b, rng):
-    logits = model.forward_features(
-      params, rng, b["features"], b["tokens"], b["media_index"], b["token_mask"]
-    )
-    total, count = objectives.token_nll(logits, b["targets"], b["loss_mask"])
+    inputs = (b["features"], b["tokens"], b["media_index"], b["token_mask"])
+    if loss_chunk:
+      head = model.forward_features(params, rng, *inputs, output="head_inputs")
+      dtype = model.configs.dtype
+      total, count = objectives.chunked_token_nll(head, b["targets"], b["loss_mask"], loss_chunk, dtype)
+    else:
+      logits = model.forward_features(params, rng, *inputs)
+      total, count = objectives.token_nll(logits, b["targets"], b["loss_mask"])
     return total, count, {}
 
   return objectives.Objective("features", init, loss_sum, lambda p: {})
@@ -143,13 +148,14 @@ def train_config(model_cfg, b=B, t=T, n=N):
   return config
 
 
-def step_setup(model_cfg, b=B, t=T, n=N, lv=LV) -> tuple[setup_lib.StepSetup, dict]:
+def step_setup(model_cfg, b=B, t=T, n=N, lv=LV, loss_chunk=0) -> tuple[setup_lib.StepSetup, dict]:
   """(the loop's step set-up on precomputed features, its config), on a `data` mesh of all devices."""
   config = train_config(model_cfg, b, t, n)
   host_batch = batch(model_cfg, b=b, t=t, n=n, lv=lv)
   shapes = {"m3w": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host_batch)}
   mesh = mesh_lib.create_mesh(config.mesh.shape)
-  objective = feature_objective(flamingo.make_model(model_cfg, logical.activation_constraint(mesh)), n)
+  model = flamingo.make_model(model_cfg, logical.activation_constraint(mesh))
+  objective = feature_objective(model, n, loss_chunk)
   return setup_lib.setup(config, mesh, objective=objective, batches=shapes), config
 
 

@@ -263,10 +263,11 @@ class _Flamingo:
     logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask, output=output)
     return logits
 
-  def forward_features(self, features, tokens, media_index, token_mask=None):
-    """Precomputed frozen vision features [B, N, F, Lv, Dv] -> logits (resampler + LM only)."""
+  def forward_features(self, features, tokens, media_index, token_mask=None, output="logits"):
+    """Precomputed frozen vision features [B, N, F, Lv, Dv] -> logits (resampler + LM only), or the
+    LM's `Head` with output='head_inputs'."""
     visual = self.resampler(features)
-    logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask)
+    logits, _ = self.lm(tokens, visual=visual, media_index=media_index, token_mask=token_mask, output=output)
     return logits
 
   def lm_forward(self, tokens, visual=None, media_index=None, token_mask=None, cache=None, lm_only=False):

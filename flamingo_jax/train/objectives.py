@@ -119,7 +119,7 @@ def flamingo_objective(
 
   if loss_chunk < 0:
     raise ValueError(f"loss_chunk must be >= 0 (0: no chunking), got {loss_chunk}")
-  dtype = flamingo.DTYPES[model_cfg.dtype]
+  dtype = model.configs.dtype
 
   def loss_sum(params, batch, rng):
     inputs = (batch["images"], batch["tokens"], batch["media_index"], batch["token_mask"])
