@@ -77,7 +77,7 @@ def _compare(size, mesh, datasets, remat="dots", micro_batches=None):
     f"{plan['rows']['activations'] / 2**30:.3f}), XLA {xla['total'] / 2**30:.3f} GiB (arguments "
     f"{xla['argument'] / 2**30:.3f}, temporaries {xla['temp'] / 2**30:.3f}): ratio {ratio:.3f}"
   )
-  assert abs(ratio - 1) <= TOLERANCE, (plan, xla)
+  assert abs(ratio - 1) <= TOLERANCE, (ratio, plan, xla)
   return plan, xla
 
 
