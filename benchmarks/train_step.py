@@ -115,13 +115,9 @@ def feature_objective(model, n=N, loss_chunk: int = 0) -> objectives.Objective:
 
   def loss_sum(params, b, rng):
     inputs = (b["features"], b["tokens"], b["media_index"], b["token_mask"])
-    if loss_chunk:
-      head = model.forward_features(params, rng, *inputs, output="head_inputs")
-      dtype = model.configs.dtype
-      total, count = objectives.chunked_token_nll(head, b["targets"], b["loss_mask"], loss_chunk, dtype)
-    else:
-      logits = model.forward_features(params, rng, *inputs)
-      total, count = objectives.token_nll(logits, b["targets"], b["loss_mask"])
+    output_fn = lambda output: model.forward_features(params, rng, *inputs, output=output)
+    dtype = model.configs.dtype
+    total, count = objectives.output_nll(output_fn, b["targets"], b["loss_mask"], loss_chunk, dtype)
     return total, count, {}
 
   return objectives.Objective("features", init, loss_sum, lambda p: {})

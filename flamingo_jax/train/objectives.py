@@ -89,6 +89,14 @@ def chunked_token_nll(head: lm_lib.Head, targets: jax.Array, mask: jax.Array, ch
   return total, jnp.sum(mask)
 
 
+def output_nll(output_fn, targets: jax.Array, mask: jax.Array, loss_chunk: int, dtype):
+  """(summed NLL, token count) of a model call `output_fn(output)` -> logits or `Head`: chunked
+  (`chunked_token_nll`) when `loss_chunk` > 0, from the whole logits (`token_nll`) otherwise."""
+  if loss_chunk:
+    return chunked_token_nll(output_fn("head_inputs"), targets, mask, loss_chunk, dtype)
+  return token_nll(output_fn("logits"), targets, mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """A model and its loss. `init(rng, batch) -> params`; `param_metrics(params) -> dict`."""
@@ -123,12 +131,8 @@ def flamingo_objective(
 
   def loss_sum(params, batch, rng):
     inputs = (batch["images"], batch["tokens"], batch["media_index"], batch["token_mask"])
-    if loss_chunk:
-      head = model.forward(params, rng, *inputs, is_training=True, output="head_inputs")
-      total, count = chunked_token_nll(head, batch["targets"], batch["loss_mask"], loss_chunk, dtype)
-    else:
-      logits = model.forward(params, rng, *inputs, is_training=True)
-      total, count = token_nll(logits, batch["targets"], batch["loss_mask"])
+    output_fn = lambda output: model.forward(params, rng, *inputs, is_training=True, output=output)
+    total, count = output_nll(output_fn, batch["targets"], batch["loss_mask"], loss_chunk, dtype)
     if normalisation == "per_sequence_sum":
       count = jnp.sum(jnp.any(batch["loss_mask"] > 0, axis=1)).astype(jnp.float32)
     return total, count, {}
