@@ -143,13 +143,19 @@ def test_clipping_acts_on_the_accumulated_gradient(setup):
     {"m3w": a, "pairs": b},
     {"m3w": dict(weight=1.0, micro_batches=2), "pairs": dict(weight=0.2, micro_batches=1)},
   )
-  plain, _ = _run(state, objective, batches, datasets)
-  grads = jax.tree.map(lambda old, new: old - new, state.params, plain.params)  # SGD(1): the gradient
+  # The threshold is optimizer state, so one compiled step runs unclipped (inf) and clipped.
+  clipped_sgd = optax.chain(optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=np.inf), _SGD)
+  step_fn = jax.jit(step_lib.make_train_step(objective, clipped_sgd, datasets))
+
+  def step_with_threshold(max_norm):
+    opt_state = clipped_sgd.init(state.params)
+    opt_state[0].hyperparams["max_norm"] = np.asarray(max_norm, np.float32)
+    new, _ = step_fn(state._replace(opt_state=opt_state), batches)
+    return jax.tree.map(lambda old, p: old - p, state.params, new.params)
+
+  grads = step_with_threshold(np.inf)  # SGD(1): the step is the gradient
   norm = float(optax.global_norm(grads))
-  clipped_sgd = optax.chain(optax.clip_by_global_norm(norm / 2), _SGD)
-  clipped_state = state._replace(opt_state=clipped_sgd.init(state.params))
-  clipped, _ = jax.jit(step_lib.make_train_step(objective, clipped_sgd, datasets))(clipped_state, batches)
-  step = jax.tree.map(lambda old, new: old - new, state.params, clipped.params)
+  step = step_with_threshold(norm / 2)
   _assert_normwise_close(step, jax.tree.map(lambda g: g / 2, grads), rtol=1e-4)
 
 
@@ -162,8 +168,11 @@ def test_round_robin_takes_one_dataset_per_step_in_turn(setup):
   for step, name in ((0, "m3w"), (1, "pairs"), (2, "m3w")):
     at_step = state._replace(step=np.asarray(step, state.step.dtype))
     got, metrics = turn(at_step, batches)
-    alone, _ = _run(at_step, objective, {name: batches[name]}, {name: datasets[name]})
+    # SGD(1): lambda times the dataset's own step (weight 1: a step compiled by the tests above).
+    alone, _ = _run(at_step, objective, {name: batches[name]}, {name: dict(weight=1.0, micro_batches=1)})
     moved = lambda new: jax.tree.map(lambda a, b: a - b, state.params, new)
-    _assert_normwise_close(moved(got.params), moved(alone.params), rtol=1e-5)
+    weight = datasets[name]["weight"]
+    expected = jax.tree.map(lambda d, w=weight: w * d, moved(alone.params))
+    _assert_normwise_close(moved(got.params), expected, rtol=1e-5)
     other = "pairs" if name == "m3w" else "m3w"
     assert np.isfinite(metrics[f"loss/{name}"]) and np.isnan(metrics[f"loss/{other}"])
