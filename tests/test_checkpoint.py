@@ -241,3 +241,21 @@ def test_absolute_path_keeps_urls_and_anchors_local_paths(tmp_path, monkeypatch)
   assert str(checkpoint.absolute_path("gs://bucket/runs/80b")) == "gs://bucket/runs/80b"
   assert str(checkpoint.absolute_path("runs/main")) == str(tmp_path / "runs" / "main")
   assert str(checkpoint.absolute_path(tmp_path)) == str(tmp_path)
+
+
+def test_replicated_shards_are_cut_per_replica_only_from_the_minimum_slice(tmp_path, caplog):
+  """Each replica-parallel slice is a program compiled per device: a small replicated array is written
+  whole by one replica (no compile); one with 1 MiB per replica slice is cut across the 8 devices."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, P())
+  small = jax.device_put(np.arange(8 * 64, dtype=np.float32).reshape(8, 64), replicated)
+  per_slice = checkpoint.REPLICA_PARALLEL_MIN_SLICE_BYTES // 4  # float32 elements of one slice
+  big = jax.device_put(np.arange(8 * per_slice, dtype=np.float32).reshape(8, per_slice), replicated)
+  for step, tree, slices in ((1, {"small": small}, 0), (2, {"small": small, "big": big}, 8)):
+    caplog.clear()
+    with jax.log_compiles(), checkpoint.Checkpointer(tmp_path / str(step)) as ckpt:
+      ckpt.save(step, tree, {}, force=True)
+      ckpt.wait()
+      restored, _ = ckpt.restore()
+    assert sum("Compiling jit(slice)" in r.getMessage() for r in caplog.records) == slices
+    _assert_identical(restored, tree)
