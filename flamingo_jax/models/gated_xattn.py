@@ -121,7 +121,7 @@ def media_kv(p: dict, visual: jax.Array, cfg: XAttnConfig, dtype):
   flat = visual.reshape(b, n * r, dr).astype(dtype)
 
   def project(w):
-    out = jnp.einsum("bmi,xio->xbmo", flat, w.astype(dtype), preferred_element_type=jnp.float32)
+    out = layers.einsum("bmi,xio->xbmo", flat, w, dtype)
     return out.reshape(w.shape[0], b, n * r, cfg.num_heads, cfg.head_dim)
 
   k = project(p["k"])

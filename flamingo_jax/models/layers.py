@@ -10,6 +10,7 @@ residual stream stay in fp32.
 
 import functools
 import math
+import string
 from collections.abc import Callable
 
 import haiku as hk
@@ -31,9 +32,86 @@ def no_constraint(x: Array, logical_axes: tuple) -> Array:
   return x
 
 
+def einsum(spec: str, a: Array, b: Array, dtype) -> Array:
+  """`jnp.einsum(spec, a, b)` with both inputs cast to `dtype`, fp32 accumulation and result.
+
+  In half precision the backward's two products also take half inputs: the fp32 cotangent is rounded
+  to `dtype` once, as mixed-precision training does. JAX's own transpose would multiply the fp32
+  cotangent by the half operand, which XLA runs as an fp32 product after converting that operand to
+  fp32 (every frozen weight, every step): the backward at fp32 speed. `spec` is a contraction of two
+  operands whose every index appears in the other operand or the result, so each gradient is one einsum.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  return _half_einsum(spec, jnp.dtype(dtype), a, b)
+
+
+def _contract(spec: str, a: Array, b: Array) -> Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+# A backward product whose result has fewer rows or columns than this (the gradient of the two trainable
+# <image>/<EOC> rows: 2 columns) is memory-bound and takes fp32 inputs: XLA:CPU runs such thin products
+# with a fallback kernel that has no bf16 x bf16 -> fp32 form.
+_HALF_PRODUCT_MIN_SIDE = 16
+
+
+def _explicit(spec: str, a: Array, b: Array) -> str:
+  """`spec` with its `...` spelt out in letters it does not use (the operands' leading axes)."""
+  if "..." not in spec:
+    return spec
+  inputs, out = spec.split("->")
+  spec_a, spec_b = inputs.split(",")
+  spare = [c for c in string.ascii_letters if c not in spec]
+  counts = {s: x.ndim - len(s) + 3 for s, x in ((spec_a, a), (spec_b, b)) if "..." in s}
+  leading = "".join(spare[: max(counts.values())])
+  fill = lambda s, n: s.replace("...", leading[len(leading) - n :])
+  return (
+    f"{fill(spec_a, counts.get(spec_a, 0))},{fill(spec_b, counts.get(spec_b, 0))}->{fill(out, len(leading))}"
+  )
+
+
+def _backward_product(spec: str, x: Array, y: Array, dtype) -> Array:
+  """One product of the backward (explicit `spec`): half inputs unless its result is thin."""
+  (spec_x, spec_y), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  size = dict(zip(spec_x, x.shape)) | dict(zip(spec_y, y.shape))
+  rows = math.prod(size[c] for c in spec_x if c in out and c not in spec_y)
+  cols = math.prod(size[c] for c in spec_y if c in out and c not in spec_x)
+  compute = jnp.float32 if min(rows, cols) < _HALF_PRODUCT_MIN_SIDE else dtype
+  return _contract(spec, x.astype(compute), y.astype(compute))
+
+
+def _cast(x: Array, dtype) -> Array:
+  """`x` in `dtype`, and `x` itself when it already is: no op, so no second value for the backward."""
+  return x if x.dtype == dtype else x.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _half_einsum(spec, dtype, a, b):
+  return _contract(spec, _cast(a, dtype), _cast(b, dtype))
+
+
+def _half_einsum_fwd(spec, dtype, a, b):
+  a_half, b_half = _cast(a, dtype), _cast(b, dtype)
+  # The residuals carry the primal dtypes as empty arrays: the cotangents must come back in them.
+  return _contract(spec, a_half, b_half), (a_half, b_half, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+
+
+def _half_einsum_bwd(spec, dtype, residuals, g):
+  a_half, b_half, a_like, b_like = residuals
+  inputs, out = _explicit(spec.replace(" ", ""), a_half, b_half).split("->")
+  spec_a, spec_b = inputs.split(",")
+  grad_a = _backward_product(f"{out},{spec_b}->{spec_a}", g, b_half, dtype).astype(a_like.dtype)
+  grad_b = _backward_product(f"{spec_a},{out}->{spec_b}", a_half, g, dtype).astype(b_like.dtype)
+  return grad_a, grad_b
+
+
+_half_einsum.defvjp(_half_einsum_fwd, _half_einsum_bwd)
+
+
 def matmul(x: Array, w: Array, dtype) -> Array:
-  """`x @ w` over the last axis of x, inputs cast to `dtype`, fp32 result."""
-  return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+  """`x @ w` over the last axis of x, inputs cast to `dtype`, fp32 result (`einsum`'s backward)."""
+  return einsum("...i,io->...o", x, w, dtype)
 
 
 def rms_norm(x: Array, scale: Array, eps: float) -> Array:
@@ -150,8 +228,8 @@ def attention(
     return jnp.where(any_allowed[:, :, None, None], out.astype(jnp.float32), 0.0)
   hkv = k.shape[2]
   groups = hq // hkv
-  q = q.reshape(b, t, hkv, groups, dh).astype(dtype)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype), preferred_element_type=jnp.float32)
+  q = q.reshape(b, t, hkv, groups, dh)
+  logits = einsum("btkgd,bskd->bkgts", q, k, dtype)
   logits = logits * (dh**-0.5)
   if bias is not None:
     logits = logits + bias.reshape(b, hkv, groups, t, bias.shape[-1])
@@ -159,9 +237,7 @@ def attention(
   logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(any_allowed[:, None, None, :, None] & allowed, probs, 0.0)
-  out = jnp.einsum(
-    "bkgts,bskd->btkgd", probs.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32
-  )
+  out = einsum("bkgts,bskd->btkgd", probs, v, dtype)
   return out.reshape(b, t, hq, v.shape[-1])
 
 

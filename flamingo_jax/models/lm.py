@@ -228,8 +228,8 @@ class DecoderLM(hk.Module):
       p_head = jax.tree.map(lambda a: a[:first], p_layers)
       x, kv_head = self._maybe_remat(group_fn)(x, (None, p_head, kv_head, None, None))
       kv = jax.tree.map(lambda a: a[first:], kv) if use_cache else None
-    # The main groups index the stacked weights inside the loop (a slice [:n_groups*every] taken
-    # outside would be a copy of the whole LM's weights on XLA:CPU); the tail is sliced (< every layers).
+    # Under remat the main groups index the stacked weights inside the loop (a slice [:n_groups*every]
+    # taken outside is a copy of the whole LM's weights on XLA:CPU); the tail is sliced (< every layers).
     group_index = jnp.arange(n_groups, dtype=jnp.int32)
     p_tail = jax.tree.map(lambda a: a[first + n_groups * every :], p_layers)
     kv_main, kv_tail = split(kv, n_groups, every, c.num_layers - first) if use_cache else (None, None)
@@ -241,12 +241,16 @@ class DecoderLM(hk.Module):
     else:
       px_main = px_tail = mk_main = mv_main = mk_tail = mv_tail = None
 
-    x, kv_out = jax.lax.scan(
-      self._maybe_remat(indexed_group_fn),
-      x,
-      (px_main, group_index, kv_main, mk_main, mv_main),
-      unroll=max(1, min(self.scan_unroll, n_groups)),
-    )
+    if self.remat == "none":
+      # Without remat a slice taken inside the loop is a value the backward keeps: JAX would stack a
+      # copy of every layer's weights. As the loop's input, the backward reads them in place.
+      p_main = jax.tree.map(
+        lambda a: a[first : first + n_groups * every].reshape((n_groups, every) + a.shape[1:]), p_layers
+      )
+      body, xs = group_fn, (px_main, p_main, kv_main, mk_main, mv_main)
+    else:
+      body, xs = self._maybe_remat(indexed_group_fn), (px_main, group_index, kv_main, mk_main, mv_main)
+    x, kv_out = jax.lax.scan(body, x, xs, unroll=max(1, min(self.scan_unroll, n_groups)))
     if use_cache:
       kv_out = jax.tree.map(lambda a: a.reshape((n_groups * every,) + a.shape[2:]), kv_out)
     if tail:

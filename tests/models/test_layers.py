@@ -176,6 +176,56 @@ def test_bf16_matmul_accumulates_in_fp32():
   np.testing.assert_array_equal(out, 4.0)
 
 
+@pytest.mark.parametrize(
+  "spec,a_shape,b_shape",
+  [("...i,io->...o", (2, 8, 24), (24, 32)), ("btkgd,bskd->bkgts", (2, 8, 2, 2, 16), (2, 16, 2, 16))],
+)
+def test_half_einsum_backward_takes_half_inputs_and_matches_jax(spec, a_shape, b_shape):
+  """bf16: the gradients are JAX's own up to rounding the cotangent to bf16, in the operands' dtypes
+  (fp32 activation, bf16 frozen weight), and every backward product takes bf16 x bf16 (JAX's own
+  transpose takes the fp32 cotangent times a bf16 operand: an fp32 product after a convert)."""
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=a_shape).astype(np.float32)
+  b = rng.normal(size=b_shape).astype(jnp.bfloat16)
+  loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+  ours = loss(lambda a, b: layers.einsum(spec, a, b, jnp.bfloat16))
+  jaxs = loss(lambda a, b: jnp.einsum(spec, a.astype(jnp.bfloat16), b, preferred_element_type=jnp.float32))
+  got, want = jax.grad(ours, (0, 1))(a, b), jax.grad(jaxs, (0, 1))(a, b)
+  assert [g.dtype for g in got] == [jnp.float32, jnp.bfloat16]
+  for g, w in zip(got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    assert np.max(np.abs(g - w)) <= 2e-2 * np.max(np.abs(w))  # bf16 rounding of the cotangent
+  jaxpr = jax.make_jaxpr(jax.grad(ours, (0, 1)))(a, b).jaxpr
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  dots += [
+    e
+    for eqn in jaxpr.eqns
+    for sub in eqn.params.values()
+    if hasattr(sub, "jaxpr")
+    for e in sub.jaxpr.eqns
+    if e.primitive.name == "dot_general"
+  ]
+  assert len(dots) == 3
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+  # fp32 compute is JAX's own einsum, bit for bit.
+  f32 = jax.grad(loss(lambda a, b: layers.einsum(spec, a, b, jnp.float32)), (0, 1))(a, b)
+  ref = jax.grad(
+    loss(lambda a, b: jnp.einsum(spec, a, b.astype(np.float32), preferred_element_type=jnp.float32)), (0, 1)
+  )(a, b)
+  chex.assert_trees_all_equal(f32, ref)
+
+
+def test_thin_backward_products_take_fp32_inputs():
+  """A gradient with fewer than 16 columns (the two trainable extra-token rows) is computed from fp32
+  inputs: XLA:CPU's kernel for such products has no bf16 x bf16 -> fp32 form."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4, 8, 24)).astype(np.float32)
+  w = rng.normal(size=(24, 2)).astype(np.float32)
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.matmul(x, w, jnp.bfloat16) ** 2), (0, 1)))
+  gx, gw = grad(x, w)
+  assert gx.dtype == gw.dtype == jnp.float32 and np.all(np.isfinite(gw))
+
+
 def test_mlps_shapes_and_squared_relu():
   x = np.array([[1.0, -2.0]], np.float32)
   w_in = np.array([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]], np.float32)  # h = [1, -2, 0] -> relu^2 = [1, 0, 0]
