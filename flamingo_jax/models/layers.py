@@ -42,8 +42,8 @@ def einsum(spec: str, a: Array, b: Array, dtype) -> Array:
   operands whose every index appears in the other operand or the result, so each gradient is one einsum.
   """
   if jnp.dtype(dtype) == jnp.float32:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-  return _half_einsum(spec, jnp.dtype(dtype), a, b)
+    return _contract(spec, a.astype(dtype), b.astype(dtype))
+  return _half_einsum(spec, jnp.dtype(dtype), a.dtype, b.dtype, a, b)
 
 
 def _contract(spec: str, a: Array, b: Array) -> Array:
@@ -86,23 +86,25 @@ def _cast(x: Array, dtype) -> Array:
   return x if x.dtype == dtype else x.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _half_einsum(spec, dtype, a, b):
+# a_dtype, b_dtype: the operands' own dtypes, in which the cotangents must come back.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _half_einsum(spec, dtype, a_dtype, b_dtype, a, b):
+  del a_dtype, b_dtype
   return _contract(spec, _cast(a, dtype), _cast(b, dtype))
 
 
-def _half_einsum_fwd(spec, dtype, a, b):
+def _half_einsum_fwd(spec, dtype, a_dtype, b_dtype, a, b):
+  del a_dtype, b_dtype
   a_half, b_half = _cast(a, dtype), _cast(b, dtype)
-  # The residuals carry the primal dtypes as empty arrays: the cotangents must come back in them.
-  return _contract(spec, a_half, b_half), (a_half, b_half, jnp.zeros((0,), a.dtype), jnp.zeros((0,), b.dtype))
+  return _contract(spec, a_half, b_half), (a_half, b_half)
 
 
-def _half_einsum_bwd(spec, dtype, residuals, g):
-  a_half, b_half, a_like, b_like = residuals
-  inputs, out = _explicit(spec.replace(" ", ""), a_half, b_half).split("->")
+def _half_einsum_bwd(spec, dtype, a_dtype, b_dtype, residuals, g):
+  a_half, b_half = residuals
+  inputs, out = _explicit(spec, a_half, b_half).split("->")
   spec_a, spec_b = inputs.split(",")
-  grad_a = _backward_product(f"{out},{spec_b}->{spec_a}", g, b_half, dtype).astype(a_like.dtype)
-  grad_b = _backward_product(f"{spec_a},{out}->{spec_b}", a_half, g, dtype).astype(b_like.dtype)
+  grad_a = _backward_product(f"{out},{spec_b}->{spec_a}", g, b_half, dtype).astype(a_dtype)
+  grad_b = _backward_product(f"{spec_a},{out}->{spec_b}", a_half, g, dtype).astype(b_dtype)
   return grad_a, grad_b
 
 

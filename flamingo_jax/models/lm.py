@@ -244,9 +244,7 @@ class DecoderLM(hk.Module):
     if self.remat == "none":
       # Without remat a slice taken inside the loop is a value the backward keeps: JAX would stack a
       # copy of every layer's weights. As the loop's input, the backward reads them in place.
-      p_main = jax.tree.map(
-        lambda a: a[first : first + n_groups * every].reshape((n_groups, every) + a.shape[1:]), p_layers
-      )
+      p_main, _ = split(jax.tree.map(lambda a: a[first:], p_layers), n_groups, every, c.num_layers - first)
       body, xs = group_fn, (px_main, p_main, kv_main, mk_main, mv_main)
     else:
       body, xs = self._maybe_remat(indexed_group_fn), (px_main, group_index, kv_main, mk_main, mv_main)
